@@ -1,0 +1,98 @@
+"""Helpers every stage shares: logging with time and memory, the data root, atomic outputs, errors.
+
+Nothing here reads the environment or touches files at import time.
+"""
+import contextlib
+import json
+import os
+import resource
+import sys
+import time
+
+import psutil
+
+_T0 = time.time()
+
+
+class InputError(Exception):
+    """A problem with the user's input (missing file, wrong shape, bad flag value).
+
+    Scripts turn it into a one-line ``error: ...`` message and exit status 2, never a traceback.
+    The message should name the file and the problem.
+    """
+
+
+def rss_gib():
+    """Resident memory of this process now, in GiB."""
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def peak_rss_gib():
+    """Peak resident memory of this process so far, in GiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def log(*msg):
+    """Print one progress line prefixed with elapsed seconds and resident memory; flushes."""
+    print("[%8.2f s, RSS %6.2f GiB]" % (time.time() - _T0, rss_gib()), *msg, flush=True)
+
+
+def print_args(args):
+    """First line of every script: the arguments it runs with."""
+    print("args:", json.dumps(vars(args), sort_keys=True, default=str), flush=True)
+
+
+def print_result(result):
+    """Last line of every script: one JSON object that parsers read (never parse other lines)."""
+    print(json.dumps(result, sort_keys=True), flush=True)
+
+
+def get_ddir(ddir=None, must_exist=True):
+    """The data root: the ``--ddir`` flag if given, else ``$DDIR``; a clear error when neither is usable."""
+    ddir = ddir or os.environ.get("DDIR")
+    if not ddir:
+        raise InputError("no data directory: set $DDIR or pass --ddir")
+    if must_exist and not os.path.isdir(ddir):
+        raise InputError("data directory %s (from --ddir or $DDIR) does not exist" % ddir)
+    return ddir
+
+
+def require_file(path, what="input file"):
+    """Raise InputError naming ``path`` when it is not an existing file."""
+    if not os.path.isfile(path):
+        raise InputError("%s %s does not exist" % (what, path))
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output(path):
+    """Yield a temporary path next to ``path``; rename it to ``path`` only if the block succeeds.
+
+    An interrupted or failing writer leaves no file under the final name (and removes its temporary).
+    """
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, ".%s.tmp%d" % (os.path.basename(path), os.getpid()))
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    """Write ``obj`` as JSON to ``path`` atomically."""
+    with atomic_output(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.write("\n")
+
+
+def run_main(main, argv=None):
+    """Run a script's ``main(argv)``; turn InputError into ``error: ...`` on stderr and exit status 2."""
+    try:
+        return main(argv)
+    except InputError as e:
+        print("error: %s" % e, file=sys.stderr, flush=True)
+        sys.exit(2)
