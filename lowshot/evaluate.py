@@ -1,0 +1,110 @@
+"""The benchmark's metric: top-5 accuracy over all test images and over those of novel classes.
+
+Ties between equal scores go to the lowest class id, so a result does not depend on the sort
+algorithm: class j ranks before the true class y when score_j > score_y, or score_j == score_y and
+j < y; the image counts as correct when fewer than 5 classes rank before y.
+"""
+import numpy as np
+
+from lowshot.common import InputError
+
+# rows of the score matrix handled at a time (bounds the (rows, C) temporaries)
+_CHUNK = 4096
+
+
+def _check(scores, y, nclass=None):
+    if scores.ndim != 2:
+        raise InputError("scores have shape %s, expected (n_test, C)" % (scores.shape,))
+    n, C = scores.shape
+    y = np.asarray(y)
+    if y.shape != (n,):
+        raise InputError("labels have shape %s but scores have %d rows" % (y.shape, n))
+    if n and (y.min() < 0 or y.max() >= C):
+        raise InputError("label %d outside the %d score columns" % (
+            y.min() if y.min() < 0 else y.max(), C))
+    if nclass is not None and C != nclass:
+        raise InputError("scores have %d columns, expected %d classes" % (C, nclass))
+    return y.astype(np.int64)
+
+
+def rank_of_true(scores, y):
+    """Number of classes ranked before the true class, with the tie rule above.
+
+    Parameters
+    ----------
+    scores : ndarray, float (n, C)
+    y : ndarray, int (n,) in 0..C-1
+
+    Returns
+    -------
+    ndarray, int64 (n,): 0 when the true class ranks first.
+    """
+    scores = np.asarray(scores)
+    y = _check(scores, y)
+    n, C = scores.shape
+    rank = np.empty(n, dtype=np.int64)
+    cols = np.arange(C)
+    for i0 in range(0, n, _CHUNK):
+        S = scores[i0:i0 + _CHUNK]
+        yy = y[i0:i0 + _CHUNK]
+        if not np.isfinite(S).all():
+            raise InputError("scores hold NaN or inf (rows %d..%d)" % (i0, i0 + S.shape[0] - 1))
+        sy = S[np.arange(S.shape[0]), yy][:, None]
+        rank[i0:i0 + S.shape[0]] = ((S > sy) | ((S == sy) & (cols < yy[:, None]))).sum(axis=1)
+    return rank
+
+
+def top5(scores, y, is_novel_class):
+    """Top-5 accuracy over all test images and over the test images of novel classes.
+
+    Parameters
+    ----------
+    scores : ndarray, float (n_test, C)
+        Any monotone class scores (probabilities, log-probabilities, diffusion mass).
+    y : ndarray, int (n_test,)
+        True labels in 0..C-1.
+    is_novel_class : ndarray, bool (C,)
+
+    Returns
+    -------
+    (acc_all, acc_novel) : floats in [0, 1]; acc_novel is nan when no test image is of a novel class.
+    """
+    is_novel_class = np.asarray(is_novel_class, dtype=bool)
+    scores = np.asarray(scores)
+    _check(scores, y, nclass=is_novel_class.size)
+    ok = rank_of_true(scores, y) < 5
+    nov = is_novel_class[np.asarray(y, dtype=np.int64)]
+    acc_all = float(ok.mean()) if ok.size else float("nan")
+    acc_novel = float(ok[nov].mean()) if nov.any() else float("nan")
+    return acc_all, acc_novel
+
+
+def topk(scores, k=5):
+    """The k best classes of each row, ties to the lowest class id.
+
+    Parameters
+    ----------
+    scores : ndarray, float (n, C)
+    k : int
+
+    Returns
+    -------
+    values : ndarray (n, min(k, C)), same dtype as scores, decreasing along a row
+    ids : ndarray, int64 (n, min(k, C))
+    """
+    scores = np.asarray(scores)
+    if scores.ndim != 2:
+        raise InputError("scores have shape %s, expected (n, C)" % (scores.shape,))
+    n, C = scores.shape
+    k = min(k, C)
+    ids = np.empty((n, k), dtype=np.int64)
+    for i0 in range(0, n, _CHUNK):
+        S = scores[i0:i0 + _CHUNK]
+        # a stable sort of the negated scores keeps equal scores in increasing class id
+        ids[i0:i0 + S.shape[0]] = np.argsort(-S, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, ids, axis=1), ids
+
+
+def format_top5(acc_all, acc_novel):
+    """The one-line form the logs print: ``top-5 accuracy: 0.700 (0.565 on novel)``."""
+    return "top-5 accuracy: %.3f (%.3f on novel)" % (acc_all, acc_novel)
