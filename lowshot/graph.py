@@ -1,0 +1,532 @@
+"""k-NN graphs: the background graph (``build_graph.py``) and its completion with the labelled and
+test images (``diffusion.py``).
+
+All vectors are L2-normalised and compared by inner product (cosine similarity). Similarity tables
+``D`` (float32) and neighbour tables ``I`` (int32, -1 = no neighbour) follow faiss; their suffixes
+say which sets they connect (query set first):
+
+====  =====================================================================
+0     the in-RAM node set: labelled images (then in-domain unlabelled ones)
+1     background images (``features/f100m/concatenated_PCAR256.raw``)
+2     test images (not graph nodes)
+====  =====================================================================
+
+so ``I_10`` lists, for each labelled image, background neighbours. Graph nodes are numbered set 0
+first (``0 .. n0-1``) then background (``n0 .. n0+nbg-1``).
+
+Nothing is read at import time; GPU code is used when ``faiss.get_num_gpus() > 0``, CPU otherwise.
+"""
+import os
+import time
+
+import faiss
+import numpy as np
+
+from lowshot.common import InputError, atomic_output, log, require_file
+
+METHODS = ("exact", "ivf", "hnsw", "nndescent")
+
+# Background graph, CPU: exact search up to this size, NN-descent above. Measured on 2 cores by
+# benchmarks/bench_build_graph.py (README): at 100k exact is already several times slower than
+# NN-descent, which keeps recall@10 >= 0.95; below ~50k exact costs seconds, so it stays exact.
+EXACT_MAX_CPU = 50000
+# With GPUs, exact search is cheap up to ~1M; above, IVF as in the 2018 original.
+EXACT_MAX_GPU = 10**6
+
+# Rows searched at a time: bounds the temporaries (a block of queries, its (bs, K) results).
+SEARCH_BS = 16384
+
+# Index over the in-RAM node set (labelled images) used for background -> labelled search.
+# Exact search costs nbg * n0 * d flops; above this n0 an IVF index is used by default.
+LABELLED_EXACT_MAX = 20000
+
+
+def graph_K(k):
+    """K, the smallest power of two >= k: the number of neighbours stored for a graph built for k."""
+    if k < 1:
+        raise InputError("k = %d: need at least 1 neighbour" % k)
+    K = 1
+    while K < k:
+        K *= 2
+    return K
+
+
+def normalized(x, what="vectors"):
+    """A float32 C-contiguous L2-normalised copy of ``x`` (n, d); zero rows stay zero.
+
+    Raises InputError naming ``what`` when x holds NaN or inf.
+    """
+    x = np.array(x, dtype=np.float32, order="C", copy=True)
+    if not np.isfinite(x).all():
+        bad = np.flatnonzero(~np.isfinite(x).all(axis=1))[0]
+        raise InputError("%s: row %d holds NaN or inf" % (what, bad))
+    faiss.normalize_L2(x)
+    return x
+
+
+def _blocks(n, bs):
+    return [(i0, min(n, i0 + bs)) for i0 in range(0, n, bs)]
+
+
+def to_gpus(index, shard=False, float16=True):
+    """Clone a CPU index to every GPU faiss sees (sharded or replicated); CPU index when none.
+
+    Parameters
+    ----------
+    index : faiss.Index
+    shard : bool
+        Split the vectors over the GPUs (large databases) instead of replicating them.
+    float16 : bool
+        Store vectors / lists in float16 on the GPUs (as the 2018 original), halving memory.
+    """
+    ngpu = faiss.get_num_gpus()
+    if ngpu == 0:
+        return index
+    co = faiss.GpuMultipleClonerOptions()
+    co.useFloat16 = float16
+    co.shard = shard
+    co.shard_type = 1
+    return faiss.index_cpu_to_all_gpus(index, co=co, ngpu=ngpu)
+
+
+def knn_search(index, x, k, bs=SEARCH_BS, preproc=None, out=None, what="queries"):
+    """Search ``x`` in ``index`` by blocks of ``bs`` rows.
+
+    Parameters
+    ----------
+    index : faiss.Index (inner product)
+    x : array (n, d), possibly a memmap
+    k : int
+    preproc : callable or None
+        Applied to each block (e.g. normalisation of raw background rows).
+    out : (D, I) or None
+        Preallocated (n, k) float32 / int32 outputs (views allowed).
+
+    Returns
+    -------
+    D : ndarray, float32 (n, k), decreasing similarities; -inf where I is -1
+    I : ndarray, int32 (n, k)
+    """
+    n = x.shape[0]
+    if out is None:
+        D = np.empty((n, k), dtype=np.float32)
+        I = np.empty((n, k), dtype=np.int32)
+    else:
+        D, I = out
+    for i0, i1 in _blocks(n, bs):
+        xb = preproc(x[i0:i1]) if preproc else np.ascontiguousarray(x[i0:i1], dtype=np.float32)
+        Di, Ii = index.search(xb, k)
+        Di[Ii < 0] = -np.inf
+        D[i0:i1] = Di
+        I[i0:i1] = Ii
+    return D, I
+
+
+############################################################################################
+# Background graph (build_graph.py)
+############################################################################################
+
+
+def default_method(nbg, ngpu=None):
+    """The background-graph method chosen by measurement (see EXACT_MAX_CPU / EXACT_MAX_GPU)."""
+    ngpu = faiss.get_num_gpus() if ngpu is None else ngpu
+    if ngpu > 0:
+        return "exact" if nbg <= EXACT_MAX_GPU else "ivf"
+    return "exact" if nbg <= EXACT_MAX_CPU else "nndescent"
+
+
+def _add_normalized(index, xb, bs, what):
+    for i0, i1 in _blocks(xb.shape[0], bs):
+        index.add(normalized(xb[i0:i1], "%s rows %d:%d" % (what, i0, i1)))
+
+
+def make_background_index(xb, method, K=32, nprobe=256, hnsw_M=32, ef_search=64,
+                          ef_construction=40, nnd_iter=10, nnd_L=None, nnd_search_L=None,
+                          bs=SEARCH_BS, what="background"):
+    """Build the index over the (normalised) background vectors.
+
+    Parameters
+    ----------
+    xb : array float32 (nbg, d), raw background rows (a read-only memmap); normalised by blocks
+    method : {"exact", "ivf", "hnsw", "nndescent"}
+        exact: ``IndexFlatIP``. ivf: ``IndexIVFFlat`` with 4*sqrt(nbg) centroids and ``nprobe``
+        (the 2018 original). hnsw: ``IndexHNSWFlat`` (``hnsw_M``, ``ef_search``). nndescent:
+        ``IndexNNDescentFlat`` whose graph of K neighbours per vector is built during ``add``.
+    K : int
+        Neighbours per vector (NN-descent builds exactly this graph).
+
+    Returns
+    -------
+    index : faiss.Index (CPU), all nbg vectors added; ``index.ntotal == nbg``.
+    """
+    nbg, d = xb.shape
+    if method == "exact":
+        index = faiss.IndexFlatIP(d)
+        _add_normalized(index, xb, bs, what)
+    elif method == "ivf":
+        nlist = max(1, int(4 * np.sqrt(nbg)))
+        nlist = min(nlist, nbg)
+        quantizer = faiss.IndexFlatL2(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.own_fields = True
+        quantizer.this.disown()
+        # faiss k-means samples 256 points per centroid at most; 64 are plenty for the lists
+        ntrain = min(nbg, 64 * nlist)
+        rs = np.random.RandomState(1234)
+        sample = np.sort(rs.choice(nbg, ntrain, replace=False))
+        if faiss.get_num_gpus() > 0:
+            index.clustering_index = to_gpus(faiss.IndexFlatL2(d))
+        log("training IVF%d on %d vectors" % (nlist, ntrain))
+        index.train(normalized(xb[sample], what))
+        index.nprobe = min(nprobe, nlist)
+        log("adding %d vectors" % nbg)
+        _add_normalized(index, xb, bs, what)
+    elif method == "hnsw":
+        index = faiss.IndexHNSWFlat(d, hnsw_M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = ef_construction
+        index.hnsw.efSearch = ef_search
+        _add_normalized(index, xb, bs, what)
+    elif method == "nndescent":
+        index = faiss.IndexNNDescentFlat(d, K, faiss.METRIC_INNER_PRODUCT)
+        nnd = index.nndescent
+        nnd.iter = nnd_iter
+        if nnd_L is not None:
+            nnd.L = nnd_L
+        nnd.search_L = nnd_search_L or max(nnd.search_L, 2 * K)
+        index.verbose = False
+        # NN-descent builds its graph in add() over everything stored; fill the storage block by
+        # block (one copy of the vectors in RAM) and let the last block's add() build the graph.
+        storage = faiss.downcast_index(index.storage)
+        blocks = _blocks(nbg, bs)
+        for i0, i1 in blocks[:-1]:
+            storage.add(normalized(xb[i0:i1], "%s rows %d:%d" % (what, i0, i1)))
+        i0, i1 = blocks[-1]
+        log("NN-descent on %d vectors (K=%d, L=%d, iter=%d)" % (nbg, K, nnd.L, nnd.iter))
+        index.add(normalized(xb[i0:i1], "%s rows %d:%d" % (what, i0, i1)))
+    else:
+        raise InputError("unknown graph method %r (expected one of %s)" % (method, ", ".join(METHODS)))
+    return index
+
+
+def _nndescent_tables(index, K, bs):
+    """Yield (i0, i1, D, I) blocks of the NN-descent graph with self first, similarities exact.
+
+    NN-descent's graph excludes the vector itself; the exact search of a vector against its own
+    set returns it first (similarity 1), so it is prepended to keep both tables alike.
+    """
+    n = index.ntotal
+    d = index.d
+    nnd = index.nndescent
+    Kg = nnd.K
+    graph = faiss.rev_swig_ptr(nnd.final_graph.data(), n * Kg).reshape(n, Kg)
+    xs = faiss.rev_swig_ptr(faiss.downcast_index(index.storage).get_xb(), n * d).reshape(n, d)
+    for i0, i1 in _blocks(n, bs):
+        ids = np.empty((i1 - i0, K), dtype=np.int64)
+        ids[:, 0] = np.arange(i0, i1)
+        ids[:, 1:] = graph[i0:i1, :K - 1]
+        bad = (ids[:, 1:] < 0) | (ids[:, 1:] >= n) | (ids[:, 1:] == ids[:, :1])
+        ids[:, 1:][bad] = ids[:, :1].repeat(K - 1, axis=1)[bad]
+        sims = np.einsum("ijd,id->ij", xs[ids], xs[i0:i1])
+        sims[:, 1:][bad] = -np.inf
+        order = np.argsort(-sims, axis=1, kind="stable")
+        D = np.take_along_axis(sims, order, axis=1).astype(np.float32)
+        I = np.take_along_axis(ids, order, axis=1).astype(np.int32)
+        I[~np.isfinite(D)] = -1
+        yield i0, i1, D, I
+
+
+def build_background_graph(xb, K, paths, method=None, bs=SEARCH_BS, **index_params):
+    """Build the K-NN graph of the background vectors and write it (index, I and D tables).
+
+    The tables are produced block by block and appended to temporary files, renamed when
+    complete: RAM holds one block of results, never the (nbg, K) tables.
+
+    Parameters
+    ----------
+    xb : array float32 (nbg, d), raw background rows (read-only memmap)
+    K : int
+        Neighbours per vector (a power of two; 32 for k=30).
+    paths : dict
+        ``index``, ``I``, ``D`` output paths (:func:`lowshot.data.graph_paths`).
+    method : str or None
+        One of METHODS; None = :func:`default_method`.
+    **index_params
+        Passed to :func:`make_background_index`.
+
+    Returns
+    -------
+    dict: method, times of the index build and the table search in seconds.
+    """
+    nbg, d = xb.shape
+    if K > nbg:
+        raise InputError("K = %d neighbours but the background has only %d vectors" % (K, nbg))
+    method = method or default_method(nbg)
+    stats = {"method": method, "nbg": nbg, "K": K}
+    t0 = time.time()
+    log("building %s index over %d background vectors" % (method, nbg))
+    index = make_background_index(xb, method, K=K, bs=bs, **index_params)
+    stats["time_index"] = time.time() - t0
+
+    t0 = time.time()
+    search_index = index
+    if method in ("exact", "ivf") and faiss.get_num_gpus() > 0:
+        log("moving the index to %d GPUs" % faiss.get_num_gpus())
+        search_index = to_gpus(index, shard=True)
+    with atomic_output(paths["I"]) as tmpI, atomic_output(paths["D"]) as tmpD:
+        with open(tmpI, "wb") as fI, open(tmpD, "wb") as fD:
+            if method == "nndescent":
+                blocks = _nndescent_tables(index, K, bs)
+            else:
+                def preproc(x):
+                    return normalized(x, "background")
+                blocks = ((i0, i1) + knn_search(search_index, xb[i0:i1], K, bs, preproc)
+                          for i0, i1 in _blocks(nbg, bs))
+            tlast = time.time()
+            for i0, i1, D, I in blocks:
+                fD.write(np.ascontiguousarray(D, dtype=np.float32).tobytes())
+                fI.write(np.ascontiguousarray(I, dtype=np.int32).tobytes())
+                if time.time() - tlast > 10 or i1 == nbg:
+                    tlast = time.time()
+                    el = tlast - t0
+                    log("graph rows %d / %d (%.0f rows/s)" % (i1, nbg, i1 / max(el, 1e-9)))
+    stats["time_search"] = time.time() - t0
+    del search_index
+    with atomic_output(paths["index"]) as tmp:
+        log("writing %s" % paths["index"])
+        faiss.write_index(index, tmp)
+    return stats
+
+
+def exact_knn(xq, xb, k, bs=SEARCH_BS * 4):
+    """Exact inner-product k-NN of (normalised) queries in raw background rows, streaming xb.
+
+    Parameters
+    ----------
+    xq : ndarray, float32 (nq, d), normalised
+    xb : array float32 (nb, d), raw rows (memmap), normalised block by block
+
+    Returns
+    -------
+    D : ndarray, float32 (nq, k); I : ndarray, int64 (nq, k)
+    """
+    rh = faiss.ResultHeap(xq.shape[0], k, keep_max=True)
+    for i0, i1 in _blocks(xb.shape[0], bs):
+        Di, Ii = faiss.knn(xq, normalized(xb[i0:i1]), min(k, i1 - i0),
+                           metric=faiss.METRIC_INNER_PRODUCT)
+        rh.add_result(Di, np.where(Ii >= 0, Ii + i0, -1))
+    rh.finalize()
+    return rh.D, rh.I
+
+
+def graph_recall(xb, I, nq=1000, at=10, seed=0):
+    """recall@at of a stored graph against exact search, on a random sample of its nodes.
+
+    recall@at = mean over sampled nodes of |approx top-at ∩ exact top-at| / at.
+
+    Parameters
+    ----------
+    xb : array float32 (nbg, d), raw background rows
+    I : array int32 (nbg, K), the graph (memmap)
+    """
+    nbg = xb.shape[0]
+    at = min(at, I.shape[1], nbg)
+    rs = np.random.RandomState(seed)
+    sample = np.sort(rs.choice(nbg, min(nq, nbg), replace=False))
+    _, Igt = exact_knn(normalized(xb[sample]), xb, at)
+    Ia = np.asarray(I[sample, :at])
+    hits = [np.intersect1d(a[a >= 0], g).size for a, g in zip(Ia, Igt)]
+    return float(np.mean(hits)) / at
+
+
+def find_background_graph(ddir, nbg, k, graph_paths):
+    """Locate a stored background graph usable for k neighbours (any stored K' >= k, smallest first).
+
+    Parameters
+    ----------
+    graph_paths : callable (ddir, nbg, K) -> dict of ``index``, ``I``, ``D`` paths
+
+    Returns
+    -------
+    index_path : str
+    D : numpy.memmap float32 (nbg, K') read-only
+    I : numpy.memmap int32 (nbg, K') read-only
+    """
+    K = graph_K(k)
+    cmd = "python build_graph.py %d --ddir %s" % (nbg, ddir)
+    while K <= 1024:
+        p = graph_paths(ddir, nbg, K)
+        if os.path.isfile(p["I"]) and os.path.isfile(p["D"]):
+            break
+        K *= 2
+    else:
+        p = graph_paths(ddir, nbg, graph_K(k))
+        raise InputError("background graph %s (or a larger K) does not exist: make it with `%s`"
+                         % (p["I"], cmd))
+    require_file(p["index"], "background index (make it with `%s`)" % cmd)
+    tabs = []
+    for key, dt in (("D", np.float32), ("I", np.int32)):
+        size = os.path.getsize(p[key])
+        if size != nbg * K * 4:
+            raise InputError("background graph %s has %d bytes, expected nbg*K*4 = %d*%d*4 = %d "
+                             "(rebuild it with `%s`)" % (p[key], size, nbg, K, nbg * K * 4, cmd))
+        tabs.append(np.memmap(p[key], dtype=dt, mode="r", shape=(nbg, K)))
+    return p["index"], tabs[0], tabs[1]
+
+
+def read_background_index(path, nbg, d, nprobe=None, ef_search=None, search_L=None):
+    """Read the stored background index, check it, set search parameters, move it to GPUs if any."""
+    try:
+        index = faiss.read_index(path)
+    except RuntimeError as e:
+        raise InputError("background index %s cannot be read by faiss: %s" % (
+            path, (str(e).strip().splitlines() or ["error"])[0]))
+    if index.ntotal != nbg or index.d != d:
+        raise InputError("background index %s holds %d vectors of d = %d, expected %d of d = %d" % (
+            path, index.ntotal, index.d, nbg, d))
+    if isinstance(index, faiss.IndexIVF) and nprobe:
+        index.nprobe = nprobe
+    if isinstance(index, faiss.IndexHNSW) and ef_search:
+        index.hnsw.efSearch = ef_search
+    if isinstance(index, faiss.IndexNNDescent) and search_L:
+        index.nndescent.search_L = search_L
+    if isinstance(index, (faiss.IndexFlat, faiss.IndexIVF)) and faiss.get_num_gpus() > 0:
+        index = to_gpus(index, shard=True)
+    return index
+
+
+############################################################################################
+# Graph completion (diffusion.py)
+############################################################################################
+
+
+def make_node_index(x0, method="auto", nprobe=16, hnsw_M=32, ef_search=64):
+    """Index over the in-RAM node set (labelled images, normalised) for searches *into* that set.
+
+    Parameters
+    ----------
+    x0 : ndarray float32 (n0, d), normalised
+    method : {"auto", "exact", "ivf", "hnsw"}
+        auto: exact up to LABELLED_EXACT_MAX vectors, IVF above (background -> labelled search
+        costs nbg * n0 * d flops when exact).
+    nprobe : int
+        IVF lists visited; the IVF has 4*sqrt(n0) lists.
+
+    Returns
+    -------
+    index : faiss.Index (on the GPUs when there are some)
+    desc : str, what was built (for the log)
+    """
+    n0, d = x0.shape
+    if method == "auto":
+        method = "exact" if (n0 <= LABELLED_EXACT_MAX or faiss.get_num_gpus() > 0) else "ivf"
+    if method == "exact":
+        index = faiss.IndexFlatIP(d)
+        index.add(x0)
+        desc = "exact (IndexFlatIP)"
+    elif method == "ivf":
+        nlist = max(1, min(n0 // 39, int(4 * np.sqrt(n0))))
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.own_fields = True
+        quantizer.this.disown()
+        index.cp.niter = 10
+        index.train(x0)
+        index.add(x0)
+        index.nprobe = min(nprobe, nlist)
+        desc = "IVF%d,Flat nprobe=%d" % (nlist, index.nprobe)
+    elif method == "hnsw":
+        index = faiss.IndexHNSWFlat(d, hnsw_M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = ef_search
+        index.add(x0)
+        desc = "HNSW%d efSearch=%d" % (hnsw_M, ef_search)
+    else:
+        raise InputError("unknown labelled-set index %r (expected auto, exact, ivf or hnsw)" % method)
+    if method in ("exact", "ivf") and faiss.get_num_gpus() > 0:
+        index = to_gpus(index, shard=False)
+    return index, desc
+
+
+def _merge(D, I, D2, I2, translation):
+    import graph_utils
+    graph_utils.merge_knn_results(D, I, D2, I2, translation)
+
+
+def complete_graph(x0, xt, k, bg=None, node_index="auto", node_nprobe=16, bs=SEARCH_BS):
+    """The k-NN graph over the nodes (set 0, then background) and the test images' graph neighbours.
+
+    Each node gets its k most similar nodes among set 0 U background; each test image its k most
+    similar nodes. Searches: 0->0, 1->0 and 2->0 in an index over set 0 (:func:`make_node_index`),
+    0->1 and 2->1 in the stored background index, 1->1 from the stored table; for every row the
+    two candidate lists are merged keeping the k largest similarities (set-0 candidates first on
+    ties).
+
+    Parameters
+    ----------
+    x0 : ndarray float32 (n0, d), normalised node vectors held in RAM (labelled first)
+    xt : ndarray float32 (nt, d), normalised test vectors
+    k : int
+    bg : dict or None
+        Background: ``x`` raw rows (nbg, d) memmap, ``index`` faiss index of the normalised rows,
+        ``D`` / ``I`` stored (nbg, K >= k) tables (memmaps). None: no background.
+    node_index, node_nprobe : see :func:`make_node_index`
+
+    Returns
+    -------
+    I_nodes : ndarray int32 (n0 + nbg, k), node ids; -1 where fewer than k were found
+    I_test : ndarray int32 (nt, k), node ids
+    info : dict, timings and the node index used
+    """
+    n0, d = x0.shape
+    nbg = 0 if bg is None else bg["x"].shape[0]
+    n = n0 + nbg
+    if k >= n:
+        raise InputError("k = %d but the graph has only %d nodes (%d labelled/in-domain + %d "
+                         "background): need k < number of nodes" % (k, n, n0, nbg))
+    if bg is not None and bg["I"].shape[1] < k:
+        raise InputError("background graph has K = %d < k = %d" % (bg["I"].shape[1], k))
+    info = {}
+    t0 = time.time()
+    log("index over %d node vectors (set 0)" % n0)
+    index0, info["node_index"] = make_node_index(x0, node_index, nprobe=node_nprobe)
+    k0 = min(k, n0)
+    log("node index: %s; searching 0->0 and 2->0" % info["node_index"])
+
+    def search0(x, preproc=None):
+        D, I = knn_search(index0, x, k0, bs, preproc)
+        if k0 < k:   # fewer set-0 nodes than k: pad so merges see k columns
+            D = np.hstack([D, np.full((D.shape[0], k - k0), -np.inf, dtype=np.float32)])
+            I = np.hstack([I, np.full((I.shape[0], k - k0), -1, dtype=np.int32)])
+        return np.ascontiguousarray(D), np.ascontiguousarray(I)
+
+    D_00, I_00 = search0(x0)
+    D_20, I_20 = search0(xt)
+    info["time_search_0"] = time.time() - t0
+    I_nodes = np.empty((n, k), dtype=np.int32)
+    if bg is not None:
+        t0 = time.time()
+        log("searching 0->1 and 2->1 in the background index")
+        D_01, I_01 = knn_search(bg["index"], x0, k, bs)
+        D_21, I_21 = knn_search(bg["index"], xt, k, bs)
+        _merge(D_00, I_00, D_01, I_01, n0)
+        _merge(D_20, I_20, D_21, I_21, n0)
+        del D_01, I_01, D_21, I_21
+        info["time_search_01"] = time.time() - t0
+    I_nodes[:n0] = I_00
+    del D_00, I_00
+    if bg is not None:
+        t0 = time.time()
+        log("searching 1->0 for %d background vectors, merging with the stored 1->1 table" % nbg)
+        xb, Dbg, Ibg = bg["x"], bg["D"], bg["I"]
+        tlast = time.time()
+        for i0, i1 in _blocks(nbg, bs):
+            D_10, I_10 = search0(xb[i0:i1], lambda x: normalized(x, "background"))
+            D_11 = np.ascontiguousarray(Dbg[i0:i1, :k])
+            I_11 = np.ascontiguousarray(Ibg[i0:i1, :k])
+            _merge(D_10, I_10, D_11, I_11, n0)
+            I_nodes[n0 + i0:n0 + i1] = I_10
+            if time.time() - tlast > 10:
+                tlast = time.time()
+                log("  background rows %d / %d (%.0f rows/s)" % (
+                    i1, nbg, i1 / (tlast - t0)))
+        info["time_search_10"] = time.time() - t0
+    return I_nodes, I_20, info

@@ -1,0 +1,127 @@
+"""k-NN graph building (build_graph.py, lowshot.graph) and graph completion against brute force."""
+import os
+
+import faiss
+import numpy as np
+import pytest
+
+import build_graph
+from lowshot import data, graph
+from lowshot.common import InputError
+
+
+def make_bg_ddir(root, nbg, d=16, nclust=20, seed=0):
+    """A data root holding only what build_graph.py reads: a .vt (for d) and the background raw."""
+    rs = np.random.RandomState(seed)
+    os.makedirs(os.path.join(root, "features", "f100m"), exist_ok=True)
+    pca = faiss.PCAMatrix(2 * d, d)
+    pca.train(rs.randn(200, 2 * d).astype(np.float32))
+    faiss.write_VectorTransform(pca, os.path.join(root, "features", "PCAR256.vt"))
+    centres = rs.randn(nclust, d).astype(np.float32)
+    x = centres[rs.randint(nclust, size=nbg)] + 0.5 * rs.randn(nbg, d).astype(np.float32)
+    x.astype(np.float32).tofile(data.feature_paths(str(root))["background"])
+    return x
+
+
+def brute_knn(xq, xb, k):
+    """Exact k-NN by inner product of L2-normalised vectors, numpy only: (sims, ids)."""
+    q = xq / np.linalg.norm(xq, axis=1, keepdims=True)
+    b = xb / np.linalg.norm(xb, axis=1, keepdims=True)
+    S = q.astype(np.float64) @ b.T.astype(np.float64)
+    I = np.argsort(-S, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(S, I, axis=1), I
+
+
+def read_tables(root, nbg, K):
+    p = data.graph_paths(str(root), nbg, K)
+    D = np.fromfile(p["D"], dtype=np.float32).reshape(nbg, K)
+    I = np.fromfile(p["I"], dtype=np.int32).reshape(nbg, K)
+    return D, I, p
+
+
+def test_graph_K():
+    assert [graph.graph_K(k) for k in (1, 2, 3, 30, 32, 33)] == [1, 2, 4, 32, 32, 64]
+
+
+def test_build_exact_equals_brute_force(tmp_path, capsys):
+    nbg, K = 700, 16
+    x = make_bg_ddir(tmp_path, nbg)
+    # small blocks: the streamed writing must glue blocks in order
+    build_graph.main([str(nbg), "--ddir", str(tmp_path), "--k", "10", "--method", "exact",
+                      "--bs", "128", "--recall_nq", "100"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert '"recall@10": 1.0' in out[-1]
+    D, I, p = read_tables(tmp_path, nbg, K)
+    Sref, Iref = brute_knn(x, x, K)
+    np.testing.assert_allclose(D, Sref, atol=1e-5)
+    # ids agree, except swaps between similarities equal to float32 rounding
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    mism = I != Iref
+    sim_of_I = np.einsum("ijd,id->ij", xn[I], xn)
+    assert mism.sum() <= 4, mism.sum()
+    np.testing.assert_allclose(sim_of_I[mism], Sref[mism], atol=1e-5)
+    index = faiss.read_index(p["index"])
+    assert index.ntotal == nbg and index.d == x.shape[1]
+    # no temporary files left behind
+    assert sorted(os.listdir(tmp_path / "knngraph")) == sorted(
+        os.path.basename(p[k]) for k in ("index", "I", "D"))
+
+
+@pytest.mark.parametrize("method", ["ivf", "hnsw", "nndescent"])
+def test_build_approx_recall(tmp_path, method):
+    nbg, K = 3000, 32
+    x = make_bg_ddir(tmp_path, nbg, d=16, nclust=30)
+    build_graph.main([str(nbg), "--ddir", str(tmp_path), "--method", method, "--nprobe", "16",
+                      "--recall_nq", "0"])
+    D, I, p = read_tables(tmp_path, nbg, K)
+    _, Iref = brute_knn(x, x, 10)
+    recall = np.mean([np.intersect1d(a[:10], b).size for a, b in zip(I, Iref)]) / 10
+    assert recall >= 0.9, recall
+    # stored similarities are the true inner products of the stored ids, decreasing
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    valid = I >= 0
+    assert valid[:, :20].all()
+    true = np.einsum("ijd,id->ij", xn[np.where(valid, I, 0)], xn)
+    np.testing.assert_allclose(D[valid], true[valid], atol=1e-4)
+    assert (np.diff(D[:, :20], axis=1) <= 1e-6).all()
+    # graph_recall computes the same measure against its own exact search
+    r2 = graph.graph_recall(np.memmap(data.feature_paths(str(tmp_path))["background"],
+                                      dtype=np.float32, mode="r", shape=x.shape), I, nq=nbg)
+    assert abs(r2 - recall) < 1e-6
+    assert faiss.read_index(p["index"]).ntotal == nbg
+
+
+def test_reuse_larger_K(tmp_path, capsys):
+    nbg = 300
+    make_bg_ddir(tmp_path, nbg)
+    build_graph.main([str(nbg), "--ddir", str(tmp_path), "--k", "64", "--recall_nq", "0"])
+    capsys.readouterr()
+    build_graph.main([str(nbg), "--ddir", str(tmp_path), "--k", "32", "--recall_nq", "0"])
+    assert '"reused": true' in capsys.readouterr().out.splitlines()[-1]
+    assert not os.path.exists(data.graph_paths(str(tmp_path), nbg, 32)["I"])
+    idx, D, I = graph.find_background_graph(str(tmp_path), nbg, 30, data.graph_paths)
+    assert I.shape == (nbg, 64) and D.shape == (nbg, 64)
+
+
+def test_bad_inputs(tmp_path):
+    make_bg_ddir(tmp_path, 200)
+    with pytest.raises(InputError, match="fewer than --nbg 500"):
+        build_graph.main(["500", "--ddir", str(tmp_path)])
+    with pytest.raises(InputError, match="K = 256 neighbours need more than N = 200"):
+        build_graph.main(["200", "--ddir", str(tmp_path), "--k", "200"])
+    with pytest.raises(InputError, match=r"python build_graph.py 200 --ddir"):
+        graph.find_background_graph(str(tmp_path), 200, 30, data.graph_paths)
+    # a truncated table is refused, naming the file and the command that rebuilds it
+    build_graph.main(["200", "--ddir", str(tmp_path), "--recall_nq", "0"])
+    p = data.graph_paths(str(tmp_path), 200, 32)
+    with open(p["D"], "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(InputError, match="ndis200_k32_D_11.float32 has 100 bytes"):
+        graph.find_background_graph(str(tmp_path), 200, 30, data.graph_paths)
+    # NaN rows in the background are reported, not propagated
+    raw = data.feature_paths(str(tmp_path))["background"]
+    x = np.fromfile(raw, dtype=np.float32)
+    x[16 * 7 + 3] = np.nan
+    x.tofile(raw)
+    with pytest.raises(InputError, match="row 7 holds NaN"):
+        build_graph.main(["200", "--ddir", str(tmp_path), "--force", "--recall_nq", "0"])
