@@ -1,0 +1,401 @@
+"""graph_utils: sparse k-NN graphs (CSR) and the sparse x dense product of the diffusion, in C++/OpenMP.
+
+Numpy arrays in, numpy arrays out. A graph is a :class:`CSR` holding ``indptr`` (int64, nrows + 1),
+``indices`` (int32 column ids) and ``data`` (float32), for matrices with fewer than 2^31 columns.
+Build the C++ module with ``bash graph_utils/compile.bash`` (setup.bash does it).
+
+Every function checks dtypes, shapes and contiguity here and raises TypeError / ValueError with the
+argument's name; errors found in C++ (invalid ids, unsorted rows, MKL status codes) come back as
+ValueError (bad input) or RuntimeError (MKL failure). Long calls release the GIL and use
+``omp_get_max_threads()`` OpenMP threads (set ``OMP_NUM_THREADS`` to change it).
+"""
+import numpy as np
+
+try:
+    from . import graph_utils_swig as _gu
+except ImportError as e:  # pragma: no cover - only without a build
+    raise ImportError("graph_utils C++ module not built or not loadable (%s): run bash graph_utils/compile.bash" % e)
+
+__all__ = ["CSR", "csr_from_knn", "transpose", "sort_rows", "union", "intersection_min", "row_normalize",
+           "check", "knn_to_graph", "col_normalize", "spmm", "MklSpmm", "merge_knn_results",
+           "locality_order", "permute", "inverse_permutation", "max_threads"]
+
+_INT32_MAX = 2**31 - 1
+#: MKL's LP64 sparse BLAS takes 32-bit row offsets: the product is cut into row blocks of at most this
+#: many entries (tests lower it to exercise the blocking on small matrices)
+MKL_MAX_BLOCK_NNZ = _INT32_MAX
+#: kernel used by spmm(kernel=None): the faster one in benchmarks/bench_spmm.py on 2-core x86 machines
+DEFAULT_KERNEL = "hand"
+
+
+def max_threads():
+    """Number of OpenMP threads the C++ calls use (``omp_get_max_threads()``)."""
+    return _gu.max_threads()
+
+
+def _as_1d(a, dtype, name):
+    a = np.asarray(a)
+    if a.ndim != 1:
+        raise ValueError("%s must be 1-D, got shape %s" % (name, a.shape))
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+class CSR:
+    """A sparse matrix in compressed sparse row format.
+
+    Parameters
+    ----------
+    indptr : array (nrows + 1,), integer; stored as int64
+        Row ``i`` holds entries ``indptr[i]:indptr[i + 1]`` of ``indices`` / ``data``.
+    indices : array (nnz,), integer; stored as int32
+        Column ids in ``[0, ncols)``.
+    data : array (nnz,), float; stored as float32
+    shape : (nrows, ncols)
+    check : bool
+        Verify the CSR invariants (O(nnz), parallel); ValueError names the first problem.
+
+    Arrays already of the stored dtype and contiguous are kept without copy (the CSR borrows them);
+    others are converted.
+    """
+
+    __slots__ = ("indptr", "indices", "data", "shape")
+
+    def __init__(self, indptr, indices, data, shape, check=True):
+        nrows, ncols = (int(s) for s in shape)
+        if nrows < 0 or not 0 <= ncols <= _INT32_MAX:
+            raise ValueError("invalid CSR shape %s: ncols must be < 2^31" % (shape,))
+        indptr = np.asarray(indptr)
+        indices = np.asarray(indices)
+        for name, a in ("indptr", indptr), ("indices", indices):
+            if a.dtype.kind not in "iu":
+                raise TypeError("%s must be an integer array, got dtype %s" % (name, a.dtype))
+        if np.asarray(data).dtype.kind not in "fiub":
+            raise TypeError("data must be a real array, got dtype %s" % np.asarray(data).dtype)
+        if indices.dtype != np.int32 and indices.size and (indices.max() > _INT32_MAX or indices.min() < 0):
+            raise ValueError("indices out of range [0, %d)" % ncols)
+        self.indptr = _as_1d(indptr, np.int64, "indptr")
+        self.indices = _as_1d(indices, np.int32, "indices")
+        self.data = _as_1d(data, np.float32, "data")
+        self.shape = (nrows, ncols)
+        if len(self.indptr) != nrows + 1:
+            raise ValueError("indptr has %d entries, expected nrows + 1 = %d" % (len(self.indptr), nrows + 1))
+        if len(self.indices) != len(self.data):
+            raise ValueError("indices and data differ in length (%d, %d)" % (len(self.indices), len(self.data)))
+        if self.indptr[0] != 0 or self.indptr[-1] != len(self.indices):
+            raise ValueError("indptr must start at 0 and end at nnz = %d, got %d .. %d" % (
+                len(self.indices), self.indptr[0], self.indptr[-1]))
+        if check:
+            _gu.check(*self._args(), False)
+
+    def _args(self):
+        return self.indptr, self.indices, self.data, self.shape[0], self.shape[1]
+
+    @property
+    def nnz(self):
+        """Number of stored entries (explicit zeros and duplicates included)."""
+        return int(self.indptr[-1])
+
+    @classmethod
+    def from_scipy(cls, m):
+        """Copy of a scipy sparse matrix (any format) as CSR with int64 / int32 / float32 arrays."""
+        m = m.tocsr()
+        return cls(m.indptr, m.indices, m.data, m.shape)
+
+    def to_scipy(self):
+        """scipy.sparse.csr_matrix sharing this matrix' arrays (no copy)."""
+        import scipy.sparse
+        return scipy.sparse.csr_matrix((self.data, self.indices, self.indptr), shape=self.shape, copy=False)
+
+    def __repr__(self):
+        return "CSR(shape=%s, nnz=%d)" % (self.shape, self.nnz)
+
+
+def _from_tuple(t, shape):
+    indptr, indices, data = t
+    return CSR(indptr, indices, data, shape, check=False)
+
+
+def _check_csr_arg(A, name="A"):
+    if not isinstance(A, CSR):
+        raise TypeError("%s must be a graph_utils.CSR (use CSR.from_scipy), got %s" % (name, type(A).__name__))
+
+
+def _check_table(I, name, dtypes=(np.int32, np.int64)):
+    """2-D array with contiguous rows (row stride free) of one of dtypes."""
+    if not isinstance(I, np.ndarray):
+        raise TypeError("%s must be a numpy array, got %s" % (name, type(I).__name__))
+    if I.dtype not in dtypes:
+        raise TypeError("%s must have dtype %s, got %s" % (name, " or ".join(np.dtype(d).name for d in dtypes),
+                                                           I.dtype))
+    if I.ndim != 2:
+        raise ValueError("%s must be 2-D, got shape %s" % (name, I.shape))
+    if I.shape[1] > 1 and I.strides[1] != I.itemsize or I.strides[0] < 0:
+        raise ValueError("%s must have contiguous rows (use np.ascontiguousarray)" % name)
+
+
+def _check_dense(X, name, writable=False):
+    if not isinstance(X, np.ndarray):
+        raise TypeError("%s must be a numpy array, got %s" % (name, type(X).__name__))
+    if X.dtype != np.float32:
+        raise TypeError("%s must have dtype float32, got %s" % (name, X.dtype))
+    if X.ndim != 2:
+        raise ValueError("%s must be 2-D, got shape %s" % (name, X.shape))
+    if not X.flags.c_contiguous:
+        raise ValueError("%s must be C-contiguous (use np.ascontiguousarray)" % name)
+    if writable and not X.flags.writeable:
+        raise ValueError("%s is read-only" % name)
+
+
+def csr_from_knn(I, ncols, values=None):
+    """Sparse matrix with row ``i`` holding the ids of row ``i`` of a k-NN table.
+
+    Parameters
+    ----------
+    I : array (n, k), int32 or int64, rows contiguous
+        Column ids; -1 marks a missing entry (skipped). Entries keep the table order, duplicates included.
+    ncols : int
+        Number of columns; ids must be in ``[0, ncols)``.
+    values : array (n, k), float32, optional
+        Values of the entries; all 1 (binary matrix) when None.
+
+    Returns
+    -------
+    CSR (n, ncols)
+    """
+    _check_table(I, "I")
+    if values is not None:
+        _check_table(values, "values", (np.float32,))
+        if values.shape != I.shape:
+            raise ValueError("values has shape %s, I has %s" % (values.shape, I.shape))
+    return _from_tuple(_gu.csr_from_knn(I, int(ncols), values), (I.shape[0], int(ncols)))
+
+
+def transpose(A):
+    """A^T as a new CSR; its rows are sorted by column id."""
+    _check_csr_arg(A)
+    return _from_tuple(_gu.transpose(*A._args()), A.shape[::-1])
+
+
+def sort_rows(A):
+    """Sort each row of A by column id, in place (stable: duplicates keep their order). Returns A."""
+    _check_csr_arg(A)
+    _gu.sort_rows(*A._args())
+    return A
+
+
+_OPS = {"add": 0, "max": 1, "min": 2}
+
+
+def union(A, B, op="add"):
+    """Pointwise union of two row-sorted matrices (rows strictly increasing, see sort_rows).
+
+    Where both have an entry the result holds ``op(a, b)`` (op: "add", "max" or "min"); where only one
+    has, its value. Returns a new row-sorted CSR.
+    """
+    _check_csr_arg(A, "A")
+    _check_csr_arg(B, "B")
+    if op not in _OPS:
+        raise ValueError("op must be one of %s, got %r" % (sorted(_OPS), op))
+    if A.shape != B.shape:
+        raise ValueError("shapes differ: %s and %s" % (A.shape, B.shape))
+    return _from_tuple(_gu.csr_union(*A._args(), *B._args(), _OPS[op]), A.shape)
+
+
+def intersection_min(A, B):
+    """Entries present in both row-sorted matrices, with value min(a, b). Returns a new CSR."""
+    _check_csr_arg(A, "A")
+    _check_csr_arg(B, "B")
+    if A.shape != B.shape:
+        raise ValueError("shapes differ: %s and %s" % (A.shape, B.shape))
+    return _from_tuple(_gu.csr_intersection_min(*A._args(), *B._args()), A.shape)
+
+
+def row_normalize(A):
+    """Divide each row by its L1 norm (sum of absolute values), in place; zero rows stay. Returns A."""
+    _check_csr_arg(A)
+    _gu.row_normalize(*A._args())
+    return A
+
+
+def check(A, sorted=False):
+    """Raise ValueError naming the first violated CSR invariant (with sorted: rows strictly increasing)."""
+    _check_csr_arg(A)
+    _gu.check(*A._args(), bool(sorted))
+
+
+def knn_to_graph(I, n):
+    """The diffusion graph W: row-L1-normalised ``W0 + W0^T`` for a k-NN table, in one C++ call.
+
+    Parameters
+    ----------
+    I : array (n, k), int32 or int64, rows contiguous
+        Neighbour ids in ``[0, n)``; -1 marks a missing neighbour (skipped).
+    n : int
+        Number of nodes (rows of I).
+
+    Returns
+    -------
+    CSR (n, n), float32 values, rows sorted
+        ``W0[i, j] = 1`` iff j appears in row i of I (duplicates counted once), so entries of
+        ``W0 + W0^T`` are 1 or 2 before the normalisation.
+    """
+    _check_table(I, "I")
+    if I.shape[0] != n:
+        raise ValueError("I has %d rows, expected n = %d" % (I.shape[0], n))
+    if n > _INT32_MAX:
+        raise ValueError("graphs are limited to 2^31 - 1 nodes")
+    return _from_tuple(_gu.knn_to_graph(I, int(n)), (int(n), int(n)))
+
+
+def col_normalize(X):
+    """Scale each column of X (n, C) float32 C-contiguous to sum 1, in place; zero columns stay. Returns X."""
+    _check_dense(X, "X", writable=True)
+    _gu.col_normalize(X)
+    return X
+
+
+class MklSpmm:
+    """``A @ X`` with MKL's inspector-executor, analysed once for products with C columns.
+
+    The matrix is cut into row blocks of at most ``max_block_nnz`` entries so that MKL's 32-bit
+    offsets suffice; each block gets ``mkl_sparse_set_mm_hint`` + ``mkl_sparse_optimize``. Keeps A's
+    arrays referenced; do not modify them while the plan is in use.
+
+    Parameters
+    ----------
+    A : CSR
+    C : int
+        Columns of the dense operands.
+    expected_calls : int
+        Hint for MKL's optimisation.
+    max_block_nnz : int, optional
+        Defaults to MKL_MAX_BLOCK_NNZ (2^31 - 1).
+    """
+
+    def __init__(self, A, C, expected_calls=10, max_block_nnz=None):
+        _check_csr_arg(A)
+        self.shape = A.shape
+        self.C = int(C)
+        self._plan = _gu.MklPlan(*A._args(), self.C, int(max_block_nnz or MKL_MAX_BLOCK_NNZ), int(expected_calls))
+
+    @property
+    def nblocks(self):
+        """Number of row blocks handed to MKL."""
+        return self._plan.nblocks()
+
+    def __call__(self, X, out=None):
+        """Return ``A @ X`` for X (A.shape[1], C) float32 C-contiguous, into ``out`` if given."""
+        _check_dense(X, "X")
+        if X.shape != (self.shape[1], self.C):
+            raise ValueError("X has shape %s, expected %s" % (X.shape, (self.shape[1], self.C)))
+        out = _out_array(out, (self.shape[0], self.C))
+        self._plan.run(X, out)
+        return out
+
+
+def _out_array(out, shape):
+    if out is None:
+        return np.empty(shape, dtype=np.float32)
+    _check_dense(out, "out", writable=True)
+    if out.shape != shape:
+        raise ValueError("out has shape %s, expected %s" % (out.shape, shape))
+    return out
+
+
+def spmm(A, X, out=None, kernel=None):
+    """Sparse x dense product ``A @ X``.
+
+    Parameters
+    ----------
+    A : CSR (nrows, ncols)
+    X : array (ncols, C), float32, C-contiguous
+    out : array (nrows, C), float32, C-contiguous, optional
+        Written in place (must not overlap X).
+    kernel : "hand", "mkl" or None
+        "hand": row-parallel OpenMP kernel with software prefetch; "mkl": MKL inspector-executor
+        (analysis included in the call; use MklSpmm to reuse it); None: DEFAULT_KERNEL.
+
+    Returns
+    -------
+    array (nrows, C), float32
+    """
+    _check_csr_arg(A)
+    _check_dense(X, "X")
+    if X.shape[0] != A.shape[1]:
+        raise ValueError("X has %d rows, A has %d columns" % (X.shape[0], A.shape[1]))
+    kernel = kernel or DEFAULT_KERNEL
+    if kernel not in ("hand", "mkl"):
+        raise ValueError("kernel must be 'hand' or 'mkl', got %r" % (kernel,))
+    out = _out_array(out, (A.shape[0], X.shape[1]))
+    if out.size and np.shares_memory(out, X):
+        raise ValueError("out must not overlap X")
+    if kernel == "hand":
+        _gu.spmm_hand(*A._args(), X, out)
+    else:
+        MklSpmm(A, X.shape[1], expected_calls=1)(X, out)
+    return out
+
+
+def merge_knn_results(D, I, D2, I2, translation):
+    """Merge two per-row k-best tables in place, keeping the largest similarities.
+
+    Parameters
+    ----------
+    D : array (n, k), float32, rows contiguous (row-strided views allowed); modified in place
+    I : array (n, k), int32 or int64, rows contiguous; modified in place
+        Each row sorted by decreasing similarity (as faiss returns inner-product results).
+    D2 : array (n, k2), float32, rows contiguous; sorted likewise
+    I2 : array (n, k2), same dtype as I
+        Ids relative to ``translation``: the merged table holds ``I2 + translation``; ids < 0 stay -1.
+    translation : int
+
+    After the call row i of (D, I) holds the k largest of the k + k2 candidates in decreasing order;
+    equal similarities keep (D, I) first, then (D2, I2), each in its own order. A row not sorted by
+    decreasing similarity raises ValueError before anything is modified.
+    """
+    _check_table(D, "D", (np.float32,))
+    _check_table(D2, "D2", (np.float32,))
+    _check_table(I, "I")
+    _check_table(I2, "I2", (I.dtype,))
+    if I.shape != D.shape or I2.shape != D2.shape or D.shape[0] != D2.shape[0]:
+        raise ValueError("shapes: D %s, I %s, D2 %s, I2 %s: I must match D, I2 must match D2, same rows" % (
+            D.shape, I.shape, D2.shape, I2.shape))
+    if not (D.flags.writeable and I.flags.writeable):
+        raise ValueError("D and I are modified in place and must be writable")
+    _gu.merge_knn_results(D, I, D2, I2, int(translation))
+
+
+def locality_order(A):
+    """Node order that keeps neighbours close: breadth-first over the graph A (square).
+
+    Returns
+    -------
+    perm : array (n,), int64
+        ``perm[new_id] = old_id``. Apply with :func:`permute` (graph) and ``X[perm]`` (rows of dense
+        matrices); undo on results with ``Y[inverse_permutation(perm)]``.
+    """
+    _check_csr_arg(A)
+    if A.shape[0] != A.shape[1]:
+        raise ValueError("locality_order needs a square matrix, got %s" % (A.shape,))
+    perm = np.empty(A.shape[0], dtype=np.int64)
+    _gu.bfs_order(*A._args(), perm)
+    return perm
+
+
+def permute(A, perm):
+    """``P A P^T`` for ``perm[new_id] = old_id``: new CSR with ``B[r, c] = A[perm[r], perm[c]]``, rows sorted."""
+    _check_csr_arg(A)
+    if A.shape[0] != A.shape[1]:
+        raise ValueError("permute needs a square matrix, got %s" % (A.shape,))
+    perm = _as_1d(perm, np.int64, "perm")
+    if len(perm) != A.shape[0]:
+        raise ValueError("perm has %d entries, A has %d rows" % (len(perm), A.shape[0]))
+    return _from_tuple(_gu.permute_symmetric(*A._args(), perm), A.shape)
+
+
+def inverse_permutation(perm):
+    """inv with ``inv[perm[i]] = i`` (int64)."""
+    perm = np.asarray(perm)
+    inv = np.empty(len(perm), dtype=np.int64)
+    inv[perm] = np.arange(len(perm), dtype=np.int64)
+    return inv

@@ -1,0 +1,133 @@
+// graph_utils: CSR sparse matrices for k-NN graphs and the sparse x dense product of the diffusion.
+//
+// Memory ownership
+//   CSRView BORROWS its three arrays: the caller (in practice numpy, through the SWIG wrapper) owns them
+//   and keeps them alive for the duration of a call. No function keeps a pointer after it returns,
+//   except MklSpmm, which borrows the matrix for its whole lifetime (its owner must keep the arrays).
+//   Functions that create a matrix fill a CSROwned, which OWNS malloc'ed arrays; the wrapper hands them
+//   to numpy without copying (release()), and the destructor frees whatever was not handed over.
+//
+// Invariants of a valid CSR matrix (check_csr verifies them)
+//   0 <= nrow, 0 <= ncol < 2^31 (column ids are int32; rows may exceed 2^31 in principle, nodes do not)
+//   indptr has nrow + 1 entries, int64, indptr[0] == 0, non-decreasing, indptr[nrow] == nnz
+//   indices[p] in [0, ncol) for p < nnz; data float32
+//   "row-sorted": indices strictly increasing within each row (no duplicates); union / intersection
+//   require it, sort_rows sorts but keeps duplicates.
+//
+// Errors: invalid input throws std::invalid_argument; an MKL failure throws std::runtime_error naming the
+// MKL call and its sparse_status_t. The wrapper turns them into ValueError / RuntimeError.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace graph_utils {
+
+struct CSRView {
+    int64_t nrow = 0, ncol = 0;
+    const int64_t* indptr = nullptr;
+    int32_t* indices = nullptr;
+    float* data = nullptr;
+    int64_t nnz() const { return indptr[nrow]; }
+};
+
+struct CSROwned {
+    int64_t nrow = 0, ncol = 0;
+    int64_t* indptr = nullptr;
+    int32_t* indices = nullptr;
+    float* data = nullptr;
+    CSROwned() = default;
+    CSROwned(const CSROwned&) = delete;
+    CSROwned& operator=(const CSROwned&) = delete;
+    ~CSROwned();
+    // allocates indptr (nrow + 1, zeroed); indices / data are allocated by alloc_nnz once nnz is known
+    void alloc_rows(int64_t nrow, int64_t ncol);
+    void alloc_nnz(int64_t nnz);
+    int64_t nnz() const { return indptr[nrow]; }
+    CSRView view() const { return CSRView{nrow, ncol, indptr, indices, data}; }
+};
+
+// Throws std::invalid_argument describing the first violated invariant; if require_sorted, also checks
+// that every row is strictly increasing.
+void check_csr(const CSRView& A, bool require_sorted);
+
+// n x k table of column ids (-1 = missing, skipped; other negatives or ids >= ncol are errors), row-major
+// with row stride ldi elements. Entries keep the table order (duplicates kept). values: same layout as I,
+// or nullptr for all-ones.
+template <class TI>
+void csr_from_knn(const TI* I, int64_t n, int64_t k, int64_t ldi, int64_t ncol, const float* values,
+                  int64_t ldv, CSROwned& out);
+
+// A^T; output rows are sorted by column id (stable: entries of one row of A^T follow A's row order).
+void transpose(const CSRView& A, CSROwned& out);
+
+// Sorts the entries of every row by column id, in place (values follow; stable for duplicate ids).
+void sort_rows(const CSRView& A);
+
+enum class MergeOp { add = 0, max = 1, min = 2 };
+
+// Union of the sparsity patterns of two row-sorted matrices of the same shape: op(a, b) where both have
+// an entry, the single value where only one has.
+void csr_union(const CSRView& A, const CSRView& B, MergeOp op, CSROwned& out);
+
+// Entries present in both row-sorted matrices, with value min(a, b).
+void csr_intersection_min(const CSRView& A, const CSRView& B, CSROwned& out);
+
+// Divides every row by the sum of its absolute values, in place; rows summing to 0 stay unchanged.
+void row_normalize(const CSRView& A);
+
+// Dense n x C row-major matrix: divides every column by its sum (accumulated in double), in place;
+// columns summing to 0 stay unchanged.
+void col_normalize(float* X, int64_t n, int64_t C);
+
+// Row-L1-normalised W0 + W0^T where W0 (n x n) is binary: W0[i, j] = 1 iff j appears in row i of the
+// n x k table I (-1 skipped, duplicates counted once). Rows of the result are sorted.
+template <class TI>
+void knn_to_graph(const TI* I, int64_t n, int64_t k, int64_t ldi, CSROwned& out);
+
+// Y (A.nrow x C, row-major, leading dimension C) = A @ X (A.ncol x C, row-major).
+// Hand-written kernel: row-parallel over nnz-balanced chunks, software prefetch of upcoming rows of X.
+void spmm_hand(const CSRView& A, const float* X, int64_t C, float* Y);
+
+// The same product with MKL's inspector-executor sparse BLAS. MKL's LP64 interface takes 32-bit row
+// offsets, so the matrix is cut into row blocks of at most max_block_nnz entries (and rows), each with
+// its own offsets rebased to 0. Handles are built and optimised once, at construction, for products
+// with C columns; run() may be called many times. Borrows A (and nothing else) for its lifetime.
+class MklSpmm {
+  public:
+    MklSpmm(const CSRView& A, int64_t C, int64_t max_block_nnz, int expected_calls);
+    ~MklSpmm();
+    MklSpmm(const MklSpmm&) = delete;
+    MklSpmm& operator=(const MklSpmm&) = delete;
+    void run(const float* X, float* Y) const;
+    int64_t nblocks() const { return (int64_t)blocks.size(); }
+    int64_t C() const { return C_; }
+
+  private:
+    struct Block {
+        int64_t row0, nrow;
+        std::vector<int32_t> offsets;  // nrow + 1 offsets, rebased so offsets[0] == 0
+        void* handle = nullptr;        // sparse_matrix_t
+    };
+    CSRView A_;
+    int64_t C_;
+    std::vector<Block> blocks;
+};
+
+// Merges per row two k-best tables kept in decreasing similarity order: (D, I) of n x k (row strides
+// ldd, ldi) with (D2, I2 + translation) of n x k2; keeps the k largest similarities in (D, I), ties
+// going to (D, I) first and keeping each table's own order. Ids < 0 in I2 stay -1 (not translated).
+template <class TI>
+void merge_knn_results(float* D, TI* I, int64_t n, int64_t k, int64_t ldd, int64_t ldi, const float* D2,
+                       const TI* I2, int64_t k2, int64_t ldd2, int64_t ldi2, int64_t translation);
+
+// Locality-preserving node order of a square matrix: breadth-first search over the symmetrised pattern,
+// each connected component started from its lowest-degree unvisited node, neighbours visited in
+// increasing degree (Cuthill-McKee). perm[new_id] = old_id.
+void bfs_order(const CSRView& A, int64_t* perm);
+
+// B = P A P^T for perm[new_id] = old_id: B[r, c] = A[perm[r], perm[c]]; rows of B sorted.
+void permute_symmetric(const CSRView& A, const int64_t* perm, CSROwned& out);
+
+}  // namespace graph_utils

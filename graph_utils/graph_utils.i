@@ -1,0 +1,373 @@
+// SWIG interface of graph_utils: the private module graph_utils_swig, used only by graph_utils/__init__.py.
+// Functions take numpy arrays as Python objects; the glue below checks dtype, dimensions, contiguity,
+// alignment and writability, borrows their memory for the call (GIL released around the C++ work) and
+// returns new matrices as numpy arrays that own the C++ allocations (no copy).
+%module graph_utils_swig
+
+%{
+#define SWIG_FILE_WITH_INIT
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#include <numpy/arrayobject.h>
+#include <omp.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "graph_utils.h"
+
+namespace gu = graph_utils;
+
+namespace {
+
+// thrown after a Python exception has been set
+struct PyErrSet {};
+
+[[noreturn]] void py_raise(PyObject* type, const std::string& msg) {
+    PyErr_SetString(type, msg.c_str());
+    throw PyErrSet();
+}
+
+// the GIL is released for the lifetime of this object
+struct NoGIL {
+    PyThreadState* state;
+    NoGIL() : state(PyEval_SaveThread()) {}
+    ~NoGIL() { PyEval_RestoreThread(state); }
+};
+
+template <class T> struct Npy;
+template <> struct Npy<float> { static constexpr int type = NPY_FLOAT32; static constexpr const char* name = "float32"; };
+template <> struct Npy<int32_t> { static constexpr int type = NPY_INT32; static constexpr const char* name = "int32"; };
+template <> struct Npy<int64_t> { static constexpr int type = NPY_INT64; static constexpr const char* name = "int64"; };
+
+// A checked numpy array: ndim dimensions, given dtype, aligned; C-contiguous, or (row_strided) with
+// contiguous rows and any non-negative row stride.
+template <class T>
+struct Arr {
+    PyArrayObject* a;
+    T* ptr;
+    int64_t n0 = 1, n1 = 1, ld = 0;  // shape and row stride in elements (2-D)
+    int64_t size() const { return n0 * n1; }
+};
+
+template <class T>
+Arr<T> get_arr(PyObject* o, const char* name, int ndim, bool writable, bool row_strided = false) {
+    if (!PyArray_Check(o)) py_raise(PyExc_TypeError, std::string(name) + " must be a numpy array");
+    PyArrayObject* a = (PyArrayObject*)o;
+    if (PyArray_TYPE(a) != Npy<T>::type)
+        py_raise(PyExc_TypeError, std::string(name) + " must have dtype " + Npy<T>::name + ", got " +
+                                          PyArray_DESCR(a)->typeobj->tp_name);
+    if (PyArray_NDIM(a) != ndim)
+        py_raise(PyExc_ValueError, std::string(name) + " must have " + std::to_string(ndim) + " dimension(s), got " +
+                                           std::to_string(PyArray_NDIM(a)));
+    if (!PyArray_ISALIGNED(a)) py_raise(PyExc_ValueError, std::string(name) + " is not aligned");
+    if (writable && !PyArray_ISWRITEABLE(a)) py_raise(PyExc_ValueError, std::string(name) + " is read-only");
+    Arr<T> r;
+    r.a = a;
+    r.ptr = (T*)PyArray_DATA(a);
+    if (ndim >= 1) r.n0 = PyArray_DIM(a, 0);
+    if (ndim == 2) r.n1 = PyArray_DIM(a, 1);
+    r.ld = r.n1;
+    bool contiguous = PyArray_IS_C_CONTIGUOUS(a);
+    if (!contiguous && row_strided && ndim == 2) {
+        npy_intp s0 = PyArray_STRIDE(a, 0), s1 = PyArray_STRIDE(a, 1);
+        if ((s1 == (npy_intp)sizeof(T) || r.n1 <= 1) && s0 >= 0 && s0 % (npy_intp)sizeof(T) == 0) {
+            contiguous = true;
+            r.ld = s0 / (npy_intp)sizeof(T);
+        }
+    }
+    if (!contiguous)
+        py_raise(PyExc_ValueError, std::string(name) + (row_strided ? " must have contiguous rows" : " must be C-contiguous") +
+                                           " (use np.ascontiguousarray)");
+    return r;
+}
+
+gu::CSRView get_csr(PyObject* indptr, PyObject* indices, PyObject* data, long long nrow, long long ncol) {
+    Arr<int64_t> ip = get_arr<int64_t>(indptr, "indptr", 1, false);
+    Arr<int32_t> ix = get_arr<int32_t>(indices, "indices", 1, true);
+    Arr<float> dt = get_arr<float>(data, "data", 1, true);
+    if (nrow < 0 || ncol < 0 || ncol > INT32_MAX) py_raise(PyExc_ValueError, "invalid shape");
+    if (ip.n0 != nrow + 1)
+        py_raise(PyExc_ValueError, "indptr has " + std::to_string(ip.n0) + " entries, expected nrows + 1 = " +
+                                           std::to_string(nrow + 1));
+    if (ip.ptr[0] != 0) py_raise(PyExc_ValueError, "indptr[0] must be 0");
+    int64_t nnz = ip.ptr[nrow];
+    if (nnz < 0 || ix.n0 < nnz || dt.n0 < nnz)
+        py_raise(PyExc_ValueError, "indptr[-1] = " + std::to_string(nnz) + " but indices / data have " +
+                                           std::to_string(ix.n0) + " / " + std::to_string(dt.n0) + " entries");
+    return gu::CSRView{nrow, ncol, ip.ptr, ix.ptr, dt.ptr};
+}
+
+void free_capsule(PyObject* cap) { free(PyCapsule_GetPointer(cap, "graph_utils")); }
+
+// 1-D numpy array taking ownership of malloc'ed memory (freed with the array)
+PyObject* owned_array(void* ptr, npy_intp n, int type) {
+    PyObject* arr = PyArray_SimpleNewFromData(1, &n, type, ptr);
+    if (!arr) {
+        free(ptr);
+        throw PyErrSet();
+    }
+    PyObject* cap = PyCapsule_New(ptr, "graph_utils", free_capsule);
+    if (!cap) {
+        free(ptr);  // PyArray_SimpleNewFromData does not own it
+        Py_DECREF(arr);
+        throw PyErrSet();
+    }
+    if (PyArray_SetBaseObject((PyArrayObject*)arr, cap) < 0) {  // steals cap, frees ptr through it on error
+        Py_DECREF(arr);
+        throw PyErrSet();
+    }
+    return arr;
+}
+
+// (indptr, indices, data) tuple owning the matrix' arrays
+PyObject* to_python(gu::CSROwned& m) {
+    npy_intp nnz = m.nnz();
+    PyObject* ip = owned_array(m.indptr, m.nrow + 1, NPY_INT64);
+    m.indptr = nullptr;
+    PyObject* ix = nullptr;
+    PyObject* dt = nullptr;
+    try {
+        ix = owned_array(m.indices, nnz, NPY_INT32);
+        m.indices = nullptr;
+        dt = owned_array(m.data, nnz, NPY_FLOAT32);
+        m.data = nullptr;
+    } catch (...) {
+        m.indices = nullptr;
+        m.data = nullptr;
+        Py_DECREF(ip);
+        Py_XDECREF(ix);
+        throw;
+    }
+    return Py_BuildValue("(NNN)", ip, ix, dt);
+}
+
+bool is_int32(PyObject* o) { return PyArray_Check(o) && PyArray_TYPE((PyArrayObject*)o) == NPY_INT32; }
+
+}  // namespace
+%}
+
+%init %{
+    import_array();
+%}
+
+%exception {
+    try {
+        $action
+    } catch (const PyErrSet&) {
+        SWIG_fail;
+    } catch (const std::invalid_argument& e) {
+        PyErr_SetString(PyExc_ValueError, e.what());
+        SWIG_fail;
+    } catch (const std::bad_alloc&) {
+        PyErr_NoMemory();
+        SWIG_fail;
+    } catch (const std::exception& e) {
+        PyErr_SetString(PyExc_RuntimeError, e.what());
+        SWIG_fail;
+    }
+}
+
+%inline %{
+
+#define CSR_ARGS(p) PyObject* p##_indptr, PyObject* p##_indices, PyObject* p##_data, long long p##_nrow, long long p##_ncol
+#define CSR_GET(p) get_csr(p##_indptr, p##_indices, p##_data, p##_nrow, p##_ncol)
+
+int max_threads() { return omp_get_max_threads(); }
+
+void check(CSR_ARGS(A), bool require_sorted) {
+    gu::CSRView A = CSR_GET(A);
+    NoGIL nogil;
+    gu::check_csr(A, require_sorted);
+}
+
+PyObject* csr_from_knn(PyObject* I, long long ncol, PyObject* values) {
+    gu::CSROwned out;
+    if (ncol < 0 || ncol > INT32_MAX) py_raise(PyExc_ValueError, "ncols must be in [0, 2^31)");
+    const float* v = nullptr;
+    int64_t ldv = 0, n, k;
+    if (is_int32(I)) {
+        Arr<int32_t> a = get_arr<int32_t>(I, "I", 2, false, true);
+        n = a.n0; k = a.n1;
+        if (values != Py_None) {
+            Arr<float> va = get_arr<float>(values, "values", 2, false, true);
+            if (va.n0 != n || va.n1 != k) py_raise(PyExc_ValueError, "values must have the shape of I");
+            v = va.ptr; ldv = va.ld;
+        }
+        NoGIL nogil;
+        gu::csr_from_knn<int32_t>(a.ptr, n, k, a.ld, ncol, v, ldv, out);
+    } else {
+        Arr<int64_t> a = get_arr<int64_t>(I, "I", 2, false, true);
+        n = a.n0; k = a.n1;
+        if (values != Py_None) {
+            Arr<float> va = get_arr<float>(values, "values", 2, false, true);
+            if (va.n0 != n || va.n1 != k) py_raise(PyExc_ValueError, "values must have the shape of I");
+            v = va.ptr; ldv = va.ld;
+        }
+        NoGIL nogil;
+        gu::csr_from_knn<int64_t>(a.ptr, n, k, a.ld, ncol, v, ldv, out);
+    }
+    return to_python(out);
+}
+
+PyObject* knn_to_graph(PyObject* I, long long n) {
+    gu::CSROwned out;
+    if (is_int32(I)) {
+        Arr<int32_t> a = get_arr<int32_t>(I, "I", 2, false, true);
+        if (a.n0 != n) py_raise(PyExc_ValueError, "I must have n rows");
+        NoGIL nogil;
+        gu::knn_to_graph<int32_t>(a.ptr, a.n0, a.n1, a.ld, out);
+    } else {
+        Arr<int64_t> a = get_arr<int64_t>(I, "I", 2, false, true);
+        if (a.n0 != n) py_raise(PyExc_ValueError, "I must have n rows");
+        NoGIL nogil;
+        gu::knn_to_graph<int64_t>(a.ptr, a.n0, a.n1, a.ld, out);
+    }
+    return to_python(out);
+}
+
+PyObject* transpose(CSR_ARGS(A)) {
+    gu::CSRView A = CSR_GET(A);
+    gu::CSROwned out;
+    {
+        NoGIL nogil;
+        gu::check_csr(A, false);
+        gu::transpose(A, out);
+    }
+    return to_python(out);
+}
+
+void sort_rows(CSR_ARGS(A)) {
+    gu::CSRView A = CSR_GET(A);
+    NoGIL nogil;
+    gu::check_csr(A, false);
+    gu::sort_rows(A);
+}
+
+PyObject* csr_union(CSR_ARGS(A), CSR_ARGS(B), int op) {
+    gu::CSRView A = CSR_GET(A), B = CSR_GET(B);
+    if (op < 0 || op > 2) py_raise(PyExc_ValueError, "op must be 0 (add), 1 (max) or 2 (min)");
+    gu::CSROwned out;
+    {
+        NoGIL nogil;
+        gu::check_csr(A, false);
+        gu::check_csr(B, false);
+        gu::csr_union(A, B, (gu::MergeOp)op, out);
+    }
+    return to_python(out);
+}
+
+PyObject* csr_intersection_min(CSR_ARGS(A), CSR_ARGS(B)) {
+    gu::CSRView A = CSR_GET(A), B = CSR_GET(B);
+    gu::CSROwned out;
+    {
+        NoGIL nogil;
+        gu::check_csr(A, false);
+        gu::check_csr(B, false);
+        gu::csr_intersection_min(A, B, out);
+    }
+    return to_python(out);
+}
+
+void row_normalize(CSR_ARGS(A)) {
+    gu::CSRView A = CSR_GET(A);
+    NoGIL nogil;
+    gu::row_normalize(A);
+}
+
+void col_normalize(PyObject* X) {
+    Arr<float> x = get_arr<float>(X, "X", 2, true);
+    NoGIL nogil;
+    gu::col_normalize(x.ptr, x.n0, x.n1);
+}
+
+void spmm_hand(CSR_ARGS(A), PyObject* X, PyObject* Y) {
+    gu::CSRView A = CSR_GET(A);
+    Arr<float> x = get_arr<float>(X, "X", 2, false);
+    Arr<float> y = get_arr<float>(Y, "out", 2, true);
+    if (x.n0 != A.ncol) py_raise(PyExc_ValueError, "X must have A.shape[1] rows");
+    if (y.n0 != A.nrow || y.n1 != x.n1) py_raise(PyExc_ValueError, "out must have shape (A.shape[0], X.shape[1])");
+    NoGIL nogil;
+    gu::spmm_hand(A, x.ptr, x.n1, y.ptr);
+}
+
+void merge_knn_results(PyObject* D, PyObject* I, PyObject* D2, PyObject* I2, long long translation) {
+    Arr<float> d = get_arr<float>(D, "D", 2, true, true);
+    Arr<float> d2 = get_arr<float>(D2, "D2", 2, false, true);
+    if (d2.n0 != d.n0) py_raise(PyExc_ValueError, "D and D2 must have the same number of rows");
+    if (is_int32(I)) {
+        Arr<int32_t> i = get_arr<int32_t>(I, "I", 2, true, true);
+        Arr<int32_t> i2 = get_arr<int32_t>(I2, "I2", 2, false, true);
+        if (i.n0 != d.n0 || i.n1 != d.n1 || i2.n0 != d2.n0 || i2.n1 != d2.n1)
+            py_raise(PyExc_ValueError, "I must have the shape of D and I2 that of D2");
+        NoGIL nogil;
+        gu::merge_knn_results<int32_t>(d.ptr, i.ptr, d.n0, d.n1, d.ld, i.ld, d2.ptr, i2.ptr, d2.n1, d2.ld, i2.ld,
+                                       translation);
+    } else {
+        Arr<int64_t> i = get_arr<int64_t>(I, "I", 2, true, true);
+        Arr<int64_t> i2 = get_arr<int64_t>(I2, "I2", 2, false, true);
+        if (i.n0 != d.n0 || i.n1 != d.n1 || i2.n0 != d2.n0 || i2.n1 != d2.n1)
+            py_raise(PyExc_ValueError, "I must have the shape of D and I2 that of D2");
+        NoGIL nogil;
+        gu::merge_knn_results<int64_t>(d.ptr, i.ptr, d.n0, d.n1, d.ld, i.ld, d2.ptr, i2.ptr, d2.n1, d2.ld, i2.ld,
+                                       translation);
+    }
+}
+
+void bfs_order(CSR_ARGS(A), PyObject* perm) {
+    gu::CSRView A = CSR_GET(A);
+    Arr<int64_t> p = get_arr<int64_t>(perm, "perm", 1, true);
+    if (p.n0 != A.nrow) py_raise(PyExc_ValueError, "perm must have A.shape[0] entries");
+    NoGIL nogil;
+    gu::check_csr(A, false);
+    gu::bfs_order(A, p.ptr);
+}
+
+PyObject* permute_symmetric(CSR_ARGS(A), PyObject* perm) {
+    gu::CSRView A = CSR_GET(A);
+    Arr<int64_t> p = get_arr<int64_t>(perm, "perm", 1, false);
+    if (p.n0 != A.nrow) py_raise(PyExc_ValueError, "perm must have A.shape[0] entries");
+    gu::CSROwned out;
+    {
+        NoGIL nogil;
+        gu::check_csr(A, false);
+        gu::permute_symmetric(A, p.ptr, out);
+    }
+    return to_python(out);
+}
+
+// MKL inspector-executor product prepared once for products with C columns. Keeps references to the
+// matrix' arrays, which MKL reads at every run().
+class MklPlan {
+  public:
+    MklPlan(CSR_ARGS(A), long long C, long long max_block_nnz, int expected_calls) {
+        gu::CSRView A = CSR_GET(A);
+        {
+            NoGIL nogil;
+            plan = new gu::MklSpmm(A, C, max_block_nnz, expected_calls);
+        }
+        nrow = A.nrow;
+        ncol = A.ncol;
+        refs[0] = A_indptr; refs[1] = A_indices; refs[2] = A_data;
+        for (PyObject* r : refs) Py_INCREF(r);
+    }
+    ~MklPlan() {
+        delete plan;
+        for (PyObject* r : refs) Py_XDECREF(r);
+    }
+    void run(PyObject* X, PyObject* Y) {
+        Arr<float> x = get_arr<float>(X, "X", 2, false);
+        Arr<float> y = get_arr<float>(Y, "out", 2, true);
+        if (x.n0 != ncol || x.n1 != plan->C()) py_raise(PyExc_ValueError, "X must have shape (A.shape[1], C)");
+        if (y.n0 != nrow || y.n1 != plan->C()) py_raise(PyExc_ValueError, "out must have shape (A.shape[0], C)");
+        NoGIL nogil;
+        plan->run(x.ptr, y.ptr);
+    }
+    long long nblocks() const { return plan->nblocks(); }
+
+  private:
+    gu::MklSpmm* plan = nullptr;
+    long long nrow = 0, ncol = 0;
+    PyObject* refs[3] = {nullptr, nullptr, nullptr};
+};
+
+%}
