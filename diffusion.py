@@ -1,0 +1,278 @@
+"""Low-shot classification by label diffusion over a k-NN graph with background images (the paper's
+method).
+
+Reads   $DDIR/features/train.hdf5, val.hdf5     labelled and test images (all_feats (rows, D) float32)
+        $DDIR/features/PCAR256.vt                faiss PCA D -> d applied to them
+        $DDIR/features/f100m/concatenated_PCAR256.raw   first --nbg rows: background (nbg, d) float32
+        $DDIR/knngraph/ndis{nbg}.index, ndis{nbg}_k{K}_{I,D}_11.*   made by build_graph.py {nbg}
+        --split (default data/label_idx.json)    base/novel classes, 1-based
+Writes  --result R.json   the JSON result line (also printed last on stdout)
+        --storeL F.npy    test scores after the last iteration, (n_test, C) float32
+        --storeLname P    test scores after each iteration t of --storeLiters, P_iter{t}.npy
+        --store_slice S.npz  with --class_range a:b: per iteration, each test image's top-5 classes
+                          of the slice (scores float32 and ids int64, (niter+1, n_test, 5))
+
+Graph: nodes = labelled images (then, with --indomain, the other training images of the novel
+classes, unlabelled), then the nbg background images; each node is linked to its k most similar
+nodes (cosine of PCA'd, L2-normalised vectors); W = row-L1-normalised (W0 + W0^T). Diffusion:
+L0 = one-hot labels, columns normalised to 1; L <- colnorm(W L) for --niter iterations; a test
+image's scores = sum of L over its k nearest graph nodes. Top-5 accuracy (all classes, novel
+classes) is printed for the initial state and after every iteration.
+
+Examples:
+  python diffusion.py --mode test --nlabeled 2 --seed 1 --k 30 --nbg 1000000 --niter 3
+  python diffusion.py ... --class_range 0:250 --store_slice s0.npz   # one job of an array
+  python diffusion.py --merge_slices s0.npz s1.npz --result r.json   # same result as one run
+"""
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+from lowshot import data, evaluate, graph
+from lowshot import diffuse as dif
+from lowshot.common import (InputError, get_ddir, log, peak_rss_gib, print_args, print_result,
+                            require_file, run_main, write_json, atomic_output)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("protocol")
+    g.add_argument("--mode", choices=["val", "test"], default="val",
+                   help="val: split 1 (base_classes_1 + novel_classes_1), test: split 2")
+    g.add_argument("--nlabeled", type=int, default=2, help="labelled images per novel class")
+    g.add_argument("--seed", type=int, default=1, help="seed of the labelled-image draw")
+    g.add_argument("--split", default=None, help="class split file (default: data/label_idx.json)")
+    g.add_argument("--ddir", default=None, help="data root (default: $DDIR)")
+    g = p.add_argument_group("graph")
+    g.add_argument("--k", type=int, default=30, help="neighbours per node")
+    g.add_argument("--nbg", type=int, default=10**6,
+                   help="background images (first rows of the raw file; 0: none)")
+    g.add_argument("--indomain", action="store_true",
+                   help="the novel classes' other training images become unlabelled nodes")
+    g.add_argument("--node_index", default="auto", choices=["auto", "exact", "ivf", "hnsw"],
+                   help="index over the labelled (+in-domain) set for background->labelled search; "
+                        "auto: exact up to %d vectors, IVF above" % graph.LABELLED_EXACT_MAX)
+    g.add_argument("--node_nprobe", type=int, default=16, help="nprobe of that IVF index")
+    g.add_argument("--bg_nprobe", type=int, default=None, help="override nprobe of an IVF background index")
+    g.add_argument("--bg_ef_search", type=int, default=None, help="override efSearch of an HNSW background index")
+    g.add_argument("--bg_search_L", type=int, default=None,
+                   help="override search_L of an NN-descent background index")
+    g = p.add_argument_group("diffusion")
+    g.add_argument("--niter", type=int, default=3, help="diffusion iterations")
+    g.add_argument("--lslice", type=int, default=0,
+                   help="diffuse classes by blocks of this many columns (0: all at once); same "
+                        "result, peak memory ~2 (n, lslice) float32 matrices instead of (n, C)")
+    g.add_argument("--class_range", default=None,
+                   help="a:b, diffuse only classes [a, b) (job-array slice; needs --store_slice)")
+    g = p.add_argument_group("outputs")
+    g.add_argument("--result", default=None, help="write the result JSON here")
+    g.add_argument("--storeL", default=None, help="test scores after the last iteration (.npy)")
+    g.add_argument("--storeLname", default=None, help="prefix: test scores at --storeLiters")
+    g.add_argument("--storeLiters", default=None,
+                   help="comma-separated iterations stored with --storeLname (default: all)")
+    g.add_argument("--store_slice", default=None, help="with --class_range: the slice's top-5 (.npz)")
+    g.add_argument("--merge_slices", nargs="+", default=None, metavar="S.npz",
+                   help="merge --store_slice files into the result of one full run (no other input)")
+    return p.parse_args(argv)
+
+
+def _int_list(s, flag):
+    try:
+        return [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise InputError("%s %r: expected comma-separated integers" % (flag, s))
+
+
+def _class_range(s, nclass):
+    if s is None:
+        return 0, nclass
+    try:
+        a, b = (int(v) for v in s.split(":"))
+    except ValueError:
+        raise InputError("--class_range %r: expected a:b" % s)
+    if not 0 <= a < b:
+        raise InputError("--class_range %s: need 0 <= a < b" % s)
+    if a >= nclass:
+        raise InputError("--class_range %s: the split has only %d classes" % (s, nclass))
+    return a, min(b, nclass)
+
+
+def _meta(args):
+    return {"script": "diffusion", "mode": args.mode, "nlabeled": args.nlabeled, "seed": args.seed,
+            "k": args.k, "nbg": args.nbg, "niter": args.niter, "indomain": bool(args.indomain)}
+
+
+def _result(meta, accs):
+    iters = [{"iter": t, "top5": a, "top5_novel": b} for t, (a, b) in enumerate(accs)]
+    return dict(meta, iters=iters, top5=accs[-1][0], top5_novel=accs[-1][1])
+
+
+def _print_accs(accs):
+    for t, (a, b) in enumerate(accs):
+        name = "initial state" if t == 0 else "iter %d/%d" % (t, len(accs) - 1)
+        log("  %-13s %s" % (name, evaluate.format_top5(a, b)))
+
+
+def merge_slices(paths):
+    """Read --store_slice files and compute the result of the full run."""
+    parts, ranges, meta, y, is_novel = [], [], None, None, None
+    for p in paths:
+        require_file(p, "slice file")
+        try:
+            z = np.load(p)
+            m = json.loads(str(z["meta"]))
+            part = (z["top_scores"], z["top_ids"])
+            c0, c1, C = (int(v) for v in z["class_range"])
+            yp, nov = z["y_test"], z["is_novel_class"]
+        except (OSError, KeyError, ValueError) as e:
+            raise InputError("slice file %s is not a diffusion.py --store_slice file: %s" % (p, e))
+        if meta is None:
+            meta, y, is_novel = m, yp, nov
+        elif m != meta or not np.array_equal(yp, y) or not np.array_equal(nov, is_novel):
+            raise InputError("slice file %s comes from another experiment (%s) than %s (%s)" % (
+                p, m, paths[0], meta))
+        parts.append(part)
+        ranges.append((c0, c1, C, p))
+    ranges.sort()
+    C = ranges[0][2]
+    at = 0
+    for c0, c1, Ci, p in ranges:
+        if c0 != at:
+            raise InputError("slice files cover classes up to %d, then %s starts at %d: a slice is "
+                             "%s" % (at, p, c0, "missing" if c0 > at else "repeated"))
+        at = c1
+    if at != C:
+        raise InputError("slice files cover classes 0:%d of %d: a slice is missing" % (at, C))
+    top = dif.merge_slice_tops(parts)
+    accs = [dif.top5_from_ids(top[t], y, is_novel) for t in range(top.shape[0])]
+    return meta, accs
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    print_args(args)
+    t_start = time.time()
+    if args.merge_slices:
+        meta, accs = merge_slices(args.merge_slices)
+        _print_accs(accs)
+        res = _result(meta, accs)
+        res["merged_slices"] = len(args.merge_slices)
+        if args.result:
+            write_json(args.result, res)
+        print_result(res)
+        return
+    if args.k < 1:
+        raise InputError("--k %d: need at least 1 neighbour" % args.k)
+    if args.nbg < 0:
+        raise InputError("--nbg %d: must be >= 0" % args.nbg)
+    if args.niter < 0:
+        raise InputError("--niter %d: must be >= 0" % args.niter)
+    if args.class_range and not args.store_slice:
+        raise InputError("--class_range needs --store_slice (merge the slices with --merge_slices)")
+    if args.store_slice and (args.storeL or args.storeLname):
+        raise InputError("--storeL/--storeLname store full score matrices: not with --class_range")
+    store_iters = []
+    if args.storeLname:
+        store_iters = (_int_list(args.storeLiters, "--storeLiters") if args.storeLiters
+                       else list(range(args.niter + 1)))
+        for t in store_iters:
+            if not 0 <= t <= args.niter:
+                raise InputError("--storeLiters %d: iterations are 0..%d" % (t, args.niter))
+    ddir = get_ddir(args.ddir)
+    paths = data.feature_paths(ddir)
+
+    times = {}
+    t0 = time.time()
+    d = data.load_lowshot(ddir, args.split, args.mode, args.nlabeled, args.seed,
+                          indomain=args.indomain, log=log)
+    split = d.split
+    c0, c1 = _class_range(args.class_range, split.nclass)
+    vt = data.load_pca(paths["pca"], d.D)
+    log("PCA %d -> %d and L2 normalisation of %d labelled%s and %d test vectors" % (
+        vt.d_in, vt.d_out, len(d.Xl), "" if d.Xu is None else " + %d in-domain" % len(d.Xu),
+        len(d.Xte)))
+    x0 = d.Xl if d.Xu is None else np.vstack([d.Xl, d.Xu])
+    x0 = graph.normalized(vt.apply(np.ascontiguousarray(x0)), "PCA'd labelled vectors")
+    xt = graph.normalized(vt.apply(d.Xte), "PCA'd test vectors")
+    y_lab, y_test = d.yl, d.yte
+    del d
+    times["load"] = time.time() - t0
+
+    if args.k >= len(x0) + args.nbg:
+        raise InputError("k = %d but the graph has only %d nodes (%d labelled/in-domain + %d "
+                         "background): need k < number of nodes" % (
+                             args.k, len(x0) + args.nbg, len(x0), args.nbg))
+    bg = None
+    if args.nbg > 0:
+        t0 = time.time()
+        xb = data.open_background(ddir, args.nbg, d=vt.d_out)
+        idx_path, Dbg, Ibg = graph.find_background_graph(ddir, args.nbg, args.k, data.graph_paths)
+        log("reading background index %s" % idx_path)
+        index = graph.read_background_index(idx_path, args.nbg, vt.d_out, nprobe=args.bg_nprobe,
+                                            ef_search=args.bg_ef_search, search_L=args.bg_search_L)
+        bg = {"x": xb, "index": index, "D": Dbg, "I": Ibg}
+        times["load_bg"] = time.time() - t0
+
+    t0 = time.time()
+    I_nodes, I_test, ginfo = graph.complete_graph(x0, xt, args.k, bg, node_index=args.node_index,
+                                                  node_nprobe=args.node_nprobe)
+    n = I_nodes.shape[0]
+    del bg, x0, xt
+    times["graph_completion"] = time.time() - t0
+
+    import graph_utils
+    t0 = time.time()
+    log("W = rownorm(W0 + W0^T) over %d nodes" % n)
+    W = graph_utils.knn_to_graph(I_nodes, n)
+    del I_nodes
+    T = graph_utils.csr_from_knn(I_test, n)
+    del I_test
+    log("W: %d nnz (%.1f per row); T: %d x %d" % (W.nnz, W.nnz / n, T.shape[0], T.shape[1]))
+    times["make_W"] = time.time() - t0
+
+    t0 = time.time()
+    log("diffusion of classes %d:%d, %d iterations%s" % (
+        c0, c1, args.niter, ", blocks of %d classes" % args.lslice if args.lslice else ""))
+    scores = dif.diffuse(W, T, y_lab, split.nclass, args.niter, class_range=(c0, c1),
+                         lslice=args.lslice)
+    times["diffusion"] = time.time() - t0
+    meta = _meta(args)
+
+    if args.store_slice:
+        vals, ids = dif.slice_top(scores, c0, evaluate.topk)
+        with atomic_output(args.store_slice) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, top_scores=vals, top_ids=ids,
+                         class_range=np.array([c0, c1, split.nclass]), y_test=y_test,
+                         is_novel_class=split.is_novel, meta=json.dumps(meta, sort_keys=True))
+        log("wrote %s" % args.store_slice)
+        res = dict(meta, class_range=[c0, c1], store_slice=args.store_slice)
+    else:
+        accs = [evaluate.top5(s, y_test, split.is_novel) for s in scores]
+        _print_accs(accs)
+        res = _result(meta, accs)
+        if args.storeL:
+            with atomic_output(args.storeL) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, scores[-1])
+            log("wrote %s" % args.storeL)
+        for t in store_iters:
+            fname = "%s_iter%d.npy" % (args.storeLname, t)
+            with atomic_output(fname) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, scores[t])
+            log("wrote %s" % fname)
+    res["graph"] = {"nodes": n, "W_nnz": int(W.nnz), "node_index": ginfo["node_index"]}
+    res["times"] = {k: round(v, 2) for k, v in times.items()}
+    res["time_total"] = round(time.time() - t_start, 2)
+    res["peak_rss_gib"] = round(peak_rss_gib(), 3)
+    if args.result:
+        write_json(args.result, res)
+    print_result(res)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,105 @@
+"""Late fusion of logistic-regression and diffusion scores ("combined" column of the paper's table).
+
+Reads   --logreg_scores A.npy     (n_test, C) float32 softmax probabilities (logreg.py --storeL)
+        --diffusion_scores B.npy  (n_test, C) float32 diffusion scores (diffusion.py --storeL)
+        $DDIR/features/val.hdf5   test labels (rows of the split's classes, file order)
+        --split                   class split (default data/label_idx.json)
+Writes  --result R.json           the JSON result line (also printed last on stdout)
+
+Both score matrices must come from the same --mode (same test images, same classes). Each is
+made a distribution over the classes of a test image: the softmax rows already sum to 1, the
+diffusion rows (label mass on the image's graph neighbours, any scale) are divided by their sum
+(an all-zero row stays zero). The fused score is
+
+    (1 - w) * logreg + w * diffusion          w = 0: logreg alone, w = 1: diffusion alone
+
+and top-5 accuracy is reported for every weight of --weights. Choose w on --mode val, then run
+--mode test with --weight w.
+
+Example:
+  python fusion.py --mode val --nlabeled 2 --seed 1 --logreg_scores lr.npy \\
+      --diffusion_scores dif.npy --weights 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1
+"""
+import argparse
+
+import numpy as np
+
+from lowshot import data, evaluate
+from lowshot import diffuse as dif
+from lowshot.common import (InputError, get_ddir, log, print_args, print_result, require_file,
+                            run_main, write_json)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("protocol")
+    g.add_argument("--mode", choices=["val", "test"], default="val", help="split of the scores")
+    g.add_argument("--nlabeled", type=int, default=2, help="recorded in the result")
+    g.add_argument("--seed", type=int, default=1, help="recorded in the result")
+    g.add_argument("--split", default=None, help="class split file (default: data/label_idx.json)")
+    g.add_argument("--ddir", default=None, help="data root (default: $DDIR)")
+    g = p.add_argument_group("fusion")
+    g.add_argument("--logreg_scores", required=True, help="(n_test, C) .npy from logreg.py --storeL")
+    g.add_argument("--diffusion_scores", required=True, help="(n_test, C) .npy from diffusion.py --storeL")
+    g.add_argument("--weights", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1",
+                   help="comma-separated diffusion weights w in [0, 1]")
+    g.add_argument("--weight", type=float, default=None, help="a single weight (overrides --weights)")
+    g = p.add_argument_group("outputs")
+    g.add_argument("--result", default=None, help="write the result JSON here")
+    return p.parse_args(argv)
+
+
+def _load_scores(path, nt, C):
+    require_file(path, "score file")
+    try:
+        S = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise InputError("score file %s is not a .npy array: %s" % (path, e))
+    if S.shape != (nt, C):
+        raise InputError("score file %s has shape %s, expected (n_test, C) = (%d, %d) for this "
+                         "split's test images" % (path, S.shape, nt, C))
+    S = np.asarray(S, dtype=np.float64)
+    if not np.isfinite(S).all():
+        raise InputError("score file %s holds NaN or inf" % path)
+    if (S < 0).any():
+        raise InputError("score file %s holds negative scores: expected probabilities or "
+                         "diffusion mass" % path)
+    return S
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    print_args(args)
+    if args.weight is not None:
+        weights = [args.weight]
+    else:
+        try:
+            weights = [float(w) for w in args.weights.split(",") if w.strip()]
+        except ValueError:
+            raise InputError("--weights %r: expected comma-separated numbers" % args.weights)
+    if not weights or any(not 0 <= w <= 1 for w in weights):
+        raise InputError("weights %s: need at least one, each in [0, 1]" % weights)
+    ddir = get_ddir(args.ddir)
+    split = data.load_split(args.split, args.mode)
+    val = data.feature_paths(ddir)["val"]
+    y, _ = data.load_labels(val, split)
+    log("%d test images of %s, %d classes" % (y.size, val, split.nclass))
+    P = _load_scores(args.logreg_scores, y.size, split.nclass)
+    S = _load_scores(args.diffusion_scores, y.size, split.nclass)
+    top5, top5_novel = [], []
+    for w in weights:
+        a, b = evaluate.top5(dif.fuse(P, S, w), y, split.is_novel)
+        log("w = %.3f  %s" % (w, evaluate.format_top5(a, b)))
+        top5.append(a)
+        top5_novel.append(b)
+    best = int(np.argmax(top5))
+    res = {"script": "fusion", "mode": args.mode, "nlabeled": args.nlabeled, "seed": args.seed,
+           "weights": weights, "top5": top5, "top5_novel": top5_novel,
+           "best_weight": weights[best], "best_top5": top5[best]}
+    if args.result:
+        write_json(args.result, res)
+    print_result(res)
+
+
+if __name__ == "__main__":
+    run_main(main)

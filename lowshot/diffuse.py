@@ -1,0 +1,186 @@
+"""Label diffusion on the k-NN graph, class slicing, scoring of the test images, late fusion.
+
+Notation (paper): ``W`` (n, n) the row-L1-normalised symmetrised k-NN graph over the nodes
+(labelled first, then unlabelled), ``L`` (n, c) the label matrix of a block of c classes, ``T``
+(nt, n) the binary test-to-node matrix (row i has ones on the k graph neighbours of test image i).
+
+  L0 = one-hot rows of the labelled nodes, zero elsewhere, columns normalised to sum 1
+  L_{t+1} = colnorm(W L_t)
+  scores_t = T L_t           (nt, c): the label mass on each test image's neighbours
+
+Classes never interact (a column of L only depends on its own column of L0), which is why class
+blocks (``lslice``) and job-array slices (``class_range``) give the result of one full run.
+"""
+import numpy as np
+
+from lowshot.common import InputError, log
+
+
+def label_matrix(y_lab, n, c0, c1):
+    """L0 restricted to classes [c0, c1): (n, c1-c0) float32, columns summing to 1 (or 0).
+
+    Parameters
+    ----------
+    y_lab : ndarray, int (nl,)
+        Labels in 0..C-1 of the labelled nodes, which are nodes 0..nl-1.
+    n : int
+        Number of graph nodes.
+    """
+    L = np.zeros((n, c1 - c0), dtype=np.float32)
+    y_lab = np.asarray(y_lab, dtype=np.int64)
+    sel = np.flatnonzero((y_lab >= c0) & (y_lab < c1))
+    L[sel, y_lab[sel] - c0] = 1
+    cnt = L[:len(y_lab)].sum(axis=0)
+    cnt[cnt == 0] = 1
+    L[:len(y_lab)] /= cnt
+    return L
+
+
+def diffuse(W, T, y_lab, nclass, niter, class_range=None, lslice=0, on_iter=None):
+    """Run the diffusion and score the test images after every iteration.
+
+    Parameters
+    ----------
+    W : graph_utils.CSR (n, n)
+        Row-normalised graph (:func:`graph_utils.knn_to_graph`).
+    T : graph_utils.CSR (nt, n)
+        Binary test-to-node matrix (:func:`graph_utils.csr_from_knn`).
+    y_lab : ndarray, int (nl,)
+        Labels in 0..C-1 of nodes 0..nl-1.
+    nclass : int
+        C.
+    niter : int
+        Iterations (>= 0).
+    class_range : (c0, c1) or None
+        Diffuse only classes [c0, c1) (default: all).
+    lslice : int
+        Columns of L handled at a time (0: the whole range at once). Peak memory is two (n, lslice)
+        float32 matrices instead of two (n, c1-c0).
+    on_iter : callable (t, c0, c1, L) or None
+        Called with the (n, c) label matrix after iteration t (t = 0: initial) of the class block
+        [c0, c1) (e.g. to store it).
+
+    Returns
+    -------
+    list of niter+1 ndarrays float32 (nt, c1-c0): test scores after 0, 1, ..., niter iterations.
+    """
+    import graph_utils
+    n = W.shape[0]
+    if T.shape[1] != n:
+        raise ValueError("T has %d columns but W has %d nodes" % (T.shape[1], n))
+    c0, c1 = class_range or (0, nclass)
+    if not 0 <= c0 < c1 <= nclass:
+        raise InputError("class range %d:%d is not inside 0:%d" % (c0, c1, nclass))
+    lslice = lslice if lslice and lslice > 0 else c1 - c0
+    nt = T.shape[0]
+    scores = [np.empty((nt, c1 - c0), dtype=np.float32) for _ in range(niter + 1)]
+    for b0 in range(c0, c1, lslice):
+        b1 = min(c1, b0 + lslice)
+        if lslice < c1 - c0:
+            log("classes %d:%d" % (b0, b1))
+        L = label_matrix(y_lab, n, b0, b1)
+        L2 = np.empty_like(L)
+        scores[0][:, b0 - c0:b1 - c0] = graph_utils.spmm(T, L)
+        if on_iter:
+            on_iter(0, b0, b1, L)
+        for t in range(1, niter + 1):
+            graph_utils.spmm(W, L, out=L2)
+            L, L2 = L2, L
+            graph_utils.col_normalize(L)
+            scores[t][:, b0 - c0:b1 - c0] = graph_utils.spmm(T, L)
+            if on_iter:
+                on_iter(t, b0, b1, L)
+        del L, L2
+    return scores
+
+
+############################################################################################
+# Job-array slices: each process keeps its classes' top-5 per test image and iteration
+############################################################################################
+
+SLICE_TOPK = 5
+
+
+def slice_top(scores_list, c0, topk_fn, k=SLICE_TOPK):
+    """Top-k classes within a class slice, for every iteration.
+
+    Parameters
+    ----------
+    scores_list : list of ndarray float32 (nt, c1-c0), one per iteration
+    c0 : int, first class id of the slice
+    topk_fn : callable (scores, k) -> (values, ids) with ties to the lowest id
+        (:func:`lowshot.evaluate.topk`)
+
+    Returns
+    -------
+    values : ndarray float32 (niter+1, nt, k'); ids : ndarray int64 (niter+1, nt, k'), global ids
+    with k' = min(k, c1-c0).
+    """
+    vals, ids = zip(*[topk_fn(s, k) for s in scores_list])
+    return np.stack(vals).astype(np.float32), np.stack(ids) + c0
+
+
+def merge_slice_tops(parts, k=SLICE_TOPK):
+    """Merge per-slice top-k lists into the global top-k (ties to the lowest class id).
+
+    Exact: a class in the global top-k is in its own slice's top-k, since the order (score
+    decreasing, then id increasing) is the same inside a slice and over all classes.
+
+    Parameters
+    ----------
+    parts : list of (values (niter+1, nt, ki) float32, ids (niter+1, nt, ki) int64)
+
+    Returns
+    -------
+    ids : ndarray int64 (niter+1, nt, k), best first
+    """
+    vals = np.concatenate([p[0] for p in parts], axis=2)
+    ids = np.concatenate([p[1] for p in parts], axis=2)
+    # lexsort: last key is primary -> by decreasing score, then increasing class id
+    order = np.lexsort((ids, -vals), axis=-1)[..., :k]
+    return np.take_along_axis(ids, order, axis=-1)
+
+
+def top5_from_ids(top_ids, y, is_novel_class):
+    """(acc_all, acc_novel) given each test image's top-5 class ids (nt, 5)."""
+    y = np.asarray(y, dtype=np.int64)
+    ok = (top_ids == y[:, None]).any(axis=1)
+    nov = np.asarray(is_novel_class, dtype=bool)[y]
+    acc_all = float(ok.mean()) if ok.size else float("nan")
+    acc_novel = float(ok[nov].mean()) if nov.any() else float("nan")
+    return acc_all, acc_novel
+
+
+############################################################################################
+# Late fusion
+############################################################################################
+
+
+def l1_rows(S):
+    """Rows scaled to sum 1 (all-zero rows stay zero); float64 copy. S must be >= 0."""
+    S = np.asarray(S, dtype=np.float64)
+    if (S < 0).any():
+        raise InputError("scores to fuse must be non-negative (probabilities or diffusion mass)")
+    s = S.sum(axis=1, keepdims=True)
+    s[s == 0] = 1
+    return S / s
+
+
+def fuse(P_logreg, S_diffusion, w):
+    """Late fusion: (1 - w) * logreg probabilities + w * L1-normalised diffusion scores.
+
+    Both terms are distributions over the classes of each test image (the logreg softmax already
+    sums to 1; the diffusion mass on an image's neighbours is scaled to sum 1), so the weight
+    compares like with like. w = 0 is logreg alone, w = 1 diffusion alone.
+
+    Parameters
+    ----------
+    P_logreg : ndarray (nt, C), softmax probabilities
+    S_diffusion : ndarray (nt, C), diffusion scores (>= 0)
+    w : float in [0, 1]
+
+    Returns
+    -------
+    ndarray float64 (nt, C)
+    """
+    return (1 - w) * l1_rows(P_logreg) + w * l1_rows(S_diffusion)

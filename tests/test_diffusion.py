@@ -1,0 +1,224 @@
+"""Graph completion, diffusion, slicing and fusion against brute force / dense numpy references."""
+import json
+
+import faiss
+import numpy as np
+import pytest
+
+import build_graph
+import diffusion
+import fusion
+from lowshot import data, evaluate, graph
+from lowshot import diffuse as dif
+from lowshot.common import InputError
+from lowshot.generate import generate_ddir
+
+K_GRAPH = 6
+
+
+def unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def brute_union_knn(xq, xnodes, k):
+    """Ids of the k most similar rows of xnodes for each row of xq (float64 numpy)."""
+    S = xq.astype(np.float64) @ xnodes.T.astype(np.float64)
+    return np.argsort(-S, axis=1, kind="stable")[:, :k]
+
+
+def dense_diffusion(I_nodes, I_test, y_lab, nclass, niter):
+    """The diffusion written as dense numpy: W = rownorm(W0 + W0^T), L <- colnorm(W L)."""
+    n = I_nodes.shape[0]
+    W0 = np.zeros((n, n))
+    for i, row in enumerate(I_nodes):
+        W0[i, row[row >= 0]] = 1
+    W = W0 + W0.T
+    W /= W.sum(axis=1, keepdims=True)
+    T = np.zeros((I_test.shape[0], n))
+    for i, row in enumerate(I_test):
+        T[i, row] = 1
+    L = np.zeros((n, nclass))
+    L[np.arange(len(y_lab)), y_lab] = 1
+
+    def colnorm(L):
+        s = L.sum(axis=0)
+        s[s == 0] = 1
+        return L / s
+    L = colnorm(L)
+    out = [T @ L]
+    for _ in range(niter):
+        L = colnorm(W @ L)
+        out.append(T @ L)
+    return out
+
+
+def test_complete_graph_brute_force():
+    rs = np.random.RandomState(0)
+    d, n0, nbg, nt, k = 12, 40, 300, 25, 7
+    x0, xb, xt = (rs.randn(n, d).astype(np.float32) for n in (n0, nbg, nt))
+    xbn = unit(xb)
+    index = faiss.IndexFlatIP(d)
+    index.add(xbn)
+    Dbg, Ibg = index.search(xbn, 8)
+    bg = {"x": xb, "index": index, "D": Dbg, "I": Ibg.astype(np.int32)}
+    for node_index in ("exact", "ivf"):
+        I_nodes, I_test, info = graph.complete_graph(unit(x0), unit(xt), k, bg, node_index=node_index,
+                                                     bs=64)
+        allx = np.vstack([unit(x0), xbn])
+        np.testing.assert_array_equal(I_nodes, brute_union_knn(allx, allx, k))
+        np.testing.assert_array_equal(I_test, brute_union_knn(unit(xt), allx, k))
+    # without background: a graph over the labelled set only
+    I_nodes, I_test, _ = graph.complete_graph(unit(x0), unit(xt), k)
+    np.testing.assert_array_equal(I_nodes, brute_union_knn(unit(x0), unit(x0), k))
+    with pytest.raises(InputError, match="k = 40 but the graph has only 40 nodes"):
+        graph.complete_graph(unit(x0), unit(xt), 40)
+
+
+def test_diffuse_dense_and_lslice():
+    rs = np.random.RandomState(1)
+    import graph_utils
+    n, nl, nt, k, C, niter = 120, 30, 20, 5, 7, 4
+    I_nodes = np.array([rs.choice(n, k, replace=False) for _ in range(n)], dtype=np.int32)
+    I_nodes[3, 2] = -1   # a missing neighbour is skipped
+    I_test = np.array([rs.choice(n, k, replace=False) for _ in range(nt)], dtype=np.int32)
+    y_lab = rs.randint(C - 1, size=nl)   # class C-1 has no labelled node: its column stays 0
+    W = graph_utils.knn_to_graph(I_nodes, n)
+    T = graph_utils.csr_from_knn(I_test, n)
+    ref = dense_diffusion(I_nodes, I_test, y_lab, C, niter)
+    full = dif.diffuse(W, T, y_lab, C, niter)
+    for a, b in zip(full, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert not full[-1][:, C - 1].any()
+    sliced = dif.diffuse(W, T, y_lab, C, niter, lslice=3)
+    for a, b in zip(full, sliced):
+        np.testing.assert_array_equal(a, b)
+    part = dif.diffuse(W, T, y_lab, C, niter, class_range=(2, 6), lslice=3)
+    for a, b in zip(full, part):
+        np.testing.assert_array_equal(a[:, 2:6], b)
+
+
+def test_merge_slice_tops_ties():
+    # ties broken by the lowest class id, across slices
+    S = np.array([[1, 3, 3, 0, 3, 3, 3, 2],
+                  [0, 0, 0, 0, 0, 0, 0, 0]], dtype=np.float32)
+    parts = [dif.slice_top([S[:, a:b]], a, evaluate.topk) for a, b in ((0, 3), (3, 5), (5, 8))]
+    ids = dif.merge_slice_tops(parts)[0]
+    np.testing.assert_array_equal(ids, [[1, 2, 4, 5, 6], [0, 1, 2, 3, 4]])
+
+
+@pytest.fixture(scope="module")
+def tiny_ddir(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("ddir"))
+    generate_ddir(root, nclass=24, ntrain=8, ntest=4, D=32, d=16, nbg=500, nclutter=6, block=256)
+    build_graph.main(["500", "--ddir", root, "--method", "exact", "--recall_nq", "0"])
+    return root
+
+
+def run_json(main, argv, capsys):
+    main(argv)
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def common_args(root, *extra):
+    return ["--ddir", root, "--split", root + "/label_idx.json", "--mode", "test",
+            "--nlabeled", "2", "--seed", "3", "--k", str(K_GRAPH), "--nbg", "500",
+            "--niter", "3", *extra]
+
+
+def test_diffusion_end_to_end(tiny_ddir, tmp_path, capsys):
+    root = tiny_ddir
+    res = run_json(diffusion.main, common_args(root, "--storeL", str(tmp_path / "L.npy"),
+                                               "--storeLname", str(tmp_path / "h"),
+                                               "--storeLiters", "0,2",
+                                               "--result", str(tmp_path / "r.json")), capsys)
+    assert json.load(open(tmp_path / "r.json")) == res
+    # independent reference: brute-force graph over labelled U background, dense diffusion
+    d = data.load_lowshot(root, root + "/label_idx.json", "test", 2, 3)
+    vt = faiss.read_VectorTransform(root + "/features/PCAR256.vt")
+    x0 = unit(vt.apply(d.Xl))
+    xt = unit(vt.apply(d.Xte))
+    xb = unit(np.fromfile(data.feature_paths(root)["background"], dtype=np.float32).reshape(500, 16))
+    allx = np.vstack([x0, xb])
+    ref = dense_diffusion(brute_union_knn(allx, allx, K_GRAPH), brute_union_knn(xt, allx, K_GRAPH),
+                          d.yl, d.split.nclass, 3)
+    np.testing.assert_allclose(np.load(tmp_path / "L.npy"), ref[-1], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.load(tmp_path / "h_iter2.npy"), ref[2], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.load(tmp_path / "h_iter0.npy"), ref[0], rtol=1e-5, atol=1e-7)
+    assert [it["iter"] for it in res["iters"]] == [0, 1, 2, 3]
+    for it, S in zip(res["iters"], ref):
+        assert (it["top5"], it["top5_novel"]) == evaluate.top5(S, d.yte, d.split.is_novel)
+    assert (res["top5"], res["top5_novel"]) == (res["iters"][-1]["top5"], res["iters"][-1]["top5_novel"])
+    assert res["top5"] > res["iters"][0]["top5"]   # diffusion reaches test images
+
+    # --lslice gives the same scores
+    run_json(diffusion.main, common_args(root, "--lslice", "4", "--storeL", str(tmp_path / "L4.npy")),
+             capsys)
+    np.testing.assert_array_equal(np.load(tmp_path / "L4.npy"), np.load(tmp_path / "L.npy"))
+
+    # job-array slices merged == one run
+    C = d.split.nclass
+    cuts = [0, 3, C // 2, C]
+    slices = []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        slices.append(str(tmp_path / ("s%d.npz" % a)))
+        run_json(diffusion.main, common_args(root, "--class_range", "%d:%d" % (a, b),
+                                             "--store_slice", slices[-1]), capsys)
+    merged = run_json(diffusion.main, ["--merge_slices", *slices[::-1]], capsys)
+    for key in ("iters", "top5", "top5_novel", "k", "nbg", "niter", "seed", "mode"):
+        assert merged[key] == res[key], key
+    with pytest.raises(InputError, match="a slice is missing"):
+        diffusion.main(["--merge_slices", slices[0], slices[2]])
+
+
+def test_diffusion_indomain(tiny_ddir, capsys):
+    res = run_json(diffusion.main, common_args(tiny_ddir, "--indomain"), capsys)
+    d = data.load_lowshot(tiny_ddir, tiny_ddir + "/label_idx.json", "test", 2, 3, indomain=True)
+    assert res["indomain"] and res["graph"]["nodes"] == len(d.yl) + len(d.yu) + 500
+
+
+def test_diffusion_bad_inputs(tiny_ddir, tmp_path):
+    root = tiny_ddir
+    args = common_args(root)
+    with pytest.raises(InputError, match=r"k = 800 but the graph has only"):
+        diffusion.main(args + ["--k", "800"])
+    with pytest.raises(InputError, match=r"fewer than --nbg 600"):
+        diffusion.main(args + ["--nbg", "600"])
+    with pytest.raises(InputError, match=r"ndis400_k8_I_11.int32.*python build_graph.py 400 --ddir"):
+        diffusion.main(args + ["--nbg", "400"])
+    with pytest.raises(InputError, match=r"--class_range needs --store_slice"):
+        diffusion.main(args + ["--class_range", "0:2"])
+
+
+def test_fusion_hand_computed(tiny_ddir, tmp_path, capsys):
+    root = tiny_ddir
+    split = data.load_split(root + "/label_idx.json", "test")
+    y, _ = data.load_labels(data.feature_paths(root)["val"], split)
+    nt, C = y.size, split.nclass
+    rs = np.random.RandomState(5)
+    P = rs.dirichlet(np.ones(C), size=nt).astype(np.float32)
+    S = (rs.rand(nt, C) * 7).astype(np.float32)
+    S[0] = 0                                    # an image the diffusion did not reach
+    np.save(tmp_path / "p.npy", P)
+    np.save(tmp_path / "s.npy", S)
+    ws = [0.0, 0.25, 1.0]
+    res = run_json(fusion.main, ["--ddir", root, "--split", root + "/label_idx.json", "--mode", "test",
+                                 "--logreg_scores", str(tmp_path / "p.npy"),
+                                 "--diffusion_scores", str(tmp_path / "s.npy"),
+                                 "--weights", "0,0.25,1"], capsys)
+    assert res["weights"] == ws
+    for w, a, b in zip(ws, res["top5"], res["top5_novel"]):
+        hits = []
+        for i in range(nt):
+            s = S[i].astype(np.float64)
+            s = s / s.sum() if s.sum() > 0 else s
+            f = (1 - w) * P[i] / P[i].astype(np.float64).sum() + w * s
+            ahead = sum(1 for c in range(C) if f[c] > f[y[i]] or (f[c] == f[y[i]] and c < y[i]))
+            hits.append(ahead < 5)
+        hits = np.array(hits)
+        assert a == pytest.approx(hits.mean(), abs=1e-12)
+        assert b == pytest.approx(hits[split.is_novel[y]].mean(), abs=1e-12)
+    np.save(tmp_path / "bad.npy", P[:, :-1])
+    with pytest.raises(InputError, match="bad.npy has shape"):
+        fusion.main(["--ddir", root, "--split", root + "/label_idx.json", "--mode", "test",
+                     "--logreg_scores", str(tmp_path / "bad.npy"),
+                     "--diffusion_scores", str(tmp_path / "s.npy")])
