@@ -1,0 +1,358 @@
+"""Launchers for the phases of ``run_logreg.bash`` / ``run_diffusion.bash``: this machine or Slurm.
+
+A :class:`Run` is one command (a ``logreg.py`` / ``diffusion.py`` / ``fusion.py`` call) with the log
+that receives its stdout and stderr and the output files that mark it done. The scripts write their
+outputs atomically (``--result R.json``, ``--storeL F.npy``), so a crashed or killed run leaves no
+output and is simply started again next time; a run whose outputs all exist (and whose result JSON
+records the expected parameters) is never started again.
+
+- :class:`LocalLauncher` runs N commands at a time on this machine and prints a progress line
+  ``done / running / failed / left``.
+- :class:`SlurmLauncher` submits the same commands as one ``sbatch`` job array per resource request
+  (line ``i + 1`` of a tasks file is array task ``i``), throttled with ``%N``, then (by default) waits
+  for the array to leave the queue and reports what is missing.
+
+Nothing here reads the environment or touches files at import time.
+"""
+import json
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import time
+
+from lowshot.common import InputError, log
+
+
+class Run:
+    """One command of a phase.
+
+    Parameters
+    ----------
+    name : str
+        Unique within its stage, e.g. ``"nl2.lr0.001.wd0.01.bs128.seed1"``.
+    cmd : list of str
+        The argv to run, relative paths resolved against the launcher's working directory.
+    outputs : list of str
+        Files the command writes; the run is done when all exist. ``outputs[0]`` is the result
+        JSON when ``expect`` is given.
+    log : str
+        File that receives the command's stdout and stderr (overwritten at each attempt).
+    deps : list of str, optional
+        Files that must exist before the run can start (outputs of an earlier stage).
+    expect : dict, optional
+        Values the result JSON ``outputs[0]`` must record (e.g. ``{"maxiter": 29500}``); a result
+        made with other parameters (say, before phase 2 was re-run) counts as not done.
+    resources : dict, optional
+        Overrides of the Slurm request for this run (``mem``, ``time``, ...).
+    """
+
+    def __init__(self, name, cmd, outputs, log, deps=(), expect=None, resources=None):
+        self.name = name
+        self.cmd = [str(c) for c in cmd]
+        self.outputs = list(outputs)
+        self.log = log
+        self.deps = list(deps)
+        self.expect = dict(expect or {})
+        self.resources = dict(resources or {})
+
+    def __repr__(self):
+        return "Run(%s)" % self.name
+
+    def result_matches(self):
+        """True when the result JSON exists, parses and records the expected values."""
+        try:
+            with open(self.outputs[0]) as f:
+                res = json.load(f)
+        except (OSError, ValueError):
+            return False
+        for key, want in self.expect.items():
+            if key not in res:
+                continue
+            got = res[key]
+            if isinstance(want, float) or isinstance(got, float):
+                if not (isinstance(got, (int, float)) and math.isclose(got, want, rel_tol=1e-9)):
+                    return False
+            elif got != want:
+                return False
+        return True
+
+    def is_done(self):
+        """All outputs exist (and the result JSON matches ``expect``)."""
+        if not all(os.path.exists(p) for p in self.outputs):
+            return False
+        return not self.expect or self.result_matches()
+
+    def is_ready(self):
+        """All dependencies exist."""
+        return all(os.path.exists(p) for p in self.deps)
+
+    def missing_deps(self):
+        return [p for p in self.deps if not os.path.exists(p)]
+
+    def clear(self):
+        """Remove outputs of an earlier, incomplete or stale attempt, and create output folders."""
+        for p in self.outputs + [self.log]:
+            os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
+        for p in self.outputs:
+            if os.path.exists(p):
+                os.remove(p)
+
+    def shell_line(self, cwd, env=None):
+        """The run as one shell command line (used by Slurm tasks and ``--dry-run``)."""
+        envs = ["%s=%s" % (k, shlex.quote(str(v))) for k, v in sorted((env or {}).items())]
+        return "cd %s && %s%s > %s 2>&1" % (
+            shlex.quote(cwd), " ".join(envs) + " " if envs else "",
+            shlex.join(self.cmd), shlex.quote(os.path.abspath(self.log)))
+
+
+def last_line(path, default="(no log)"):
+    """Last non-empty line of a log file: usually the script's ``error: ...`` message."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4096))
+            lines = [l for l in f.read().decode(errors="replace").splitlines() if l.strip()]
+    except OSError:
+        return default
+    return lines[-1].strip() if lines else "(empty log)"
+
+
+def thread_env(nthreads):
+    """Environment that caps the BLAS/OpenMP threads of one run (unless the user already set them)."""
+    return {k: str(nthreads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+            if k not in os.environ}
+
+
+def available_cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class LocalLauncher:
+    """Run commands on this machine, ``nproc`` at a time.
+
+    Parameters
+    ----------
+    cwd : str
+        Working directory of the commands (the repository root).
+    nproc : int, optional
+        Parallel runs; default: the available cores.
+    threads_per_run : int, optional
+        BLAS/OpenMP threads of each run; default: cores // nproc (at least 1).
+    progress_s : float
+        At most one progress line per this many seconds (failures and the end are always printed).
+    """
+
+    waits = True
+
+    def __init__(self, cwd, nproc=None, threads_per_run=None, progress_s=10.0, poll_s=0.1):
+        self.cwd = cwd
+        self.nproc = max(1, int(nproc or available_cores()))
+        self.threads = max(1, int(threads_per_run or available_cores() // self.nproc))
+        self.progress_s = progress_s
+        self.poll_s = poll_s
+
+    def execute(self, runs, label):
+        """Run ``runs`` (all not done); return the list of runs that failed (no complete outputs)."""
+        todo = list(runs)
+        total = len(todo)
+        running = {}
+        ndone, failed = 0, []
+        env = dict(os.environ, **thread_env(self.threads))
+        last_print = [0.0, None]
+
+        def progress(force=False):
+            state = (ndone, len(running), len(failed), len(todo))
+            if state == last_print[1] or (not force and time.time() - last_print[0] < self.progress_s):
+                return
+            log("%s: %d done, %d running, %d failed, %d left (of %d)" % ((label,) + state + (total,)))
+            last_print[:] = [time.time(), state]
+
+        log("%s: %d runs, %d at a time, %d threads each" % (label, total, self.nproc, self.threads))
+        try:
+            while todo or running:
+                while todo and len(running) < self.nproc:
+                    run = todo.pop(0)
+                    run.clear()
+                    with open(run.log, "w") as logf:
+                        p = subprocess.Popen(run.cmd, cwd=self.cwd, env=env, stdout=logf,
+                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                    running[p] = run
+                    progress(force=len(running) == 1 and ndone == 0)
+                for p in [p for p in running if p.poll() is not None]:
+                    run = running.pop(p)
+                    if p.returncode == 0 and run.is_done():
+                        ndone += 1
+                    else:
+                        failed.append(run)
+                        log("%s: FAILED %s (exit status %d): %s  [log: %s]" % (
+                            label, run.name, p.returncode, last_line(run.log), run.log))
+                        progress(force=True)
+                progress()
+                time.sleep(self.poll_s)
+        except BaseException:
+            for p, run in running.items():
+                p.terminate()
+            for p in running:
+                p.wait()
+            raise
+        progress(force=True)
+        return failed
+
+
+class SlurmLauncher:
+    """Submit commands as Slurm job arrays.
+
+    Parameters
+    ----------
+    cwd : str
+        Working directory of the commands (the repository root; must be visible from the nodes).
+    slurm_dir : str
+        Where tasks files, array scripts and the per-task Slurm outputs go.
+    options : dict
+        Default request: ``partition``, ``time``, ``mem``, ``cpus_per_task``, ``gpus``,
+        ``throttle`` (at most this many tasks of an array at once: ``--array=0-N%throttle``),
+        ``max_array_size`` (longer lists are split into several arrays), ``args`` (extra sbatch
+        flags, e.g. ``["--account=abc"]``), ``poll_s`` (seconds between ``squeue`` polls).
+        A run's ``resources`` override these.
+    wait : bool
+        Wait until the arrays leave the queue (then report what is missing); otherwise return
+        right after submission.
+    """
+
+    def __init__(self, cwd, slurm_dir, options, wait=True):
+        self.cwd = cwd
+        self.slurm_dir = slurm_dir
+        self.options = dict(options)
+        self.waits = wait
+
+    def _request(self, run):
+        opts = dict(self.options)
+        opts.update(run.resources)
+        return opts
+
+    def sbatch_args(self, opts, name, ntask):
+        """The sbatch flags for one array of ``ntask`` tasks."""
+        args = ["--parsable", "--job-name=%s" % name,
+                "--output=%s" % os.path.join(self.slurm_dir, name + "_%A_%a.out")]
+        throttle = opts.get("throttle")
+        args.append("--array=0-%d%s" % (ntask - 1, "%%%d" % throttle if throttle else ""))
+        if opts.get("partition"):
+            args.append("--partition=%s" % opts["partition"])
+        if opts.get("time"):
+            args.append("--time=%s" % opts["time"])
+        if opts.get("mem"):
+            args.append("--mem=%s" % opts["mem"])
+        if opts.get("cpus_per_task"):
+            args.append("--cpus-per-task=%d" % int(opts["cpus_per_task"]))
+        if opts.get("gpus"):
+            args.append("--gres=gpu:%d" % int(opts["gpus"]))
+        args += [str(a) for a in opts.get("args") or []]
+        return args
+
+    def submit(self, runs, label):
+        """Submit ``runs``; return the job ids. Runs with equal requests share one array."""
+        if shutil.which("sbatch") is None:
+            raise InputError("LAUNCHER=slurm but sbatch is not on the PATH")
+        os.makedirs(self.slurm_dir, exist_ok=True)
+        groups = {}
+        for run in runs:
+            opts = self._request(run)
+            groups.setdefault(json.dumps(opts, sort_keys=True, default=str), (opts, []))[1].append(run)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        jobs = []
+        for gi, (opts, group) in enumerate(groups.values()):
+            chunk = int(opts.get("max_array_size") or 1000)
+            threads = int(opts.get("cpus_per_task") or 1)
+            for ci in range(0, len(group), chunk):
+                part = group[ci:ci + chunk]
+                name = "%s-%s-%d" % (label.replace("/", "-").replace(" ", ""), stamp, len(jobs))
+                tasks = os.path.join(self.slurm_dir, name + ".tasks")
+                script = os.path.join(self.slurm_dir, name + ".sh")
+                with open(tasks, "w") as f:
+                    for run in part:
+                        run.clear()
+                        f.write(run.shell_line(self.cwd, thread_env(threads)) + "\n")
+                with open(script, "w") as f:
+                    f.write(ARRAY_SCRIPT.format(label=label, n=len(part), tasks=tasks))
+                cmd = ["sbatch"] + self.sbatch_args(opts, name, len(part)) + [script]
+                p = subprocess.run(cmd, cwd=self.cwd, capture_output=True, text=True)
+                if p.returncode != 0:
+                    raise InputError("sbatch failed (%s): %s" % (shlex.join(cmd), p.stderr.strip()))
+                jobid = p.stdout.strip().split(";")[0]
+                log("%s: submitted job array %s (%d tasks: %s), Slurm outputs %s" % (
+                    label, jobid, len(part), tasks, os.path.join(self.slurm_dir, name + "_*.out")))
+                jobs.append((jobid, part))
+        return jobs
+
+    def queued(self, jobids):
+        """Number of tasks of these jobs still pending or running (0 once they left the queue)."""
+        p = subprocess.run(["squeue", "-h", "-r", "-o", "%i", "-j", ",".join(jobids)],
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            if "Invalid job id" in p.stderr:
+                return 0
+            raise InputError("squeue failed: %s" % p.stderr.strip())
+        return len([l for l in p.stdout.splitlines() if l.strip()])
+
+    def wait(self, jobs, label):
+        """Poll ``squeue`` until the jobs left the queue; print a line when the count changes."""
+        jobids = [j for j, _ in jobs]
+        total = sum(len(part) for _, part in jobs)
+        prev = None
+        while True:
+            n = self.queued(jobids)
+            if n != prev:
+                ndone = sum(r.is_done() for _, part in jobs for r in part)
+                log("%s: %d done, %d queued or running, %d left the queue without result (of %d)"
+                    % (label, ndone, n, total - n - ndone, total))
+                prev = n
+            if n == 0:
+                return
+            time.sleep(float(self.options.get("poll_s") or 30))
+
+    def execute(self, runs, label):
+        """Submit, wait (when ``wait``) and return the runs without complete outputs.
+
+        Without waiting, returns an empty list right after submission; callers check ``waits``
+        to know that the results are not there yet.
+        """
+        jobs = self.submit(runs, label)
+        if not self.waits:
+            return []
+        self.wait(jobs, label)
+        failed = []
+        for jobid, part in jobs:
+            for i, run in enumerate(part):
+                if not run.is_done():
+                    failed.append(run)
+                    log("%s: FAILED %s (task %s_%d): %s  [log: %s]" % (
+                        label, run.name, jobid, i, last_line(run.log), run.log))
+        return failed
+
+
+ARRAY_SCRIPT = """#!/bin/bash
+# lowshot job array: {label}, {n} tasks; line i+1 of the tasks file is array task i:
+# {tasks}
+line=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" "{tasks}")
+echo "task $SLURM_ARRAY_TASK_ID of job $SLURM_ARRAY_JOB_ID on $(hostname) at $(date)"
+echo "$line"
+eval "$line"
+rc=$?
+echo "exit status $rc at $(date)"
+exit $rc
+"""
+
+
+def make_launcher(kind, cwd, slurm_dir=None, slurm_options=None, nproc=None, threads_per_run=None,
+                  wait=True):
+    """``"local"`` -> :class:`LocalLauncher`, ``"slurm"`` -> :class:`SlurmLauncher`."""
+    if kind == "local":
+        return LocalLauncher(cwd, nproc=nproc, threads_per_run=threads_per_run)
+    if kind == "slurm":
+        return SlurmLauncher(cwd, slurm_dir, slurm_options or {}, wait=wait)
+    raise InputError("unknown launcher %r (LAUNCHER=local or slurm)" % kind)

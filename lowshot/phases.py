@@ -1,0 +1,814 @@
+"""The numbered phases of ``run_logreg.bash`` and ``run_diffusion.bash``: runs, choices, tables.
+
+Phases (the numbering of the 2018 README):
+
+1. validation grid (logreg: n x lr x wd x batch size x seeds, evaluated every 500 iterations;
+   diffusion: n x background x seeds, evaluated after every iteration);
+2. choice, per n (and background), of the parameters with the best mean validation top-5 over
+   the seeds -> ``<rundir>/chosen_logreg.yaml``, ``<rundir>/chosen_diffusion.yaml``;
+3. test runs with the chosen parameters. logreg also re-runs validation with the chosen
+   parameters, storing the scores that the fusion needs. diffusion does the same, then runs the
+   fusion ("combined") on validation over a grid of weights, chooses the weight per (n,
+   background) -> ``<rundir>/chosen_fusion.yaml``, and runs the fusion on test. The fusion
+   needs ``run_logreg.bash 3`` to be done;
+4. Markdown tables (rows n, columns method x background, mean +- std over seeds, all classes and
+   novel classes) and PNG plots -> ``<rundir>/results/``.
+
+Every run writes its own result JSON (``--result``); a phase reads those and skips runs whose
+result exists, so re-running a phase only fills the gaps. Files under the run directory::
+
+    logreg/val/nl{n}.lr{lr}.wd{wd}.bs{bs}.seed{s}.{json,log}     phase 1
+    logreg/test/nl{n}.seed{s}.{json,log,npy}                     phase 3 (npy: test scores)
+    logreg/val_scores/nl{n}.seed{s}.{json,log,npy}               phase 3 (validation scores)
+    diffusion/val/nl{n}.nbg{N}.seed{s}.{json,log}                phase 1
+    diffusion/{val,test}/slices/nl{n}.nbg{N}.seed{s}.slice{i}of{m}.{npz,log}   class slices
+    diffusion/test/..., diffusion/val_scores/...                 phase 3
+    fusion/{val,test}/nl{n}.nbg{N}.seed{s}.{json,log}            phase 3
+    chosen_{logreg,diffusion,fusion}.yaml                        phases 2 and 3
+    results/{logreg,diffusion}.{md,json,png}                     phase 4
+    slurm/                                                       job-array scripts and outputs
+
+Nothing here reads the environment or touches files at import time (the command-line entry
+``python -m lowshot.phases`` is only defined inside :func:`main`).
+"""
+import copy
+import json
+import os
+import sys
+
+import numpy as np
+import yaml
+
+from lowshot.common import InputError, atomic_output, log, run_main, write_json
+from lowshot.launch import Run, available_cores, make_launcher
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# every knob of a config file, with its default (configs/paper.yaml documents each one)
+DEFAULTS = {
+    "rundir": "runs/paper",
+    "ddir": None,
+    "split": None,
+    "python": None,
+    "seeds": [1, 2, 3, 4, 5],
+    "nlabeled": [1, 2, 5, 10, 20],
+    "choose_on": "top5",
+    "logreg": {"lr": [0.01, 0.001, 0.0001], "wd": [0, 0.01, 0.1], "batchsize": [16, 64, 128],
+               "maxiter": 75000, "store_model": False, "args": [], "slurm": {}},
+    "diffusion": {"nbg": [0, 1000000, 10000000, 100000000], "indomain": [False], "k": 30,
+                  "niter": 40, "lslice": 0, "nslices": 1, "args": [], "slurm": {},
+                  "slurm_by_nbg": {}},
+    "fusion": {"nbg": None, "weights": [round(0.1 * i, 1) for i in range(11)], "args": [],
+               "slurm": {}},
+    "local": {"nproc": None, "threads_per_run": None},
+    "slurm": {"partition": None, "time": "24:00:00", "mem": "16G", "cpus_per_task": 4, "gpus": 0,
+              "throttle": 100, "max_array_size": 1000, "args": [], "poll_s": 30},
+}
+# values that are free-form mappings (not checked key by key)
+_FREE = {("logreg", "slurm"), ("diffusion", "slurm"), ("diffusion", "slurm_by_nbg"),
+         ("diffusion", "nslices"), ("fusion", "slurm")}
+
+METRICS = ("top5", "top5_novel")
+
+
+############################################################################################
+# Configuration
+############################################################################################
+
+
+def _merge(default, given, path, where):
+    out = copy.deepcopy(default)
+    for key, val in given.items():
+        if key not in default:
+            raise InputError("config %s: unknown key %r%s (known: %s)" % (
+                where, key, " in " + ".".join(path) if path else "", ", ".join(sorted(default))))
+        if isinstance(default[key], dict) and tuple(path + [key]) not in _FREE:
+            if not isinstance(val, dict):
+                raise InputError("config %s: %s must be a mapping" % (where, ".".join(path + [key])))
+            out[key] = _merge(default[key], val, path + [key], where)
+        else:
+            out[key] = val
+    return out
+
+
+def load_config(path):
+    """Read a phases config (yaml) and fill in the defaults; unknown keys are errors.
+
+    Returns
+    -------
+    dict
+        Same structure as :data:`DEFAULTS`.
+    """
+    try:
+        with open(path) as f:
+            given = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise InputError("config %s: %s" % (path, e.strerror))
+    except yaml.YAMLError as e:
+        raise InputError("config %s is not valid yaml: %s" % (path, str(e).replace("\n", " ")))
+    if not isinstance(given, dict):
+        raise InputError("config %s: expected a mapping at the top level" % path)
+    cfg = _merge(DEFAULTS, given, [], path)
+    if cfg["choose_on"] not in METRICS:
+        raise InputError("config %s: choose_on must be top5 or top5_novel" % path)
+    for key in ("seeds", "nlabeled"):
+        if not cfg[key] or not all(isinstance(v, int) for v in cfg[key]):
+            raise InputError("config %s: %s must be a non-empty list of integers" % (path, key))
+    return cfg
+
+
+def bg_label(nbg, indomain=False):
+    """Column name of a background: 0 -> "none", 1000000 -> "F1M", 2000 -> "F2k"."""
+    if nbg == 0:
+        name = "none"
+    else:
+        for div, suffix in ((10**9, "G"), (10**6, "M"), (10**3, "k")):
+            if nbg >= div and nbg % (div // 10 if div > 1000 else div) == 0:
+                name = "F%g%s" % (nbg / div, suffix)
+                break
+        else:
+            name = "F%d" % nbg
+    if indomain:
+        name = "in-domain" if nbg == 0 else name + "+in-domain"
+    return name
+
+
+def variant_name(nbg, indomain):
+    """File-name part of a diffusion background: ``nbg1000000`` or ``nbg0.indomain``."""
+    return "nbg%d%s" % (nbg, ".indomain" if indomain else "")
+
+
+class Phases:
+    """The runs, choices and tables of one configuration.
+
+    Parameters
+    ----------
+    cfg : dict
+        From :func:`load_config`.
+    rundir : str, optional
+        Overrides ``cfg["rundir"]``; relative paths are relative to the current directory.
+    launcher : lowshot.launch.LocalLauncher or SlurmLauncher or None
+        None: phases 1 and 3 only list what they would run.
+    partial : bool
+        Phase 2 / the fusion choice: choose among the grid points that have all seeds instead of
+        stopping when results are missing.
+    """
+
+    def __init__(self, cfg, rundir=None, launcher=None, partial=False):
+        self.cfg = cfg
+        self.rundir = os.path.abspath(rundir or cfg["rundir"])
+        self.launcher = launcher
+        self.partial = partial
+        self.python = cfg["python"] or sys.executable
+        self._nclass = {}
+
+    # ---------------------------------------------------------------- paths and commands
+
+    def path(self, *parts):
+        return os.path.join(self.rundir, *parts)
+
+    def _common(self):
+        args = []
+        if self.cfg["ddir"]:
+            args += ["--ddir", self.cfg["ddir"]]
+        if self.cfg["split"]:
+            args += ["--split", self.cfg["split"]]
+        return args
+
+    def _script(self, name):
+        return [self.python, os.path.join(ROOT, name)]
+
+    def variants(self):
+        """The diffusion backgrounds: list of (nbg, indomain)."""
+        d = self.cfg["diffusion"]
+        return [(int(nbg), bool(ind)) for ind in d["indomain"] for nbg in d["nbg"]]
+
+    def fusion_variants(self):
+        keep = self.cfg["fusion"]["nbg"]
+        return [v for v in self.variants() if keep is None or v[0] in keep]
+
+    def nslices(self, nbg):
+        ns = self.cfg["diffusion"]["nslices"]
+        if isinstance(ns, dict):
+            ns = ns.get(nbg, 1)
+        return max(1, int(ns))
+
+    def nclass(self, mode):
+        if mode not in self._nclass:
+            from lowshot import data
+            self._nclass[mode] = data.load_split(self.cfg["split"], mode).nclass
+        return self._nclass[mode]
+
+    def _resources(self, experiment, nbg=None):
+        res = dict(self.cfg[experiment]["slurm"])
+        if nbg is not None:
+            res.update(self.cfg["diffusion"]["slurm_by_nbg"].get(nbg, {}))
+        return res
+
+    # ---------------------------------------------------------------- logreg runs
+
+    def logreg_val_runs(self):
+        """Phase 1: the validation grid."""
+        c = self.cfg["logreg"]
+        runs = []
+        for n in self.cfg["nlabeled"]:
+            for lr in c["lr"]:
+                for wd in c["wd"]:
+                    for bs in c["batchsize"]:
+                        for s in self.cfg["seeds"]:
+                            runs.append(self._logreg_run("val", "val", n, s, lr, wd, bs,
+                                                         c["maxiter"], grid=True))
+        return runs
+
+    def _logreg_run(self, mode, sub, n, s, lr, wd, bs, maxiter, grid=False, scores=False,
+                    model=False):
+        name = ("nl%d.lr%g.wd%g.bs%d.seed%d" % (n, lr, wd, bs, s) if grid
+                else "nl%d.seed%d" % (n, s))
+        base = self.path("logreg", sub, name)
+        cmd = self._script("logreg.py") + [
+            "--mode", mode, "--nlabeled", n, "--seed", s, "--lr", repr(lr), "--wd", repr(wd),
+            "--batchsize", bs, "--maxiter", maxiter, "--result", base + ".json"]
+        outputs = [base + ".json"]
+        if scores:
+            cmd += ["--storeL", base + ".npy"]
+            outputs.append(base + ".npy")
+        if model:
+            cmd += ["--storemodel", base + ".pt"]
+            outputs.append(base + ".pt")
+        cmd += self._common() + list(self.cfg["logreg"]["args"])
+        expect = {"mode": mode, "nlabeled": n, "seed": s, "lr": float(lr), "wd": float(wd),
+                  "batchsize": bs, "maxiter": maxiter}
+        return Run(name, cmd, outputs, base + ".log", expect=expect,
+                   resources=self._resources("logreg"))
+
+    def logreg_test_runs(self, chosen):
+        """Phase 3: test runs with the chosen parameters, and the validation re-runs storing scores."""
+        fusion = bool(self.fusion_variants())
+        runs = []
+        for n in self.cfg["nlabeled"]:
+            p = chosen.get(n)
+            if p is None:
+                continue
+            for s in self.cfg["seeds"]:
+                runs.append(self._logreg_run("test", "test", n, s, p["lr"], p["wd"], p["batchsize"],
+                                             p["maxiter"], scores=fusion,
+                                             model=self.cfg["logreg"]["store_model"]))
+                if fusion:
+                    runs.append(self._logreg_run("val", "val_scores", n, s, p["lr"], p["wd"],
+                                                 p["batchsize"], p["maxiter"], scores=True))
+        return runs
+
+    def logreg_scores_path(self, mode, n, s):
+        return self.path("logreg", "test" if mode == "test" else "val_scores",
+                         "nl%d.seed%d.npy" % (n, s))
+
+    # ---------------------------------------------------------------- diffusion runs
+
+    def _diffusion_runs(self, mode, sub, n, s, nbg, indomain, niter, scores=False):
+        """One diffusion run: either one process, or class slices + a merge (two lists)."""
+        d = self.cfg["diffusion"]
+        name = "nl%d.%s.seed%d" % (n, variant_name(nbg, indomain), s)
+        base = self.path("diffusion", sub, name)
+        cmd = self._script("diffusion.py") + [
+            "--mode", mode, "--nlabeled", n, "--seed", s, "--k", d["k"], "--nbg", nbg,
+            "--niter", niter]
+        if d["lslice"]:
+            cmd += ["--lslice", d["lslice"]]
+        if indomain:
+            cmd.append("--indomain")
+        extra = self._common() + list(d["args"])
+        expect = {"mode": mode, "nlabeled": n, "seed": s, "k": d["k"], "nbg": nbg, "niter": niter,
+                  "indomain": indomain}
+        res = self._resources("diffusion", nbg)
+        m = self.nslices(nbg)
+        if scores or m == 1:
+            outputs = [base + ".json"]
+            cmd2 = cmd + ["--result", base + ".json"]
+            if scores:
+                cmd2 += ["--storeL", base + ".npy"]
+                outputs.append(base + ".npy")
+            return [Run(name, cmd2 + extra, outputs, base + ".log", expect=expect,
+                        resources=res)], []
+        C = self.nclass(mode)
+        slices = []
+        for i in range(m):
+            a, b = i * C // m, (i + 1) * C // m
+            sbase = self.path("diffusion", sub, "slices", "%s.slice%dof%d" % (name, i, m))
+            slices.append(Run("%s.slice%dof%d" % (name, i, m),
+                              cmd + ["--class_range", "%d:%d" % (a, b), "--store_slice",
+                                     sbase + ".npz"] + extra,
+                              [sbase + ".npz"], sbase + ".log", resources=res))
+        merge = Run(name, self._script("diffusion.py") + ["--merge_slices"]
+                    + [r.outputs[0] for r in slices] + ["--result", base + ".json"],
+                    [base + ".json"], base + ".log", deps=[r.outputs[0] for r in slices],
+                    expect=expect, resources=self._resources("diffusion"))
+        return slices, [merge]
+
+    def diffusion_val_runs(self):
+        """Phase 1: (runs or slices, merges) of the validation grid."""
+        first, merges = [], []
+        for n in self.cfg["nlabeled"]:
+            for nbg, ind in self.variants():
+                for s in self.cfg["seeds"]:
+                    a, b = self._diffusion_runs("val", "val", n, s, nbg, ind,
+                                                self.cfg["diffusion"]["niter"])
+                    first += a
+                    merges += b
+        return first, merges
+
+    def diffusion_test_runs(self, chosen):
+        """Phase 3: test runs (scores stored for the fused backgrounds) and validation re-runs."""
+        fused = set(self.fusion_variants())
+        first, merges = [], []
+        for n in self.cfg["nlabeled"]:
+            for nbg, ind in self.variants():
+                p = chosen.get(n, {}).get(variant_name(nbg, ind))
+                if p is None:
+                    continue
+                for s in self.cfg["seeds"]:
+                    fuse = (nbg, ind) in fused
+                    a, b = self._diffusion_runs("test", "test", n, s, nbg, ind, p["niter"],
+                                                scores=fuse)
+                    first += a
+                    merges += b
+                    if fuse:
+                        first += self._diffusion_runs("val", "val_scores", n, s, nbg, ind,
+                                                      p["niter"], scores=True)[0]
+        return first, merges
+
+    # ---------------------------------------------------------------- fusion runs
+
+    def fusion_runs(self, mode, weights=None):
+        """Fusion on val over the weight grid, or on test with the chosen weights."""
+        runs = []
+        for n in self.cfg["nlabeled"]:
+            for nbg, ind in self.fusion_variants():
+                vn = variant_name(nbg, ind)
+                if mode == "test":
+                    w = (weights or {}).get(n, {}).get(vn)
+                    if w is None:
+                        continue
+                    ws = ["--weight", repr(float(w["weight"]))]
+                else:
+                    ws = ["--weights", ",".join(repr(float(w)) for w in self.cfg["fusion"]["weights"])]
+                for s in self.cfg["seeds"]:
+                    name = "nl%d.%s.seed%d" % (n, vn, s)
+                    base = self.path("fusion", mode, name)
+                    sub = "test" if mode == "test" else "val_scores"
+                    A = self.logreg_scores_path(mode, n, s)
+                    B = self.path("diffusion", sub, name + ".npy")
+                    cmd = self._script("fusion.py") + [
+                        "--mode", mode, "--nlabeled", n, "--seed", s, "--logreg_scores", A,
+                        "--diffusion_scores", B] + ws + ["--result", base + ".json"]
+                    cmd += self._common() + list(self.cfg["fusion"]["args"])
+                    runs.append(Run(name, cmd, [base + ".json"], base + ".log", deps=[A, B],
+                                    expect={"mode": mode, "nlabeled": n, "seed": s},
+                                    resources=self._resources("fusion")))
+        return runs
+
+    # ---------------------------------------------------------------- executing runs
+
+    def execute(self, runs, label):
+        """Launch the runs that are not done and whose inputs exist.
+
+        Returns
+        -------
+        str
+            "ok" (all done), "incomplete" (some failed or lack inputs) or "submitted" (Slurm
+            without waiting: results come later).
+        """
+        todo = [r for r in runs if not r.is_done()]
+        ready = [r for r in todo if r.is_ready()]
+        blocked = [r for r in todo if not r.is_ready()]
+        log("%s: %d runs: %d done, %d to run, %d waiting for inputs" % (
+            label, len(runs), len(runs) - len(todo), len(ready), len(blocked)))
+        for r in blocked[:5]:
+            log("  %s waits for %s" % (r.name, r.missing_deps()[0]))
+        if self.launcher is None:
+            for r in ready:
+                print(r.shell_line(ROOT))
+            return "ok" if not todo else "incomplete"
+        failed = self.launcher.execute(ready, label) if ready else []
+        if ready and not self.launcher.waits:
+            return "submitted"
+        if failed or blocked:
+            log("%s: %d runs failed, %d could not start; re-run this phase to redo them" % (
+                label, len(failed), len(blocked)))
+            return "incomplete"
+        return "ok"
+
+    def execute_stages(self, stages, phase_label):
+        """Run stages (label, callable -> runs) in order; stop after an asynchronous submission."""
+        status = "ok"
+        for i, (label, make_runs) in enumerate(stages):
+            runs = make_runs()
+            if not runs:
+                continue
+            st = self.execute(runs, "%s %s" % (phase_label, label))
+            if st == "submitted":
+                rest = [l for l, _ in stages[i + 1:]]
+                log("%s: jobs submitted; when they are done, run this phase again%s" % (
+                    phase_label, " to go on with: " + ", ".join(rest) if rest else ""))
+                return "submitted"
+            if st != "ok":
+                status = "incomplete"
+        return status
+
+    # ---------------------------------------------------------------- reading results
+
+    def read_result(self, path):
+        with open(path) as f:
+            return json.load(f)
+
+    def collect(self, runs):
+        """Result JSONs of runs that are done: dict name -> result; plus the missing names."""
+        got, missing = {}, []
+        for r in runs:
+            if r.is_done():
+                got[r.name] = self.read_result(r.outputs[0])
+            else:
+                missing.append(r)
+        return got, missing
+
+    def _report_missing(self, missing, what):
+        if missing:
+            log("%s: %d results missing, e.g. %s" % (what, len(missing), ", ".join(
+                os.path.relpath(r.outputs[0], self.rundir) for r in missing[:5])))
+
+    # ---------------------------------------------------------------- phase 2: choices
+
+    def choose_logreg(self):
+        """Per n, the (lr, wd, batchsize, iterations) with the best mean validation metric."""
+        c = self.cfg["logreg"]
+        runs = self.logreg_val_runs()
+        got, missing = self.collect(runs)
+        self._report_missing(missing, "logreg validation")
+        if missing and not self.partial:
+            raise InputError("%d of %d validation results are missing under %s: run phase 1 "
+                             "again (or choose among complete grid points with --partial)" % (
+                                 len(missing), len(runs), self.path("logreg", "val")))
+        chosen = {}
+        for n in self.cfg["nlabeled"]:
+            points = []
+            for lr in c["lr"]:
+                for wd in c["wd"]:
+                    for bs in c["batchsize"]:
+                        names = ["nl%d.lr%g.wd%g.bs%d.seed%d" % (n, lr, wd, bs, s)
+                                 for s in self.cfg["seeds"]]
+                        if all(nm in got for nm in names):
+                            points.append(({"lr": lr, "wd": wd, "batchsize": bs},
+                                           [got[nm]["evals"] for nm in names]))
+            best = choose_best(points, "iter", self.cfg["choose_on"])
+            if best is None:
+                log("logreg n=%d: no grid point has all seeds: nothing chosen" % n)
+                continue
+            params, it, stats = best
+            chosen[n] = dict(params, maxiter=it, **stats)
+        return chosen
+
+    def choose_diffusion(self):
+        """Per (n, background), the number of iterations with the best mean validation metric."""
+        first, merges = self.diffusion_val_runs()
+        # one result JSON per run: the run itself, or the merge of its class slices
+        runs = [r for r in first + merges if r.outputs[0].endswith(".json")]
+        got, missing = self.collect(runs)
+        self._report_missing(missing, "diffusion validation")
+        if missing and not self.partial:
+            raise InputError("%d of %d validation results are missing under %s: run phase 1 "
+                             "again (or choose among complete grid points with --partial)" % (
+                                 len(missing), len(runs), self.path("diffusion", "val")))
+        chosen = {}
+        for n in self.cfg["nlabeled"]:
+            for nbg, ind in self.variants():
+                vn = variant_name(nbg, ind)
+                names = ["nl%d.%s.seed%d" % (n, vn, s) for s in self.cfg["seeds"]]
+                if not all(nm in got for nm in names):
+                    log("diffusion n=%d %s: seeds missing: nothing chosen" % (n, vn))
+                    continue
+                best = choose_best([({}, [got[nm]["iters"] for nm in names])], "iter",
+                                   self.cfg["choose_on"])
+                _, it, stats = best
+                chosen.setdefault(n, {})[vn] = dict(niter=it, **stats)
+        return chosen
+
+    def choose_fusion(self):
+        """Per (n, background), the fusion weight with the best mean validation metric."""
+        runs = self.fusion_runs("val")
+        got, missing = self.collect(runs)
+        self._report_missing(missing, "fusion validation")
+        if missing and not self.partial:
+            return None
+        chosen = {}
+        for n in self.cfg["nlabeled"]:
+            for nbg, ind in self.fusion_variants():
+                vn = variant_name(nbg, ind)
+                names = ["nl%d.%s.seed%d" % (n, vn, s) for s in self.cfg["seeds"]]
+                if not all(nm in got for nm in names):
+                    continue
+                per_seed = []
+                for nm in names:
+                    r = got[nm]
+                    per_seed.append([{"weight": w, "top5": a, "top5_novel": b}
+                                     for w, a, b in zip(r["weights"], r["top5"], r["top5_novel"])])
+                best = choose_best([({}, per_seed)], "weight", self.cfg["choose_on"])
+                _, w, stats = best
+                chosen.setdefault(n, {})[vn] = dict(weight=w, **stats)
+        return chosen
+
+    def chosen_path(self, experiment):
+        return self.path("chosen_%s.yaml" % experiment)
+
+    def write_chosen(self, experiment, chosen, how):
+        path = self.chosen_path(experiment)
+        os.makedirs(self.rundir, exist_ok=True)
+        header = ("# %s\n# metric: mean over seeds %s of the validation %s (all classes: top5, "
+                  "novel classes: top5_novel);\n# val_* = mean and std over the seeds at the chosen "
+                  "point. Read by phase 3.\n" % (how, self.cfg["seeds"], self.cfg["choose_on"]))
+        with atomic_output(path) as tmp:
+            with open(tmp, "w") as f:
+                f.write(header)
+                yaml.safe_dump({experiment: chosen}, f, sort_keys=True, default_flow_style=None)
+        log("wrote %s" % path)
+        return path
+
+    def read_chosen(self, experiment, phase_hint):
+        path = self.chosen_path(experiment)
+        if not os.path.exists(path):
+            raise InputError("%s does not exist: %s" % (path, phase_hint))
+        with open(path) as f:
+            return (yaml.safe_load(f) or {}).get(experiment) or {}
+
+    # ---------------------------------------------------------------- phase 4: results
+
+    def result_columns(self, experiment):
+        """Columns of the results table: list of (label, {n: [result JSON or None per seed]})."""
+        cols = []
+        seeds = self.cfg["seeds"]
+
+        def column(label, files):
+            cells = {}
+            for n in self.cfg["nlabeled"]:
+                cells[n] = [self.read_result(files(n, s)) if os.path.exists(files(n, s)) else None
+                            for s in seeds]
+            cols.append((label, cells))
+
+        column("logreg", lambda n, s: self.path("logreg", "test", "nl%d.seed%d.json" % (n, s)))
+        if experiment == "diffusion":
+            for nbg, ind in self.variants():
+                vn = variant_name(nbg, ind)
+                column("diffusion %s" % bg_label(nbg, ind),
+                       lambda n, s, vn=vn: self.path("diffusion", "test",
+                                                     "nl%d.%s.seed%d.json" % (n, vn, s)))
+            for nbg, ind in self.fusion_variants():
+                vn = variant_name(nbg, ind)
+                column("combined %s" % bg_label(nbg, ind),
+                       lambda n, s, vn=vn: self.path("fusion", "test",
+                                                     "nl%d.%s.seed%d.json" % (n, vn, s)))
+        return cols
+
+    def results(self, experiment):
+        """Phase 4: tables (printed and written), JSON summary and plots under results/."""
+        cols = self.result_columns(experiment)
+        summary = summarize(cols, self.cfg["nlabeled"])
+        nseeds = len(self.cfg["seeds"])
+        text = []
+        for metric, what in (("top5", "all classes"), ("top5_novel", "novel classes")):
+            text.append("Top-5 accuracy (%%) on the test split, %s: mean ± std over seeds %s\n" % (
+                what, ", ".join(map(str, self.cfg["seeds"]))))
+            text.append(markdown_table(summary, self.cfg["nlabeled"], metric, nseeds))
+        missing = sum(nseeds - cell["nseeds"] for col in summary for cell in col["cells"].values())
+        if missing:
+            text.append("(k/%d): only k seeds have a result; %d results missing.\n" % (nseeds, missing))
+        md = "\n".join(text)
+        print(md)
+        out = self.path("results", experiment)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with atomic_output(out + ".md") as tmp:
+            with open(tmp, "w") as f:
+                f.write(md)
+        write_json(out + ".json", {"seeds": self.cfg["seeds"], "columns": summary})
+        plot_results(summary, self.cfg["nlabeled"], out + ".png",
+                     "%s, seeds %s" % (os.path.basename(self.rundir), self.cfg["seeds"]))
+        log("wrote %s.md, %s.json, %s.png" % (out, out, out))
+        return summary, missing
+
+    # ---------------------------------------------------------------- the phases
+
+    def phase(self, experiment, number):
+        """Run one phase; return the exit status (0 ok, 1 incomplete)."""
+        label = "%s phase %d" % (experiment, number)
+        if number == 1:
+            if experiment == "logreg":
+                stages = [("validation grid", self.logreg_val_runs)]
+            else:
+                runs = self.diffusion_val_runs()
+                stages = [("validation grid", lambda: runs[0]),
+                          ("merge class slices", lambda: runs[1])]
+            return 0 if self.execute_stages(stages, label) in ("ok", "submitted") else 1
+        if number == 2:
+            if experiment == "logreg":
+                chosen = self.choose_logreg()
+                how = "chosen by bash run_logreg.bash 2 from %s" % self.path("logreg", "val")
+            else:
+                chosen = self.choose_diffusion()
+                how = "chosen by bash run_diffusion.bash 2 from %s" % self.path("diffusion", "val")
+            print(yaml.safe_dump(chosen, sort_keys=True, default_flow_style=None), end="")
+            self.write_chosen(experiment, chosen, how)
+            return 0 if all(n in chosen for n in self.cfg["nlabeled"]) else 1
+        if number == 3:
+            hint = "run phase 2 first (bash run_%s.bash 2)" % experiment
+            chosen = self.read_chosen(experiment, hint)
+            if experiment == "logreg":
+                stages = [("test runs", lambda: self.logreg_test_runs(chosen))]
+                return 0 if self.execute_stages(stages, label) in ("ok", "submitted") else 1
+            runs = self.diffusion_test_runs(chosen)
+            stages = [("test runs", lambda: runs[0]), ("merge class slices", lambda: runs[1])]
+            if self.fusion_variants():
+                stages.append(("fusion on validation", lambda: self.fusion_runs("val")))
+            st = self.execute_stages(stages, label)
+            if st == "submitted" or not self.fusion_variants():
+                return 0 if st in ("ok", "submitted") else 1
+            weights = self.choose_fusion()
+            if weights is None:
+                log("%s: fusion weights not chosen: validation fusion results are missing (they "
+                    "need bash run_logreg.bash 3)" % label)
+                return 1
+            self.write_chosen("fusion", weights, "fusion weights chosen by bash run_diffusion.bash "
+                              "3 from %s" % self.path("fusion", "val"))
+            st2 = self.execute_stages([("fusion on test", lambda: self.fusion_runs("test", weights))],
+                                      label)
+            return 0 if st == "ok" and st2 in ("ok", "submitted") else 1
+        if number == 4:
+            _, missing = self.results(experiment)
+            return 0
+        raise InputError("phase %r: phases are 1 (validation grid), 2 (choose), 3 (test runs), 4 "
+                         "(results)" % number)
+
+
+############################################################################################
+# Pure functions: choice and summary (tested against numpy directly)
+############################################################################################
+
+
+def choose_best(points, key, metric):
+    """The best (grid point, evaluation point) by the mean over seeds of ``metric``.
+
+    Parameters
+    ----------
+    points : list of (params dict, per_seed)
+        ``per_seed``: one list per seed of dicts ``{key: value, "top5": a, "top5_novel": b}``
+        (e.g. logreg ``evals``, diffusion ``iters``, fusion weights).
+    key : str
+        The evaluation coordinate (``"iter"`` or ``"weight"``); only values present for every
+        seed are compared.
+    metric : {"top5", "top5_novel"}
+
+    Returns
+    -------
+    (params, value, stats) or None
+        The first maximum in grid order, then in increasing ``key``; ``stats`` holds the mean
+        and std over seeds of both metrics there (``val_top5``, ``val_top5_std``, ...).
+    """
+    best, best_score = None, -np.inf
+    for params, per_seed in points:
+        if not per_seed:
+            continue
+        tables = [{e[key]: e for e in evals} for evals in per_seed]
+        common = sorted(set.intersection(*[set(t) for t in tables]))
+        for v in common:
+            vals = np.array([[t[v]["top5"], t[v]["top5_novel"]] for t in tables], dtype=np.float64)
+            mean = vals.mean(axis=0)
+            score = mean[METRICS.index(metric)]
+            if score > best_score:
+                std = vals.std(axis=0)
+                stats = {"val_top5": float(mean[0]), "val_top5_std": float(std[0]),
+                         "val_top5_novel": float(mean[1]), "val_top5_novel_std": float(std[1]),
+                         "nseeds": len(tables)}
+                best, best_score = (dict(params), v, stats), score
+    return best
+
+
+def _final(res, metric):
+    v = res[metric]
+    return float(v[0] if isinstance(v, list) else v)
+
+
+def summarize(columns, nlabeled):
+    """Mean and std (numpy, ddof=0) over the available seeds of each (column, n), in percent.
+
+    Parameters
+    ----------
+    columns : list of (label, {n: [result dict or None per seed]})
+
+    Returns
+    -------
+    list of {"label", "cells": {n: {"nseeds", "top5", "top5_std", "top5_novel", ...}}}
+    """
+    out = []
+    for label, cells in columns:
+        col = {"label": label, "cells": {}}
+        for n in nlabeled:
+            got = [r for r in cells.get(n, []) if r is not None]
+            cell = {"nseeds": len(got)}
+            for m in METRICS:
+                if got:
+                    v = 100 * np.array([_final(r, m) for r in got])
+                    cell[m], cell[m + "_std"] = float(v.mean()), float(v.std())
+                else:
+                    cell[m] = cell[m + "_std"] = None
+            col["cells"][n] = cell
+        out.append(col)
+    return out
+
+
+def markdown_table(summary, nlabeled, metric, nseeds):
+    """Rows n, one column per method x background; ``mean ± std`` with 2 decimals."""
+    cols = [c for c in summary if any(cell["nseeds"] for cell in c["cells"].values())]
+    lines = ["| n | " + " | ".join(c["label"] for c in cols) + " |",
+             "|---:|" + "---:|" * len(cols)]
+    for n in nlabeled:
+        row = []
+        for c in cols:
+            cell = c["cells"][n]
+            if not cell["nseeds"]:
+                row.append("–")
+                continue
+            s = "%.2f ± %.2f" % (cell[metric], cell[metric + "_std"])
+            if cell["nseeds"] < nseeds:
+                s += " (%d/%d)" % (cell["nseeds"], nseeds)
+            row.append(s)
+        lines.append("| %d | %s |" % (n, " | ".join(row)))
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(summary, nlabeled, path, title):
+    """Top-5 accuracy vs n (log scale), one line per column with std error bars; all and novel."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, metric, what in zip(axes, METRICS, ("all classes", "novel classes")):
+        for c in summary:
+            ns = [n for n in nlabeled if c["cells"][n]["nseeds"]]
+            if not ns:
+                continue
+            ax.errorbar(ns, [c["cells"][n][metric] for n in ns],
+                        yerr=[c["cells"][n][metric + "_std"] for n in ns],
+                        marker="o", capsize=3, label=c["label"])
+        ax.set_xscale("log")
+        ax.set_xticks(nlabeled)
+        ax.set_xticklabels([str(n) for n in nlabeled])
+        ax.set_xlabel("labelled images per novel class (n)")
+        ax.set_ylabel("top-5 accuracy (%)")
+        ax.set_title("%s (%s)" % (what, title), fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+############################################################################################
+# Command line (called by run_logreg.bash / run_diffusion.bash)
+############################################################################################
+
+
+def main(argv=None):
+    """``python -m lowshot.phases {logreg,diffusion} PHASE [--config ...]``; see ``--help``."""
+    import argparse
+    p = argparse.ArgumentParser(
+        prog="python -m lowshot.phases", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__)
+    p.add_argument("experiment", choices=["logreg", "diffusion"])
+    p.add_argument("phase", type=int, choices=[1, 2, 3, 4])
+    g = p.add_argument_group("configuration")
+    g.add_argument("--config", default=os.path.join(ROOT, "configs", "paper.yaml"),
+                   help="grids, sizes and resources (configs/paper.yaml or configs/small.yaml)")
+    g.add_argument("--rundir", default=None, help="override the config's rundir")
+    g = p.add_argument_group("launcher")
+    g.add_argument("--launcher", choices=["local", "slurm"], default="local")
+    g.add_argument("--nproc", type=int, default=None, help="local: parallel runs (default: cores)")
+    g.add_argument("--no-wait", dest="wait", action="store_false",
+                   help="slurm: return after submitting (run the phase again later)")
+    g.add_argument("--dry-run", action="store_true", help="print the commands of missing runs")
+    g.add_argument("--partial", action="store_true",
+                   help="choose among the grid points that have all seeds when results are missing")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config)
+    ph = Phases(cfg, rundir=args.rundir, partial=args.partial)
+    if not args.dry_run:
+        slurm_opts = dict(cfg["slurm"])
+        ph.launcher = make_launcher(
+            args.launcher, ROOT, slurm_dir=ph.path("slurm"), slurm_options=slurm_opts,
+            nproc=args.nproc or cfg["local"]["nproc"] or available_cores(),
+            threads_per_run=cfg["local"]["threads_per_run"], wait=args.wait)
+    log("%s phase %d: config %s, run directory %s, launcher %s" % (
+        args.experiment, args.phase, args.config, ph.rundir,
+        "dry run" if args.dry_run else args.launcher))
+    return ph.phase(args.experiment, args.phase)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
