@@ -406,7 +406,6 @@ void knn_to_graph(const TI* I, int64_t n, int64_t k, int64_t ldi, CSROwned& out)
 
 namespace {
 
-constexpr int64_t PREFETCH_DIST = 8;   // nonzeros ahead whose row of X is prefetched
 constexpr int64_t PREFETCH_LINES = 8;  // at most this many 64-byte lines per row (the hardware
                                        // prefetcher follows the rest of a long row)
 
@@ -415,7 +414,7 @@ constexpr int64_t PREFETCH_LINES = 8;  // at most this many 64-byte lines per ro
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 int64_t spmm_rows(const int64_t* __restrict indptr, const int32_t* __restrict indices,
                   const float* __restrict data, int64_t ncol, int64_t nnz, int64_t r0, int64_t r1,
-                  const float* __restrict X, int64_t C, float* __restrict Y) {
+                  const float* __restrict X, int64_t C, float* __restrict Y, int64_t pf_dist) {
     int64_t lines = std::min<int64_t>((C * 4 + 63) / 64, PREFETCH_LINES);
     for (int64_t r = r0; r < r1; r++) {
         float* __restrict y = Y + r * C;
@@ -426,7 +425,7 @@ int64_t spmm_rows(const int64_t* __restrict indptr, const int32_t* __restrict in
             if ((uint32_t)indices[p] >= (uint64_t)ncol) return r;
         int64_t p = p0;
         for (; p + 4 <= p1; p += 4) {
-            for (int64_t q = p + PREFETCH_DIST; q < std::min(p + PREFETCH_DIST + 4, nnz); q++) {
+            for (int64_t q = p + pf_dist; q < std::min(p + pf_dist + 4, nnz); q++) {
                 const char* xr = (const char*)(X + (int64_t)indices[q] * C);
                 for (int64_t l = 0; l < lines; l++) __builtin_prefetch(xr + 64 * l, 0, 3);
             }
@@ -441,8 +440,8 @@ int64_t spmm_rows(const int64_t* __restrict indptr, const int32_t* __restrict in
         for (; p < p1; p++) {
             const float a = data[p];
             const float* __restrict x = X + (int64_t)indices[p] * C;
-            if (p + PREFETCH_DIST < nnz) {
-                const char* xr = (const char*)(X + (int64_t)indices[p + PREFETCH_DIST] * C);
+            if (p + pf_dist < nnz) {
+                const char* xr = (const char*)(X + (int64_t)indices[p + pf_dist] * C);
                 for (int64_t l = 0; l < lines; l++) __builtin_prefetch(xr + 64 * l, 0, 3);
             }
 #pragma omp simd
@@ -454,6 +453,8 @@ int64_t spmm_rows(const int64_t* __restrict indptr, const int32_t* __restrict in
 
 }  // namespace
 
+int64_t prefetch_distance = 32;
+
 void spmm_hand(const CSRView& A, const float* X, int64_t C, float* Y) {
     if (A.indptr[0] != 0) throw std::invalid_argument("indptr[0] must be 0");
     int64_t nnz = A.indptr[A.nrow];
@@ -462,7 +463,8 @@ void spmm_hand(const CSRView& A, const float* X, int64_t C, float* Y) {
     ParallelError err;
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t ch = 0; ch < nchunk; ch++) {
-        int64_t bad = spmm_rows(A.indptr, A.indices, A.data, A.ncol, nnz, bounds[ch], bounds[ch + 1], X, C, Y);
+        int64_t bad = spmm_rows(A.indptr, A.indices, A.data, A.ncol, nnz, bounds[ch], bounds[ch + 1], X, C, Y,
+                                prefetch_distance);
         if (bad >= 0) err.set(bad, 1);
     }
     if (err.any())

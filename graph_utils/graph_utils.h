@@ -90,6 +90,10 @@ void knn_to_graph(const TI* I, int64_t n, int64_t k, int64_t ldi, CSROwned& out)
 // Hand-written kernel: row-parallel over nnz-balanced chunks, software prefetch of upcoming rows of X.
 void spmm_hand(const CSRView& A, const float* X, int64_t C, float* Y);
 
+// How many nonzeros ahead spmm_hand prefetches the rows of X it will gather: far enough to cover the
+// memory latency of a random gather, near enough that the lines are still in L1/L2 when used.
+extern int64_t prefetch_distance;
+
 // The same product with MKL's inspector-executor sparse BLAS. MKL's LP64 interface takes 32-bit row
 // offsets, so the matrix is cut into row blocks of at most max_block_nnz entries (and rows), each with
 // its own offsets rebased to 0. Handles are built and optimised once, at construction, for products

@@ -174,6 +174,12 @@ bool is_int32(PyObject* o) { return PyArray_Check(o) && PyArray_TYPE((PyArrayObj
 
 int max_threads() { return omp_get_max_threads(); }
 
+long long get_prefetch_distance() { return gu::prefetch_distance; }
+void set_prefetch_distance(long long d) {
+    if (d < 0 || d > 4096) py_raise(PyExc_ValueError, "prefetch distance must be in [0, 4096]");
+    gu::prefetch_distance = d;
+}
+
 void check(CSR_ARGS(A), bool require_sorted) {
     gu::CSRView A = CSR_GET(A);
     NoGIL nogil;

@@ -1,0 +1,178 @@
+"""Benchmark of the diffusion's sparse x dense product W @ L and of building W from a k-NN table.
+
+Everything is generated in memory (nothing is read or written except --result). For every N of --configs
+it builds one graph W = row-normalised (W0 + W0^T) from a k-NN table whose neighbours are nearby ids
+(|i - j| <= --window, the "local" numbering, as when nodes are ordered by IVF cluster), the same graph
+with the nodes randomly renumbered ("random"), and the random one reordered by graph_utils.locality_order
+("bfs"). For every N:C of --configs it times, on each numbering, W @ L with L (N, C) float32:
+  scipy     scipy.sparse csr @ dense, 1 thread (the baseline, ratio 1.0)
+  torch     torch.sparse CSR @ dense (torch's threads = OMP threads)
+  mkl       MKL inspector-executor alone: graph_utils.MklSpmm analysed once, executor timed
+  mkl_call  graph_utils.spmm(kernel="mkl"): analysis + product in every call
+  hand      graph_utils.spmm(kernel="hand"): the hand-written OpenMP kernel
+Each time is the best of --repeat runs after one warm-up. GB/s counts the bytes a product must move
+when the gathered rows of L miss the caches: 8 bytes per entry of W (id + value) + 4 C bytes per entry
+(the gathered row of L) + 4 C bytes per row of the result; "%bw" compares it with the machine's read
+bandwidth measured first (threaded numpy sums over 1 GiB).
+Finally it times "k-NN table -> W" at N = --graph_n against scipy (W0 + W0.T, row normalisation).
+
+Example: python benchmarks/bench_spmm.py --configs 100000:100,100000:1000,1000000:100 --result /tmp/spmm.json
+"""
+import argparse
+import os
+import sys
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from threadpoolctl import threadpool_limits
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import graph_utils  # noqa: E402
+from lowshot.common import log, print_args, print_result, run_main, write_json  # noqa: E402
+
+
+def best_time(f, repeat):
+    f()
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t0)
+    return min(ts)
+
+
+def read_bandwidth(nthreads, nbytes=1 << 30, repeat=3):
+    """Read bandwidth in GB/s: nthreads numpy sums (which release the GIL) over one array of nbytes."""
+    x = np.ones(nbytes // 4, np.float32)
+    chunks = np.array_split(x, nthreads)
+    with ThreadPoolExecutor(nthreads) as pool:
+        t = best_time(lambda: list(pool.map(np.sum, chunks)), repeat)
+    return nbytes / t / 1e9
+
+
+def make_graphs(n, k, window, rs):
+    """W with local numbering, the same graph randomly renumbered, and that one reordered by BFS."""
+    I = (np.arange(n)[:, None] + rs.randint(-window, window + 1, size=(n, k))) % n
+    W = graph_utils.knn_to_graph(I, n)
+    shuffled = graph_utils.permute(W, rs.permutation(n))
+    t0 = time.perf_counter()
+    perm = graph_utils.locality_order(shuffled)
+    bfs = graph_utils.permute(shuffled, perm)
+    t_order = time.perf_counter() - t0
+    return {"local": W, "random": shuffled, "bfs": bfs}, t_order
+
+
+def bench_products(W, C, repeat, methods, rs):
+    n = W.shape[0]
+    L = rs.rand(n, C).astype(np.float32)
+    out = np.empty((n, C), np.float32)
+    times = {}
+    Ws = W.to_scipy()
+    if "scipy" in methods:
+        with threadpool_limits(1):
+            times["scipy"] = best_time(lambda: Ws @ L, repeat)
+    if "torch" in methods:
+        warnings.filterwarnings("ignore", message=".*[Ss]parse.*")  # beta-state / invariant-check notices
+        Wt = torch.sparse_csr_tensor(torch.from_numpy(W.indptr), torch.from_numpy(W.indices.astype(np.int64)),
+                                     torch.from_numpy(W.data), size=W.shape)
+        Lt = torch.from_numpy(L)
+        times["torch"] = best_time(lambda: Wt @ Lt, repeat)
+    if "mkl" in methods:
+        plan = graph_utils.MklSpmm(W, C, expected_calls=repeat + 1)
+        times["mkl"] = best_time(lambda: plan(L, out), repeat)
+    if "mkl_call" in methods:
+        times["mkl_call"] = best_time(lambda: graph_utils.spmm(W, L, out, kernel="mkl"), repeat)
+    if "hand" in methods:
+        times["hand"] = best_time(lambda: graph_utils.spmm(W, L, out, kernel="hand"), repeat)
+    return times
+
+
+def bench_graph(n, k, repeat, rs):
+    I = rs.randint(0, n, size=(n, k)).astype(np.int64)
+
+    def scipy_graph():
+        W0 = sp.csr_matrix((np.ones(n * k, np.float32), I.ravel(), np.arange(0, n * k + 1, k)), shape=(n, n))
+        W0.sum_duplicates()
+        W0.data[:] = 1
+        W = (W0 + W0.T).tocsr()
+        return sp.diags(1 / np.asarray(W.sum(axis=1)).ravel()) @ W
+
+    with threadpool_limits(1):
+        t_scipy = best_time(scipy_graph, repeat)
+    t_gu = best_time(lambda: graph_utils.knn_to_graph(I, n), repeat)
+    return {"scipy": t_scipy, "graph_utils": t_gu}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_argument_group("sparse x dense product")
+    group.add_argument("--configs", default="100000:100,100000:1000,1000000:100",
+                       help="comma-separated N:C (graph nodes : columns of L)")
+    group.add_argument("--k", type=int, default=30, help="neighbours per node of the k-NN table")
+    group.add_argument("--window", type=int, default=5000, help="neighbour ids within +-window (local numbering)")
+    group.add_argument("--orders", default="local,random,bfs", help="node numberings to time")
+    group.add_argument("--methods", default="scipy,torch,mkl,mkl_call,hand")
+    group.add_argument("--max_scipy_work", type=float, default=1e10,
+                       help="skip scipy and torch when nnz(W) * C exceeds this (they take minutes there)")
+    group.add_argument("--repeat", type=int, default=3)
+    group.add_argument("--prefetch", type=int, help="prefetch distance of the hand kernel (default: the library's)")
+    group = parser.add_argument_group("k-NN table -> W")
+    group.add_argument("--graph_n", type=int, default=1000000, help="N of the graph-building benchmark (0: skip)")
+    group = parser.add_argument_group("output")
+    group.add_argument("--result", help="also write the result JSON here")
+    group.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print_args(args)
+    rs = np.random.RandomState(args.seed)
+    nt = graph_utils.max_threads()
+    torch.set_num_threads(nt)
+    if args.prefetch is not None:
+        graph_utils.graph_utils_swig.set_prefetch_distance(args.prefetch)
+
+    log("measuring read bandwidth with %d threads" % nt)
+    bw = read_bandwidth(nt)
+    log("read bandwidth %.1f GB/s" % bw)
+    rows = []
+    graphs_n = graphs = None
+    for n, C in [(int(c.split(":")[0]), int(c.split(":")[1])) for c in args.configs.split(",") if c]:
+        if n != graphs_n:
+            graphs = None  # free the previous size's graphs first
+            log("building graphs N=%d k=%d window=%d" % (n, args.k, args.window))
+            graphs, t_order = make_graphs(n, args.k, args.window, rs)
+            graphs_n = n
+            log("locality_order + permute: %.2f s" % t_order)
+        for order in args.orders.split(","):
+            W = graphs[order]
+            methods = args.methods.split(",")
+            if W.nnz * C > args.max_scipy_work:
+                methods = [m for m in methods if m not in ("scipy", "torch")]
+            log("N=%d C=%d %s nnz=%d: %s" % (n, C, order, W.nnz, " ".join(methods)))
+            times = bench_products(W, C, args.repeat, methods, rs)
+            nbytes = 8 * W.nnz + 4 * C * (W.nnz + n)
+            row = {"N": n, "C": C, "order": order, "nnz": W.nnz, "seconds": times,
+                   "GBps": {m: nbytes / t / 1e9 for m, t in times.items()}}
+            if "scipy" in times:
+                row["speedup_vs_scipy"] = {m: times["scipy"] / t for m, t in times.items()}
+            rows.append(row)
+            print("  " + "  ".join("%s %.3fs %.1fGB/s %.0f%%bw%s" % (
+                m, t, row["GBps"][m], 100 * row["GBps"][m] / bw,
+                " x%.1f" % row["speedup_vs_scipy"][m] if "scipy" in times else "")
+                for m, t in times.items()), flush=True)
+    result = {"script": "bench_spmm", "threads": nt, "read_bandwidth_GBps": bw, "spmm": rows}
+    if args.graph_n:
+        log("k-NN table -> W, N=%d k=%d" % (args.graph_n, args.k))
+        g = bench_graph(args.graph_n, args.k, max(1, args.repeat - 1), rs)
+        g["speedup"] = g["scipy"] / g["graph_utils"]
+        print("  scipy %.2fs graph_utils %.2fs x%.1f" % (g["scipy"], g["graph_utils"], g["speedup"]), flush=True)
+        result["knn_to_graph"] = dict(g, N=args.graph_n, k=args.k)
+    if args.result:
+        write_json(args.result, result)
+    print_result(result)
+
+
+if __name__ == "__main__":
+    run_main(main)
