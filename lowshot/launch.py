@@ -101,10 +101,19 @@ class Run:
 
     def shell_line(self, cwd, env=None):
         """The run as one shell command line (used by Slurm tasks and ``--dry-run``)."""
-        envs = ["%s=%s" % (k, shlex.quote(str(v))) for k, v in sorted((env or {}).items())]
+        envs = ["%s=%s" % (k, shell_quote(str(v))) for k, v in sorted((env or {}).items())]
         return "cd %s && %s%s > %s 2>&1" % (
-            shlex.quote(cwd), " ".join(envs) + " " if envs else "",
-            shlex.join(self.cmd), shlex.quote(os.path.abspath(self.log)))
+            shell_quote(cwd), " ".join(envs) + " " if envs else "",
+            " ".join(shell_quote(c) for c in self.cmd), shell_quote(os.path.abspath(self.log)))
+
+
+def shell_quote(s):
+    """Quote for bash on one line: control characters (newlines) become a $'...' string."""
+    if not any(ord(ch) < 32 for ch in s):
+        return shlex.quote(s)
+    esc = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+    return "$'" + "".join(esc.get(ch, ch if ord(ch) >= 32 else "\\x%02x" % ord(ch))
+                          for ch in s) + "'"
 
 
 def last_line(path, default="(no log)"):

@@ -1,0 +1,359 @@
+"""Phases of run_logreg.bash / run_diffusion.bash: restartable runs, parameter choice, tables.
+
+The launcher tests use a test-local stand-in command (a python one-liner that writes a result JSON
+atomically, or crashes); the choice and table tests compare against numpy on hand-made result
+files; the end-to-end test runs the real scripts on a tiny generated $DDIR with (a reduced)
+configs/small.yaml, and checks that a diffusion run split into class slices gives the result of
+one process.
+"""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from lowshot import phases
+from lowshot.launch import LocalLauncher, Run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# stand-in experiment: writes {"value": V, "pid": ...} to --result atomically; exits 3 without
+# writing anything when the file named by the 4th argument exists
+STANDIN = (
+    "import json, os, sys\n"
+    "res, value, crash = sys.argv[1], float(sys.argv[2]), sys.argv[3]\n"
+    "print('stand-in run', res)\n"
+    "if os.path.exists(crash):\n"
+    "    print('error: asked to crash'); sys.exit(3)\n"
+    "tmp = res + '.tmp'\n"
+    "json.dump({'value': value, 'pid': os.getpid()}, open(tmp, 'w'))\n"
+    "os.replace(tmp, res)\n")
+
+
+def standin_runs(d, n, crash_files=None):
+    """n stand-in runs r0..r{n-1}; run i crashes while ``crash_files[i]`` exists."""
+    runs = []
+    for i in range(n):
+        base = os.path.join(d, "r%d" % i)
+        crash = (crash_files or {}).get(i, base + ".nocrash")
+        runs.append(Run("r%d" % i, [sys.executable, "-c", STANDIN, base + ".json", str(i), crash],
+                        [base + ".json"], base + ".log", expect={"value": float(i)}))
+    return runs
+
+
+def small_cfg(**over):
+    cfg = phases.load_config(os.path.join(ROOT, "configs", "small.yaml"))
+    for k, v in over.items():
+        cfg[k] = v
+    return cfg
+
+
+def test_configs_load():
+    paper = phases.Phases(phases.load_config(os.path.join(ROOT, "configs", "paper.yaml")),
+                          rundir="/nonexistent")
+    # paper grid: 5 n x 3 lr x 3 wd x 3 batch sizes x 5 seeds; diffusion: 5 n x 4 nbg x 5 seeds
+    assert len(paper.logreg_val_runs()) == 5 * 3 * 3 * 3 * 5
+    assert len(set(r.outputs[0] for r in paper.logreg_val_runs())) == 675
+    assert paper.variants() == [(0, False), (10**6, False), (10**7, False), (10**8, False)]
+    assert paper.nslices(10**8) == 8 and paper.nslices(10**6) == 1
+    small = phases.Phases(small_cfg(), rundir="/nonexistent")
+    assert len(small.logreg_val_runs()) == 2 * 2 * 2 * 1 * 2
+
+
+def test_config_rejects_unknown_key(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("logreg:\n  lrs: [0.1]\n")
+    with pytest.raises(phases.InputError, match="unknown key 'lrs' in logreg"):
+        phases.load_config(str(p))
+
+
+def test_local_skips_existing_and_redoes_crashed(tmp_path):
+    d = str(tmp_path / "runs")
+    os.makedirs(d)
+    crash = str(tmp_path / "crash_r2")
+    ph = phases.Phases(small_cfg(), rundir=d, launcher=LocalLauncher(ROOT, nproc=2, progress_s=0))
+    runs = standin_runs(d, 5, {2: crash})
+    # r0 exists already (done), r1 exists with other parameters (stale: redone)
+    with open(runs[0].outputs[0], "w") as f:
+        json.dump({"value": 0.0, "pid": -1}, f)
+    with open(runs[1].outputs[0], "w") as f:
+        json.dump({"value": 99.0, "pid": -1}, f)
+    open(crash, "w").close()
+
+    assert ph.execute(runs, "t") == "incomplete"
+    res = {r.name: json.load(open(r.outputs[0])) for r in runs if os.path.exists(r.outputs[0])}
+    assert sorted(res) == ["r0", "r1", "r3", "r4"]        # the crash left no result
+    assert res["r0"]["pid"] == -1                          # skipped, not re-run
+    assert not os.path.exists(runs[0].log)
+    assert res["r1"]["value"] == 1.0 and res["r1"]["pid"] != -1
+    assert "error: asked to crash" in open(runs[2].log).read()
+
+    # second pass: only the crashed run starts again
+    os.remove(crash)
+    before = {n: r["pid"] for n, r in res.items()}
+    mtimes = {r.name: os.path.getmtime(r.log) for r in runs[1:]}
+    assert ph.execute(runs, "t") == "ok"
+    after = {r.name: json.load(open(r.outputs[0]))["pid"] for r in runs}
+    assert {n: after[n] for n in before} == before
+    assert after["r2"] not in before.values()
+    for r in runs[1:]:
+        assert (os.path.getmtime(r.log) != mtimes[r.name]) == (r.name == "r2")
+
+
+def test_local_runs_wait_for_inputs(tmp_path):
+    d = str(tmp_path)
+    ph = phases.Phases(small_cfg(), rundir=d, launcher=LocalLauncher(ROOT, nproc=1, progress_s=0))
+    r = standin_runs(d, 1)[0]
+    r.deps = [str(tmp_path / "missing.npy")]
+    assert ph.execute([r], "t") == "incomplete"
+    assert not os.path.exists(r.log)
+
+
+# ------------------------------------------------------------------------------------ phase 2
+
+
+def _write(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+def _logreg_grid(cfg):
+    c = cfg["logreg"]
+    return [(lr, wd, bs) for lr in c["lr"] for wd in c["wd"] for bs in c["batchsize"]]
+
+
+def test_phase2_logreg_choice_matches_numpy(tmp_path):
+    cfg = small_cfg(seeds=[1, 2, 3], nlabeled=[1, 2, 5])
+    cfg["logreg"].update(lr=[0.01, 0.001, 0.0001], wd=[0, 0.1], batchsize=[16, 64], maxiter=2500)
+    ph = phases.Phases(cfg, rundir=str(tmp_path))
+    grid = _logreg_grid(cfg)
+    iters = [500, 1000, 1500, 2000, 2500]
+    rng = np.random.default_rng(0)
+    # acc[n, grid point, seed, iteration, metric]
+    acc = rng.uniform(0.2, 0.9, size=(3, len(grid), 3, len(iters), 2))
+    for run in ph.logreg_val_runs():
+        e = run.expect
+        a = acc[cfg["nlabeled"].index(e["nlabeled"]),
+                grid.index((e["lr"], e["wd"], e["batchsize"])), e["seed"] - 1]
+        _write(run.outputs[0], dict(e, script="logreg", evals=[
+            {"iter": it, "top5": a[j, 0], "top5_novel": a[j, 1]} for j, it in enumerate(iters)]))
+    assert ph.phase("logreg", 2) == 0
+    chosen = yaml.safe_load(open(tmp_path / "chosen_logreg.yaml"))["logreg"]
+    for i, n in enumerate(cfg["nlabeled"]):
+        mean = acc[i, :, :, :, 0].mean(axis=1)            # (grid, iters), over seeds
+        g, j = np.unravel_index(np.argmax(mean), mean.shape)
+        lr, wd, bs = grid[g]
+        c = chosen[n]
+        assert (c["lr"], c["wd"], c["batchsize"], c["maxiter"]) == (lr, wd, bs, iters[j])
+        assert c["val_top5"] == pytest.approx(mean[g, j])
+        assert c["val_top5_std"] == pytest.approx(acc[i, g, :, j, 0].std())
+        assert c["val_top5_novel"] == pytest.approx(acc[i, g, :, j, 1].mean())
+
+    # novel-class metric
+    cfg2 = copy.deepcopy(cfg)
+    cfg2["choose_on"] = "top5_novel"
+    chosen2 = phases.Phases(cfg2, rundir=str(tmp_path)).choose_logreg()
+    mean = acc[0, :, :, :, 1].mean(axis=1)
+    g, j = np.unravel_index(np.argmax(mean), mean.shape)
+    assert (chosen2[1]["lr"], chosen2[1]["wd"], chosen2[1]["batchsize"], chosen2[1]["maxiter"]) \
+        == grid[g] + (iters[j],)
+
+    # a missing result stops phase 2; --partial chooses among the complete grid points
+    g_best = grid.index((chosen[1]["lr"], chosen[1]["wd"], chosen[1]["batchsize"]))
+    victim = [r for r in ph.logreg_val_runs() if r.expect["nlabeled"] == 1 and r.expect["seed"] == 2
+              and (r.expect["lr"], r.expect["wd"], r.expect["batchsize"]) == grid[g_best]][0]
+    os.remove(victim.outputs[0])
+    with pytest.raises(phases.InputError, match="1 of 108 validation results are missing"):
+        ph.choose_logreg()
+    partial = phases.Phases(cfg, rundir=str(tmp_path), partial=True).choose_logreg()
+    mean = acc[0, :, :, :, 0].mean(axis=1)
+    mean[g_best] = -1
+    g, j = np.unravel_index(np.argmax(mean), mean.shape)
+    assert (partial[1]["lr"], partial[1]["wd"], partial[1]["batchsize"], partial[1]["maxiter"]) \
+        == grid[g] + (iters[j],)
+
+
+def test_choose_best_ties_go_to_first_point_and_iteration():
+    per_seed = [[{"iter": it, "top5": 0.5, "top5_novel": 0.1} for it in (500, 1000)]] * 2
+    best = phases.choose_best([({"lr": 1}, per_seed), ({"lr": 2}, per_seed)], "iter", "top5")
+    assert best[0] == {"lr": 1} and best[1] == 500
+    # iterations missing for one seed are not compared
+    uneven = [[{"iter": 500, "top5": 0.1, "top5_novel": 0}, {"iter": 1000, "top5": 0.9, "top5_novel": 0}],
+              [{"iter": 500, "top5": 0.2, "top5_novel": 0}]]
+    best = phases.choose_best([({}, uneven)], "iter", "top5")
+    assert best[1] == 500 and best[2]["val_top5"] == pytest.approx(0.15)
+
+
+def test_phase2_diffusion_choice_matches_numpy(tmp_path):
+    cfg = small_cfg(seeds=[1, 2, 3, 4], nlabeled=[1, 5])
+    cfg["diffusion"].update(nbg=[0, 1000, 5000], niter=7)
+    ph = phases.Phases(cfg, rundir=str(tmp_path))
+    rng = np.random.default_rng(1)
+    acc = rng.uniform(0.2, 0.9, size=(2, 3, 4, 8, 2))     # n, nbg, seed, iteration 0..7, metric
+    first, merges = ph.diffusion_val_runs()
+    assert not merges
+    for run in first:
+        e = run.expect
+        a = acc[cfg["nlabeled"].index(e["nlabeled"]), [0, 1000, 5000].index(e["nbg"]), e["seed"] - 1]
+        _write(run.outputs[0], dict(e, script="diffusion", iters=[
+            {"iter": t, "top5": a[t, 0], "top5_novel": a[t, 1]} for t in range(8)]))
+    assert ph.phase("diffusion", 2) == 0
+    chosen = yaml.safe_load(open(tmp_path / "chosen_diffusion.yaml"))["diffusion"]
+    for i, n in enumerate(cfg["nlabeled"]):
+        for b, nbg in enumerate([0, 1000, 5000]):
+            mean = acc[i, b, :, :, 0].mean(axis=0)
+            assert chosen[n]["nbg%d" % nbg]["niter"] == int(np.argmax(mean))
+            assert chosen[n]["nbg%d" % nbg]["val_top5"] == pytest.approx(mean.max())
+
+
+# ------------------------------------------------------------------------------------ phase 4
+
+
+def test_phase4_tables_match_numpy(tmp_path):
+    cfg = small_cfg(seeds=[1, 2, 3], nlabeled=[1, 2, 10])
+    cfg["diffusion"].update(nbg=[0, 1000000])
+    cfg["fusion"].update(nbg=[1000000])
+    ph = phases.Phases(cfg, rundir=str(tmp_path))
+    rng = np.random.default_rng(2)
+    # columns: logreg, diffusion none, diffusion F1M, combined F1M
+    acc = rng.uniform(0.1, 0.95, size=(4, 3, 3, 2))       # column, n, seed, metric
+    files = []
+    for i, n in enumerate(cfg["nlabeled"]):
+        for s in cfg["seeds"]:
+            a = acc[:, i, s - 1]
+            files.append((ph.path("logreg", "test", "nl%d.seed%d.json" % (n, s)),
+                          {"top5": a[0, 0], "top5_novel": a[0, 1]}))
+            files.append((ph.path("diffusion", "test", "nl%d.nbg0.seed%d.json" % (n, s)),
+                          {"top5": a[1, 0], "top5_novel": a[1, 1]}))
+            files.append((ph.path("diffusion", "test", "nl%d.nbg1000000.seed%d.json" % (n, s)),
+                          {"top5": a[2, 0], "top5_novel": a[2, 1]}))
+            files.append((ph.path("fusion", "test", "nl%d.nbg1000000.seed%d.json" % (n, s)),
+                          {"weights": [0.3], "top5": [a[3, 0]], "top5_novel": [a[3, 1]]}))
+    # one missing result: that cell averages the seeds that exist, marked (2/3)
+    files = [f for f in files if f[0] != ph.path("fusion", "test", "nl10.nbg1000000.seed2.json")]
+    for path, obj in files:
+        _write(path, obj)
+    assert ph.phase("diffusion", 4) == 0
+    summary = json.load(open(tmp_path / "results" / "diffusion.json"))["columns"]
+    assert [c["label"] for c in summary] == ["logreg", "diffusion none", "diffusion F1M",
+                                             "combined F1M"]
+    md = open(tmp_path / "results" / "diffusion.md").read()
+    for c in range(4):
+        for i, n in enumerate(cfg["nlabeled"]):
+            for m, metric in enumerate(("top5", "top5_novel")):
+                v = 100 * acc[c, i, :, m]
+                if c == 3 and n == 10:
+                    v = v[[0, 2]]
+                cell = summary[c]["cells"][str(n)]
+                assert cell[metric] == pytest.approx(v.mean())
+                assert cell[metric + "_std"] == pytest.approx(v.std())
+                assert "%.2f ± %.2f" % (v.mean(), v.std()) in md
+    assert "(2/3)" in md
+    png = open(tmp_path / "results" / "diffusion.png", "rb").read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+SCRIPTS = ["logreg.py", "diffusion.py", "fusion.py", "generate_ddir.py", "build_graph.py"]
+NBG = 1000
+
+
+@pytest.fixture(scope="module")
+def tiny_ddir(tmp_path_factory):
+    """A generated $DDIR (20 classes, D=32, d=16) with the graph of its NBG background images.
+
+    Made once per test session (test_slurm.py uses it too), under pytest's base temporary folder.
+    """
+    missing = [s for s in SCRIPTS if not os.path.exists(os.path.join(ROOT, s))]
+    if missing:
+        pytest.skip("experiment scripts not there yet: %s" % ", ".join(missing))
+    d = str(tmp_path_factory.getbasetemp() / "tiny_ddir")
+    done = os.path.join(d, "graph.done")
+    if not os.path.exists(done):
+        py = sys.executable
+        subprocess.run([py, "generate_ddir.py", d, "--nclass", "20", "--ntrain", "12", "--ntest",
+                        "6", "--D", "32", "--d", "16", "--nbg", str(NBG), "--seed", "1"],
+                       cwd=ROOT, check=True, capture_output=True)
+        subprocess.run([py, "build_graph.py", str(NBG), "--k", "16", "--ddir", d],
+                       cwd=ROOT, check=True, capture_output=True)
+        open(done, "w").close()
+    return d
+
+
+def tiny_config(path, ddir, rundir, **diffusion):
+    """configs/small.yaml, shrunk to the fewest runs that still exercise every phase."""
+    cfg = yaml.safe_load(open(os.path.join(ROOT, "configs", "small.yaml")))
+    cfg.update(rundir=rundir, ddir=ddir, split=os.path.join(ddir, "label_idx.json"),
+               seeds=[1, 2], nlabeled=[1])
+    cfg["logreg"].update(lr=[0.1, 0.01], wd=[0], batchsize=[16], maxiter=1000)
+    cfg["diffusion"].update(nbg=[NBG], k=10, niter=4, **diffusion)
+    cfg["fusion"].update(nbg=[NBG], weights=[0, 0.5, 1])
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return str(path)
+
+
+def run_phase(script, phase, config, **env):
+    e = dict(os.environ, CONFIG=config, LAUNCHER="local", NPROC="2", PYTHON=sys.executable, **env)
+    p = subprocess.run(["bash", script, str(phase)], cwd=ROOT, env=e, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+def test_end_to_end_small_config(tiny_ddir, tmp_path):
+    rundir = str(tmp_path / "runs")
+    config = tiny_config(tmp_path / "tiny.yaml", tiny_ddir, rundir)
+    for phase in (1, 2, 3, 4):
+        run_phase("run_logreg.bash", phase, config)
+    for phase in (1, 2, 3, 4):
+        out = run_phase("run_diffusion.bash", phase, config)
+    ph = phases.Phases(phases.load_config(config))
+    lr_chosen = yaml.safe_load(open(ph.chosen_path("logreg")))["logreg"][1]
+    # the choice agrees with the validation JSONs
+    vals = {}
+    for lr in (0.1, 0.01):
+        ev = [json.load(open(ph.path("logreg", "val", "nl1.lr%g.wd0.bs16.seed%d.json" % (lr, s))))
+              ["evals"] for s in (1, 2)]
+        for j, e in enumerate(ev[0]):
+            vals[(lr, e["iter"])] = np.mean([ev[0][j]["top5"], ev[1][j]["top5"]])
+    assert max(vals.values()) == pytest.approx(lr_chosen["val_top5"])
+    assert vals[(lr_chosen["lr"], lr_chosen["maxiter"])] == pytest.approx(lr_chosen["val_top5"])
+    test = [json.load(open(ph.path("logreg", "test", "nl1.seed%d.json" % s))) for s in (1, 2)]
+    assert all(t["maxiter"] == lr_chosen["maxiter"] and t["lr"] == lr_chosen["lr"] for t in test)
+    fus = yaml.safe_load(open(ph.chosen_path("fusion")))["fusion"][1]["nbg%d" % NBG]
+    assert fus["weight"] in (0, 0.5, 1)
+    # phase 4: the printed table holds the mean/std of the test JSONs
+    summary = json.load(open(ph.path("results", "diffusion.json")))["columns"]
+    assert [c["label"] for c in summary] == ["logreg", "diffusion F1k", "combined F1k"]
+    for col, sub in zip(summary, [("logreg", "test", "nl1.seed%d.json"),
+                                  ("diffusion", "test", "nl1.nbg%d.seed%%d.json" % NBG),
+                                  ("fusion", "test", "nl1.nbg%d.seed%%d.json" % NBG)]):
+        v = []
+        for s in (1, 2):
+            r = json.load(open(ph.path(*sub[:2], sub[2] % s)))
+            v.append(100 * (r["top5"][0] if isinstance(r["top5"], list) else r["top5"]))
+        assert col["cells"]["1"]["top5"] == pytest.approx(np.mean(v))
+        assert "%.2f ± %.2f" % (np.mean(v), np.std(v)) in out
+    # a second pass has nothing to do
+    out = run_phase("run_diffusion.bash", 3, config)
+    assert "0 to run" in out and "1 to run" not in out
+
+
+def test_class_slices_merge_to_single_process_result(tiny_ddir, tmp_path):
+    one = tiny_config(tmp_path / "one.yaml", tiny_ddir, str(tmp_path / "one"))
+    sliced = tiny_config(tmp_path / "sliced.yaml", tiny_ddir, str(tmp_path / "sliced"), nslices=3)
+    run_phase("run_diffusion.bash", 1, one)
+    run_phase("run_diffusion.bash", 1, sliced)
+    for s in (1, 2):
+        name = "nl1.nbg%d.seed%d" % (NBG, s)
+        a = json.load(open(tmp_path / "one" / "diffusion" / "val" / (name + ".json")))
+        b = json.load(open(tmp_path / "sliced" / "diffusion" / "val" / (name + ".json")))
+        assert len(os.listdir(tmp_path / "sliced" / "diffusion" / "val" / "slices")) == 2 * 3 * 2
+        assert b["iters"] == a["iters"] and len(a["iters"]) == 5
+        assert (b["top5"], b["top5_novel"]) == (a["top5"], a["top5_novel"])
