@@ -17,12 +17,13 @@ Nothing here reads the environment or touches files at import time.
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import time
 
-from lowshot.common import InputError, log
+from lowshot.common import InputError, log, write_json
 
 
 class Run:
@@ -264,7 +265,12 @@ class SlurmLauncher:
         return args
 
     def submit(self, runs, label):
-        """Submit ``runs``; return the job ids. Runs with equal requests share one array."""
+        """Submit ``runs``; runs with equal requests share one array.
+
+        Returns
+        -------
+        list of (jobid, [(array index, Run), ...])
+        """
         if shutil.which("sbatch") is None:
             raise InputError("LAUNCHER=slurm but sbatch is not on the PATH")
         os.makedirs(self.slurm_dir, exist_ok=True)
@@ -272,14 +278,18 @@ class SlurmLauncher:
         for run in runs:
             opts = self._request(run)
             groups.setdefault(json.dumps(opts, sort_keys=True, default=str), (opts, []))[1].append(run)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
+        prefix = "%s-%s" % (re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-"),
+                            time.strftime("%Y%m%d-%H%M%S"))
         jobs = []
-        for gi, (opts, group) in enumerate(groups.values()):
+        for opts, group in groups.values():
             chunk = int(opts.get("max_array_size") or 1000)
             threads = int(opts.get("cpus_per_task") or 1)
             for ci in range(0, len(group), chunk):
                 part = group[ci:ci + chunk]
-                name = "%s-%s-%d" % (label.replace("/", "-").replace(" ", ""), stamp, len(jobs))
+                k = 0
+                while os.path.exists(os.path.join(self.slurm_dir, "%s-%d.tasks" % (prefix, k))):
+                    k += 1
+                name = "%s-%d" % (prefix, k)
                 tasks = os.path.join(self.slurm_dir, name + ".tasks")
                 script = os.path.join(self.slurm_dir, name + ".sh")
                 with open(tasks, "w") as f:
@@ -295,28 +305,66 @@ class SlurmLauncher:
                 jobid = p.stdout.strip().split(";")[0]
                 log("%s: submitted job array %s (%d tasks: %s), Slurm outputs %s" % (
                     label, jobid, len(part), tasks, os.path.join(self.slurm_dir, name + "_*.out")))
-                jobs.append((jobid, part))
+                jobs.append((jobid, list(enumerate(part))))
+        self._record(jobs)
         return jobs
 
-    def queued(self, jobids):
-        """Number of tasks of these jobs still pending or running (0 once they left the queue)."""
-        p = subprocess.run(["squeue", "-h", "-r", "-o", "%i", "-j", ",".join(jobids)],
+    def _state_path(self):
+        return os.path.join(self.slurm_dir, "submitted.json")
+
+    def _load_state(self):
+        try:
+            with open(self._state_path()) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def _record(self, jobs):
+        """Remember which array task makes which result (to not submit it twice)."""
+        state = self._load_state()
+        for jobid, part in jobs:
+            for i, run in part:
+                state[os.path.abspath(run.outputs[0])] = "%s_%d" % (jobid, i)
+        write_json(self._state_path(), state)
+
+    def queued_tasks(self, jobids):
+        """Ids ``"jobid_index"`` of these jobs' tasks still pending or running."""
+        if not jobids:
+            return set()
+        p = subprocess.run(["squeue", "-h", "-r", "-o", "%i", "-j", ",".join(sorted(jobids))],
                            capture_output=True, text=True)
         if p.returncode != 0:
             if "Invalid job id" in p.stderr:
-                return 0
+                return set()
             raise InputError("squeue failed: %s" % p.stderr.strip())
-        return len([l for l in p.stdout.splitlines() if l.strip()])
+        return {l.strip() for l in p.stdout.splitlines() if l.strip()}
+
+    def still_queued(self, runs):
+        """Runs whose task from an earlier submission is still pending or running.
+
+        Returns
+        -------
+        list of (jobid, [(array index, Run), ...])
+        """
+        state = self._load_state()
+        mine = {r: state.get(os.path.abspath(r.outputs[0])) for r in runs}
+        queued = self.queued_tasks({t.split("_")[0] for t in mine.values() if t})
+        jobs = {}
+        for r, t in mine.items():
+            if t in queued:
+                jobid, i = t.split("_")
+                jobs.setdefault(jobid, []).append((int(i), r))
+        return sorted(jobs.items())
 
     def wait(self, jobs, label):
         """Poll ``squeue`` until the jobs left the queue; print a line when the count changes."""
-        jobids = [j for j, _ in jobs]
+        jobids = {j for j, _ in jobs}
         total = sum(len(part) for _, part in jobs)
         prev = None
         while True:
-            n = self.queued(jobids)
+            n = len(self.queued_tasks(jobids))
             if n != prev:
-                ndone = sum(r.is_done() for _, part in jobs for r in part)
+                ndone = sum(r.is_done() for _, part in jobs for _, r in part)
                 log("%s: %d done, %d queued or running, %d left the queue without result (of %d)"
                     % (label, ndone, n, total - n - ndone, total))
                 prev = n
@@ -327,16 +375,25 @@ class SlurmLauncher:
     def execute(self, runs, label):
         """Submit, wait (when ``wait``) and return the runs without complete outputs.
 
-        Without waiting, returns an empty list right after submission; callers check ``waits``
-        to know that the results are not there yet.
+        Runs still queued from an earlier submission (say, ``WAIT=0`` and the phase started again
+        too early) are not submitted twice: they are waited for like the new ones. Without
+        waiting, returns an empty list right after submission; callers check ``waits`` to know
+        that the results are not there yet.
         """
-        jobs = self.submit(runs, label)
+        old = self.still_queued(runs)
+        busy = {r for _, part in old for _, r in part}
+        for jobid, part in old:
+            log("%s: %d runs are still queued or running as tasks of job %s: not submitted again"
+                % (label, len(part), jobid))
+        jobs = list(old)
+        if len(busy) < len(runs):
+            jobs += self.submit([r for r in runs if r not in busy], label)
         if not self.waits:
             return []
         self.wait(jobs, label)
         failed = []
         for jobid, part in jobs:
-            for i, run in enumerate(part):
+            for i, run in part:
                 if not run.is_done():
                     failed.append(run)
                     log("%s: FAILED %s (task %s_%d): %s  [log: %s]" % (

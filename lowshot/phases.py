@@ -612,7 +612,8 @@ class Phases:
             else:
                 chosen = self.choose_diffusion()
                 how = "chosen by bash run_diffusion.bash 2 from %s" % self.path("diffusion", "val")
-            print(yaml.safe_dump(chosen, sort_keys=True, default_flow_style=None), end="")
+            for line in format_choices(chosen):
+                print(line)
             self.write_chosen(experiment, chosen, how)
             return 0 if all(n in chosen for n in self.cfg["nlabeled"]) else 1
         if number == 3:
@@ -629,6 +630,8 @@ class Phases:
             if st == "submitted" or not self.fusion_variants():
                 return 0 if st in ("ok", "submitted") else 1
             weights = self.choose_fusion()
+            for line in format_choices(weights or {}):
+                print(line)
             if weights is None:
                 log("%s: fusion weights not chosen: validation fusion results are missing (they "
                     "need bash run_logreg.bash 3)" % label)
@@ -686,6 +689,21 @@ def choose_best(points, key, metric):
                          "nseeds": len(tables)}
                 best, best_score = (dict(params), v, stats), score
     return best
+
+
+def format_choices(chosen):
+    """One line per choice: ``n=2 F1M: niter 3  val top-5 66.80 ± 0.12 (novel 50.10 ± 0.30)``."""
+    lines = []
+    for n in sorted(chosen):
+        entries = chosen[n].items() if "val_top5" not in chosen[n] else [(None, chosen[n])]
+        for vn, c in sorted(entries, key=lambda e: str(e[0])):
+            params = ", ".join("%s %s" % (k, c[k]) for k in ("lr", "wd", "batchsize", "maxiter",
+                                                              "niter", "weight") if k in c)
+            lines.append("n=%d%s: %s  val top-5 %.2f ± %.2f (novel %.2f ± %.2f), %d seeds" % (
+                n, "" if vn is None else " " + vn, params, 100 * c["val_top5"],
+                100 * c["val_top5_std"], 100 * c["val_top5_novel"], 100 * c["val_top5_novel_std"],
+                c["nseeds"]))
+    return lines
 
 
 def _final(res, metric):

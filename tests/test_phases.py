@@ -104,6 +104,16 @@ def test_local_skips_existing_and_redoes_crashed(tmp_path):
         assert (os.path.getmtime(r.log) != mtimes[r.name]) == (r.name == "r2")
 
 
+def test_shell_line_round_trips_through_bash(tmp_path):
+    odd = "a b'c\"d$e\nf\\g\th"
+    r = Run("odd", [sys.executable, "-c", "import sys; open(sys.argv[2], 'w').write(sys.argv[1])",
+                    odd, str(tmp_path / "out")], [str(tmp_path / "out")], str(tmp_path / "log"))
+    line = r.shell_line(str(tmp_path), {"OMP_NUM_THREADS": "1"})
+    assert "\n" not in line
+    subprocess.run(["bash", "-c", line], check=True)
+    assert open(tmp_path / "out").read() == odd
+
+
 def test_local_runs_wait_for_inputs(tmp_path):
     d = str(tmp_path)
     ph = phases.Phases(small_cfg(), rundir=d, launcher=LocalLauncher(ROOT, nproc=1, progress_s=0))
@@ -291,7 +301,7 @@ def tiny_config(path, ddir, rundir, **diffusion):
     cfg = yaml.safe_load(open(os.path.join(ROOT, "configs", "small.yaml")))
     cfg.update(rundir=rundir, ddir=ddir, split=os.path.join(ddir, "label_idx.json"),
                seeds=[1, 2], nlabeled=[1])
-    cfg["logreg"].update(lr=[0.1, 0.01], wd=[0], batchsize=[16], maxiter=1000)
+    cfg["logreg"].update(lr=[0.1, 0.01], wd=[0], batchsize=[16], maxiter=500)
     cfg["diffusion"].update(nbg=[NBG], k=10, niter=4, **diffusion)
     cfg["fusion"].update(nbg=[NBG], weights=[0, 0.5, 1])
     with open(path, "w") as f:

@@ -195,6 +195,11 @@ def test_slurm_array_kill_one_task_and_redo_only_it(slurm_cluster, tmp_path):
     while not (all(r.is_done() for r in runs[:3]) and _queue_state(jobid, 3) == "R"):
         assert time.time() - t0 < 60, "array tasks did not run"
         time.sleep(0.3)
+    # started again while r3 still runs, the phase does not submit r3 a second time
+    again = SlurmLauncher(ROOT, str(tmp_path / "slurm"), opts, wait=False)
+    assert again.still_queued(runs) == [(jobid, [(3, runs[3])])]
+    assert again.execute([runs[3]], "kill test") == []
+    assert len([f for f in os.listdir(tmp_path / "slurm") if f.endswith(".tasks")]) == 1
     subprocess.run(["scancel", "%s_3" % jobid], check=True)
     launcher.wait(jobs, "kill test")
     assert [r.is_done() for r in runs] == [True, True, True, False]
