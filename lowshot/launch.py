@@ -71,11 +71,7 @@ class Run:
         for key, want in self.expect.items():
             if key not in res:
                 continue
-            got = res[key]
-            if isinstance(want, float) or isinstance(got, float):
-                if not (isinstance(got, (int, float)) and math.isclose(got, want, rel_tol=1e-9)):
-                    return False
-            elif got != want:
+            if not _same(res[key], want):
                 return False
         return True
 
@@ -115,6 +111,18 @@ def shell_quote(s):
     esc = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
     return "$'" + "".join(esc.get(ch, ch if ord(ch) >= 32 else "\\x%02x" % ord(ch))
                           for ch in s) + "'"
+
+
+def _same(got, want):
+    """Equality, with floats compared to a relative 1e-9 (values pass through repr and JSON)."""
+    if isinstance(want, (list, tuple)):
+        return (isinstance(got, (list, tuple)) and len(got) == len(want)
+                and all(_same(g, w) for g, w in zip(got, want)))
+    if isinstance(want, bool) or isinstance(got, bool):
+        return got is want
+    if isinstance(want, float) or isinstance(got, float):
+        return isinstance(got, (int, float)) and math.isclose(got, want, rel_tol=1e-9)
+    return got == want
 
 
 def last_line(path, default="(no log)"):

@@ -21,7 +21,7 @@ result exists, so re-running a phase only fills the gaps. Files under the run di
     logreg/test/nl{n}.seed{s}.{json,log,npy}                     phase 3 (npy: test scores)
     logreg/val_scores/nl{n}.seed{s}.{json,log,npy}               phase 3 (validation scores)
     diffusion/val/nl{n}.nbg{N}.seed{s}.{json,log}                phase 1
-    diffusion/{val,test}/slices/nl{n}.nbg{N}.seed{s}.slice{i}of{m}.{npz,log}   class slices
+    diffusion/{val,test}/slices/nl{n}.nbg{N}.seed{s}.k{k}.niter{t}.slice{i}of{m}.{npz,log}
     diffusion/test/..., diffusion/val_scores/...                 phase 3
     fusion/{val,test}/nl{n}.nbg{N}.seed{s}.{json,log}            phase 3
     chosen_{logreg,diffusion,fusion}.yaml                        phases 2 and 3
@@ -293,8 +293,10 @@ class Phases:
         slices = []
         for i in range(m):
             a, b = i * C // m, (i + 1) * C // m
-            sbase = self.path("diffusion", sub, "slices", "%s.slice%dof%d" % (name, i, m))
-            slices.append(Run("%s.slice%dof%d" % (name, i, m),
+            # slices have no result JSON to check: their names carry the parameters
+            sname = "%s.k%d.niter%d.slice%dof%d" % (name, d["k"], niter, i, m)
+            sbase = self.path("diffusion", sub, "slices", sname)
+            slices.append(Run(sname,
                               cmd + ["--class_range", "%d:%d" % (a, b), "--store_slice",
                                      sbase + ".npz"] + extra,
                               [sbase + ".npz"], sbase + ".log", resources=res))
@@ -348,9 +350,11 @@ class Phases:
                     w = (weights or {}).get(n, {}).get(vn)
                     if w is None:
                         continue
-                    ws = ["--weight", repr(float(w["weight"]))]
+                    wlist = [float(w["weight"])]
+                    ws = ["--weight", repr(wlist[0])]
                 else:
-                    ws = ["--weights", ",".join(repr(float(w)) for w in self.cfg["fusion"]["weights"])]
+                    wlist = [float(w) for w in self.cfg["fusion"]["weights"]]
+                    ws = ["--weights", ",".join(repr(w) for w in wlist)]
                 for s in self.cfg["seeds"]:
                     name = "nl%d.%s.seed%d" % (n, vn, s)
                     base = self.path("fusion", mode, name)
@@ -362,7 +366,8 @@ class Phases:
                         "--diffusion_scores", B] + ws + ["--result", base + ".json"]
                     cmd += self._common() + list(self.cfg["fusion"]["args"])
                     runs.append(Run(name, cmd, [base + ".json"], base + ".log", deps=[A, B],
-                                    expect={"mode": mode, "nlabeled": n, "seed": s},
+                                    expect={"mode": mode, "nlabeled": n, "seed": s,
+                                            "weights": wlist},
                                     resources=self._resources("fusion")))
         return runs
 
@@ -642,7 +647,7 @@ class Phases:
                                       label)
             return 0 if st == "ok" and st2 in ("ok", "submitted") else 1
         if number == 4:
-            _, missing = self.results(experiment)
+            self.results(experiment)
             return 0
         raise InputError("phase %r: phases are 1 (validation grid), 2 (choose), 3 (test runs), 4 "
                          "(results)" % number)
