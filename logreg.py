@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""Logistic-regression baseline of the low-shot benchmark (paper, Table 2 "logistic regression").
+
+Reads   $DDIR/features/train.hdf5   (all_feats (rows, D) float32, all_labels, count): labelled images
+        $DDIR/features/val.hdf5     the test images
+        --split (label_idx.json)    the classes: --mode val = base_classes_1 + novel_classes_1,
+                                    --mode test = base_classes_2 + novel_classes_2 (1-based ids)
+Labelled set: every training image of a base class, --nlabeled images of each novel class drawn with
+np.random.RandomState(--seed) (the paper's protocol). A linear layer + log-softmax on the raw D-dim
+features, SGD on class-balanced batches. Flags not given take the validated setting for --nlabeled:
+  n=1: lr 0.001 wd 0.1 batch 128 iters 47000     n=2: lr 0.001 wd 0.01 batch 128 iters 29500
+  n=5: lr 0.001 wd 0.01 batch 64 iters 70500     n=10: lr 0.01 wd 0 batch 128 iters 12000
+  n=20: lr 0.01 wd 0 batch 128 iters 22000       momentum 0 (as the paper's runs)
+--mode val evaluates every 500 iterations, --mode test at the end.
+
+Writes  stdout: top-5 accuracies; last line one JSON result
+        {"script": "logreg", "mode", "nlabeled", "seed", "lr", "wd", "mom", "batchsize", "maxiter",
+         "evals": [{"iter", "top5", "top5_novel"}, ...], "top5", "top5_novel"}
+        --result R.json      the same JSON
+        --storeL F.npy       softmax probabilities of the test images, (n_test, C) float32, rows in
+                             val.hdf5 order (split classes only), columns = classes in increasing id
+        --storemodel M.pt    torch state_dict of the linear layer (weight (C, D), bias (C,))
+
+Example (paper, test split, n=2 seed 1: top-5 0.700, 0.565 on novel classes):
+  python logreg.py --mode test --nlabeled 2 --seed 1 --storeL $DDIR/logs/logreg_test/L.nl2.seed1.npy
+"""
+import argparse
+import os
+
+import numpy as np
+import torch
+
+from lowshot import data, logreg
+from lowshot.common import (InputError, atomic_output, get_ddir, log, print_args, print_result,
+                            run_main, write_json)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("protocol")
+    g.add_argument("--mode", default="val", choices=["val", "test"], help="val: split 1, test: split 2")
+    g.add_argument("--nlabeled", type=int, default=2, help="labelled images per novel class")
+    g.add_argument("--seed", type=int, default=1, help="labelled-set draw, initialisation and batches")
+    g.add_argument("--split", default=data.DEFAULT_SPLIT, help="class split file (label_idx.json form)")
+    g.add_argument("--ddir", default=None, help="data root (default: $DDIR)")
+    g = p.add_argument_group("optimisation (default: the validated setting for --nlabeled)")
+    g.add_argument("--maxiter", type=int, default=None, help="SGD iterations")
+    g.add_argument("--lr", type=float, default=None, help="learning rate")
+    g.add_argument("--wd", type=float, default=None, help="weight decay")
+    g.add_argument("--mom", type=float, default=None, help="momentum (default 0, as the paper's runs)")
+    g.add_argument("--batchsize", type=int, default=None, help="class-balanced batch size")
+    g.add_argument("--pcadim", type=int, default=None,
+                   help="input dimension of the linear layer; must equal the features' D (default: D)")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    g = p.add_argument_group("output")
+    g.add_argument("--verbose", type=int, default=500, help="log the training loss every N iterations")
+    g.add_argument("--storeL", default="", help="write test-image probabilities (n_test, C) float32 .npy")
+    g.add_argument("--storemodel", default="", help="write the model's torch state_dict")
+    g.add_argument("--result", default="", help="write the result JSON")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    print_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ddir = get_ddir(args.ddir)
+    log("loading %s split %s, n=%d seed=%d" % (args.mode, args.split, args.nlabeled, args.seed))
+    ld = data.load_lowshot(ddir, args.split, args.mode, args.nlabeled, args.seed, log=log)
+    if args.pcadim is not None and args.pcadim != ld.D:
+        raise InputError("--pcadim %d but the features in %s have D = %d" % (
+            args.pcadim, data.feature_paths(ddir)["train"], ld.D))
+    res, model = logreg.run(ld, args.nlabeled, args.seed, args.mode, lr=args.lr, wd=args.wd,
+                            mom=args.mom, batchsize=args.batchsize, maxiter=args.maxiter,
+                            verbose=args.verbose, log=log)
+    if args.storeL:
+        log("writing", args.storeL)
+        L = np.exp(logreg.scores(model.weight.detach(), model.bias.detach(), ld.Xte, log_softmax=True))
+        with atomic_output(args.storeL) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, L.astype(np.float32))
+    if args.storemodel:
+        log("writing", args.storemodel)
+        with atomic_output(args.storemodel) as tmp:
+            torch.save(model.state_dict(), tmp)
+    result = dict(script="logreg", mode=args.mode, nlabeled=args.nlabeled, seed=args.seed, **res)
+    if args.result:
+        write_json(args.result, result)
+    print_result(result)
+
+
+if __name__ == "__main__":
+    run_main(main)
