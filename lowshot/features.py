@@ -482,17 +482,13 @@ def extract_features(cfg, outfile, model_name, modelfile=None, num_classes=1000,
     bs = lcfg["batch_size"]
     # whole batches per block: a resumed run sees the same batches as an uninterrupted one
     block = -(-cfg["block_size"] // bs) * bs
-    feat_model = _Features(model).to(device)
-    if device == "cuda":
-        feat_model = feat_model.to(memory_format=torch.channels_last)
-        if torch.cuda.device_count() > 1:
-            feat_model = torch.nn.DataParallel(feat_model)
-    else:
-        feat_model = feat_model.to(memory_format=torch.channels_last)
+    # channels_last: ~1.5-3x faster convolutions on CPU (oneDNN) and on GPU tensor cores
+    feat_model = _Features(model).to(device, memory_format=torch.channels_last)
+    if device == "cuda" and torch.cuda.device_count() > 1:
+        feat_model = torch.nn.DataParallel(feat_model)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, range(start, n)), batch_size=bs, shuffle=False,
-        num_workers=lcfg["num_workers"], pin_memory=(device == "cuda"),
-        persistent_workers=False)
+        num_workers=lcfg["num_workers"], pin_memory=(device == "cuda"))
 
     from tqdm import tqdm
     log("extracting %d images (rows %d..%d, feature dim %d) on %s, %d GPU(s), batch %d, "
@@ -501,6 +497,8 @@ def extract_features(cfg, outfile, model_name, modelfile=None, num_classes=1000,
     t0 = time.time()
     pos = start
     feats_buf, labels_buf, bad_buf = [], [], []
+    # workers fork before the hdf5 file is opened: they never inherit its handle
+    batches = iter(loader)
     with h5py.File(partial, "r+") as f, torch.inference_mode(), \
             tqdm(total=n, initial=start, unit="img", mininterval=5, smoothing=0.1) as bar:
         def flush_block():
@@ -520,7 +518,7 @@ def extract_features(cfg, outfile, model_name, modelfile=None, num_classes=1000,
                 after_block(pos)
 
         nbuf = 0
-        for x, y, isbad in loader:
+        for x, y, isbad in batches:
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             out = feat_model(x).float().cpu().numpy()
             feats_buf.append(out)
@@ -539,7 +537,11 @@ def extract_features(cfg, outfile, model_name, modelfile=None, num_classes=1000,
         raise RuntimeError("internal error: %d rows written, expected %d" % (pos, n))
 
     with h5py.File(partial, "r+") as f:
-        f.create_dataset("bad_images", data=np.array(bad, dtype=np.int64))
+        bad = np.array(bad, dtype=np.int64)
+        if "bad_images" in f and not np.array_equal(f["bad_images"][()], bad):
+            del f["bad_images"]     # only after a crash between this line and the rename
+        if "bad_images" not in f:
+            f.create_dataset("bad_images", data=bad)
         f["count"][0] = n
     os.replace(partial, outfile)
     os.remove(badfile)
