@@ -66,7 +66,7 @@ DEFAULTS = {
 }
 # values that are free-form mappings (not checked key by key)
 _FREE = {("logreg", "slurm"), ("diffusion", "slurm"), ("diffusion", "slurm_by_nbg"),
-         ("diffusion", "nslices"), ("fusion", "slurm")}
+         ("diffusion", "nslices"), ("diffusion", "lslice"), ("fusion", "slurm")}
 
 METRICS = ("top5", "top5_novel")
 
@@ -187,11 +187,15 @@ class Phases:
         keep = self.cfg["fusion"]["nbg"]
         return [v for v in self.variants() if keep is None or v[0] in keep]
 
+    def per_nbg(self, key, nbg, default=0):
+        """A diffusion setting given as one int, or as a mapping nbg -> int (default elsewhere)."""
+        v = self.cfg["diffusion"][key]
+        if isinstance(v, dict):
+            v = v.get(nbg, default)
+        return int(v or default)
+
     def nslices(self, nbg):
-        ns = self.cfg["diffusion"]["nslices"]
-        if isinstance(ns, dict):
-            ns = ns.get(nbg, 1)
-        return max(1, int(ns))
+        return max(1, self.per_nbg("nslices", nbg, 1))
 
     def nclass(self, mode):
         if mode not in self._nclass:
@@ -272,8 +276,9 @@ class Phases:
         cmd = self._script("diffusion.py") + [
             "--mode", mode, "--nlabeled", n, "--seed", s, "--k", d["k"], "--nbg", nbg,
             "--niter", niter]
-        if d["lslice"]:
-            cmd += ["--lslice", d["lslice"]]
+        lslice = self.per_nbg("lslice", nbg)
+        if lslice:
+            cmd += ["--lslice", lslice]
         if indomain:
             cmd.append("--indomain")
         extra = self._common() + list(d["args"])
