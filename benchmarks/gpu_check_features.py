@@ -70,7 +70,8 @@ def read(path):
 def model_only_rate(model, batch, tf32, iters):
     torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = False      # as save_features.py (deterministic algorithms)
+    torch.backends.cudnn.deterministic = True
     m = model.cuda().to(memory_format=torch.channels_last).eval()
     if torch.cuda.device_count() > 1:
         m = torch.nn.DataParallel(features._Features(m))

@@ -441,10 +441,14 @@ def extract_features(cfg, outfile, model_name, modelfile=None, num_classes=1000,
     if device == "cuda":
         torch.backends.cudnn.allow_tf32 = bool(cfg["tf32"])
         torch.backends.cuda.matmul.allow_tf32 = bool(cfg["tf32"])
-        torch.backends.cudnn.benchmark = True
+        # fixed algorithm choice: a resumed run computes the same bits as an uninterrupted one
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
 
     log("loading model %s (checkpoint %s)" % (model_name, modelfile or "default"))
     model = networks.load_model(model_name, modelfile, num_classes, image_size=tcfg["crop"])
+    if modelfile is None and model_name in networks.RESNETS:
+        log("warning: no --modelfile: %s has random weights" % model_name)
     if tcfg["mean"] is not None and (tuple(tcfg["mean"]) != tuple(model.mean)
                                      or tuple(tcfg["std"] or ()) != tuple(model.std)):
         log("warning: config normalisation mean=%s std=%s differs from what the %s weights expect "

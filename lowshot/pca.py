@@ -172,6 +172,9 @@ def apply_pca(vt, infiles, outfile, chunk_rows=65536, after_block=None):
             raise InputError("partial output %s was made from other inputs (see %s): delete both to "
                              "start over" % (partial, progress))
         done_blocks, done_rows = state["blocks_done"], state["rows_done"]
+        if os.path.getsize(partial) < done_rows * 4 * vt.d_out:
+            raise InputError("partial output %s is shorter than the %d rows %s records: delete both "
+                             "to start over" % (partial, done_rows, progress))
         log("resuming %s after block %d (%d rows)" % (partial, done_blocks, done_rows))
     row_bytes = 4 * vt.d_out
 
