@@ -116,6 +116,16 @@ def _print_accs(accs):
         log("  %-13s %s" % (name, evaluate.format_top5(a, b)))
 
 
+def load_background(ddir, args, d):
+    """The background for graph completion: raw rows (memmap), stored index and tables."""
+    xb = data.open_background(ddir, args.nbg, d=d)
+    idx_path, Dbg, Ibg = graph.find_background_graph(ddir, args.nbg, args.k, data.graph_paths)
+    log("reading background index %s" % idx_path)
+    index = graph.read_background_index(idx_path, args.nbg, d, nprobe=args.bg_nprobe,
+                                        ef_search=args.bg_ef_search, search_L=args.bg_search_L)
+    return {"x": xb, "index": index, "D": Dbg, "I": Ibg}
+
+
 def merge_slices(paths):
     """Read --store_slice files and compute the result of the full run."""
     parts, ranges, meta, y, is_novel = [], [], None, None, None
@@ -208,12 +218,7 @@ def main(argv=None):
     bg = None
     if args.nbg > 0:
         t0 = time.time()
-        xb = data.open_background(ddir, args.nbg, d=vt.d_out)
-        idx_path, Dbg, Ibg = graph.find_background_graph(ddir, args.nbg, args.k, data.graph_paths)
-        log("reading background index %s" % idx_path)
-        index = graph.read_background_index(idx_path, args.nbg, vt.d_out, nprobe=args.bg_nprobe,
-                                            ef_search=args.bg_ef_search, search_L=args.bg_search_L)
-        bg = {"x": xb, "index": index, "D": Dbg, "I": Ibg}
+        bg = load_background(ddir, args, vt.d_out)
         times["load_bg"] = time.time() - t0
 
     t0 = time.time()

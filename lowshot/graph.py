@@ -467,7 +467,9 @@ def complete_graph(x0, xt, k, bg=None, node_index="auto", node_nprobe=16, bs=SEA
     k : int
     bg : dict or None
         Background: ``x`` raw rows (nbg, d) memmap, ``index`` faiss index of the normalised rows,
-        ``D`` / ``I`` stored (nbg, K >= k) tables (memmaps). None: no background.
+        ``D`` / ``I`` stored (nbg, K >= k) tables (memmaps). None: no background. The index is
+        popped from the dict once searched, so its memory is freed before the background pass
+        when the caller holds no other reference.
     node_index, node_nprobe : see :func:`make_node_index`
 
     Returns
@@ -505,8 +507,10 @@ def complete_graph(x0, xt, k, bg=None, node_index="auto", node_nprobe=16, bs=SEA
     if bg is not None:
         t0 = time.time()
         log("searching 0->1 and 2->1 in the background index")
-        D_01, I_01 = knn_search(bg["index"], x0, k, bs)
-        D_21, I_21 = knn_search(bg["index"], xt, k, bs)
+        index1 = bg.pop("index")
+        D_01, I_01 = knn_search(index1, x0, k, bs)
+        D_21, I_21 = knn_search(index1, xt, k, bs)
+        del index1    # its vectors (nbg * d floats) are not needed for the background pass
         _merge(D_00, I_00, D_01, I_01, n0)
         _merge(D_20, I_20, D_21, I_21, n0)
         del D_01, I_01, D_21, I_21

@@ -60,10 +60,11 @@ def test_complete_graph_brute_force():
     index = faiss.IndexFlatIP(d)
     index.add(xbn)
     Dbg, Ibg = index.search(xbn, 8)
-    bg = {"x": xb, "index": index, "D": Dbg, "I": Ibg.astype(np.int32)}
     for node_index in ("exact", "ivf"):
+        bg = {"x": xb, "index": index, "D": Dbg, "I": Ibg.astype(np.int32)}
         I_nodes, I_test, info = graph.complete_graph(unit(x0), unit(xt), k, bg, node_index=node_index,
                                                      bs=64)
+        assert "index" not in bg   # released once searched
         allx = np.vstack([unit(x0), xbn])
         np.testing.assert_array_equal(I_nodes, brute_union_knn(allx, allx, k))
         np.testing.assert_array_equal(I_test, brute_union_knn(unit(xt), allx, k))

@@ -1,0 +1,72 @@
+"""Time the background-graph methods of build_graph.py and measure their recall@10.
+
+Reads   $DDIR/features/f100m/concatenated_PCAR256.raw (first --nbg rows), d from PCAR256.vt
+Writes  the graphs into a scratch folder (--tmpdir, removed afterwards); one JSON line per run
+
+recall@10 = |graph's 10 nearest ∩ exact 10 nearest| / 10, on --recall_nq sampled vectors.
+
+Example (the README's numbers, 2 cores):
+  python benchmarks/bench_build_graph.py --ddir /tmp/f1m --nbg 100000 --methods exact,ivf,hnsw,nndescent
+  python benchmarks/bench_build_graph.py --ddir /tmp/f1m --nbg 1000000 --methods nndescent
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lowshot import data, graph  # noqa: E402
+from lowshot.common import get_ddir, log, peak_rss_gib, print_args  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ddir", default=None, help="data root (default: $DDIR)")
+    p.add_argument("--nbg", type=int, default=100000, help="background vectors")
+    p.add_argument("--K", type=int, default=32, help="neighbours per vector")
+    p.add_argument("--methods", default="exact,ivf,hnsw,nndescent", help="comma-separated")
+    p.add_argument("--recall_nq", type=int, default=1000, help="vectors sampled for recall@10")
+    p.add_argument("--nnd_iter", type=int, default=10, help="NN-descent iterations")
+    p.add_argument("--tmpdir", default=None, help="scratch folder (default: a new one under /tmp)")
+    args = p.parse_args()
+    print_args(args)
+    ddir = get_ddir(args.ddir)
+    xb = data.open_background(ddir, args.nbg)
+    tmp = tempfile.mkdtemp(dir=args.tmpdir)
+    log("%d threads, %d GPUs; background %d x %d" % (
+        faiss.omp_get_max_threads(), faiss.get_num_gpus(), *xb.shape))
+    rows = []
+    try:
+        for method in args.methods.split(","):
+            paths = {k: os.path.join(tmp, "g." + k) for k in ("index", "I", "D")}
+            t0 = time.time()
+            stats = graph.build_background_graph(xb, args.K, paths, method=method,
+                                                 nnd_iter=args.nnd_iter)
+            stats["time_total"] = round(time.time() - t0, 2)
+            I = np.memmap(paths["I"], dtype=np.int32, mode="r", shape=(args.nbg, args.K))
+            stats["recall@10"] = round(graph.graph_recall(xb, I, nq=args.recall_nq, at=10), 4)
+            stats["peak_rss_gib"] = round(peak_rss_gib(), 2)
+            stats["threads"] = faiss.omp_get_max_threads()
+            print(json.dumps(stats, sort_keys=True), flush=True)
+            rows.append(stats)
+            del I
+            for f in paths.values():
+                os.remove(f)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print("\n| method | nbg | total s | index s | table s | recall@10 |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print("| %s | %d | %.1f | %.1f | %.1f | %.3f |" % (
+            r["method"], r["nbg"], r["time_total"], r["time_index"], r["time_search"], r["recall@10"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""GPU check of the graph code (needs faiss-gpu and at least one GPU; < 2 min).
+
+Builds background graphs with the GPU paths of lowshot.graph (exact and IVF, float16, sharded over
+all GPUs) on random clustered data and checks them against the CPU exact graph; completes a graph
+through a GPU-cloned background index and checks it against CPU exact search. Prints PASS/FAIL
+lines; exit status 1 on any FAIL.
+
+  python benchmarks/gpu_check_graph.py
+"""
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lowshot import graph  # noqa: E402
+
+
+def recall(I, Iref, at=10):
+    return np.mean([np.intersect1d(a[:at], b[:at]).size for a, b in zip(I, Iref)]) / at
+
+
+def main():
+    ngpu = faiss.get_num_gpus()
+    print("faiss %s, %d GPUs" % (faiss.__version__, ngpu))
+    if ngpu == 0:
+        print("SKIP: no GPU visible to faiss")
+        return 0
+    rs = np.random.RandomState(0)
+    n, d, K = 200000, 64, 32
+    x = (rs.randn(2000, d)[rs.randint(2000, size=n)] + 0.5 * rs.randn(n, d)).astype(np.float32)
+    xn = graph.normalized(x)
+    cpu = faiss.IndexFlatIP(d)
+    cpu.add(xn)
+    sample = rs.choice(n, 2000, replace=False)
+    Dref, Iref = cpu.search(xn[sample], K)
+    fails = 0
+    tmp = tempfile.mkdtemp()
+    for method, min_recall in (("exact", 0.97), ("ivf", 0.9)):
+        paths = {k: os.path.join(tmp, "%s.%s" % (method, k)) for k in ("index", "I", "D")}
+        t0 = time.time()
+        graph.build_background_graph(x, K, paths, method=method)
+        t = time.time() - t0
+        I = np.fromfile(paths["I"], dtype=np.int32).reshape(n, K)
+        D = np.fromfile(paths["D"], dtype=np.float32).reshape(n, K)
+        r = recall(I[sample], Iref)
+        # float16 storage: similarities close to the exact ones
+        ok = r >= min_recall and np.abs(D[sample, 0] - Dref[:, 0]).max() < 2e-2
+        fails += not ok
+        print("%s: %s GPU %s graph of %d x %d in %.1f s, recall@10 %.4f" % (
+            "PASS" if ok else "FAIL", method, method, n, K, t, r))
+    # graph completion with the stored exact index moved to the GPUs
+    index = graph.read_background_index(os.path.join(tmp, "exact.index"), n, d)
+    x0 = graph.normalized(rs.randn(500, d).astype(np.float32))
+    xt = graph.normalized(rs.randn(100, d).astype(np.float32))
+    Dt = np.fromfile(os.path.join(tmp, "exact.D"), dtype=np.float32).reshape(n, K)
+    It = np.fromfile(os.path.join(tmp, "exact.I"), dtype=np.int32).reshape(n, K)
+    I_nodes, I_test, _ = graph.complete_graph(x0, xt, 30, {"x": x, "index": index, "D": Dt, "I": It})
+    allx = np.vstack([x0, xn])
+    ref = faiss.IndexFlatIP(d)
+    ref.add(allx)
+    _, Iref_t = ref.search(xt, 30)
+    r = recall(I_test, Iref_t, 30)
+    ok = r >= 0.97
+    fails += not ok
+    print("%s: graph completion through GPU index, test recall@30 %.4f" % ("PASS" if ok else "FAIL", r))
+    return 1 if fails else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
