@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import yaml
 from PIL import Image
+from tqdm import tqdm
 
 from lowshot import networks
 from lowshot.common import InputError, log, require_file
@@ -496,7 +497,6 @@ def extract_features(cfg, outfile, model_name, modelfile=None, num_classes=1000,
         torch.utils.data.Subset(dataset, range(start, n)), batch_size=bs, shuffle=False,
         num_workers=lcfg["num_workers"], pin_memory=(device == "cuda"))
 
-    from tqdm import tqdm
     log("extracting %d images (rows %d..%d, feature dim %d) on %s, %d GPU(s), batch %d, "
         "block %d rows" % (n - start, start, n, d, device, torch.cuda.device_count()
                            if device == "cuda" else 0, bs, block))
