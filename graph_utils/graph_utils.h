@@ -126,9 +126,9 @@ template <class TI>
 void merge_knn_results(float* D, TI* I, int64_t n, int64_t k, int64_t ldd, int64_t ldi, const float* D2,
                        const TI* I2, int64_t k2, int64_t ldd2, int64_t ldi2, int64_t translation);
 
-// Locality-preserving node order of a square matrix: breadth-first search over the symmetrised pattern,
-// each connected component started from its lowest-degree unvisited node, neighbours visited in
-// increasing degree (Cuthill-McKee). perm[new_id] = old_id.
+// Locality-preserving node order of a square matrix with a symmetric pattern (as W0 + W0^T): breadth-first
+// search, each connected component started from its lowest-numbered node, neighbours taken in row order
+// (the order of scipy.sparse.csgraph.breadth_first_order). perm[new_id] = old_id.
 void bfs_order(const CSRView& A, int64_t* perm);
 
 // B = P A P^T for perm[new_id] = old_id: B[r, c] = A[perm[r], perm[c]]; rows of B sorted.
