@@ -3,7 +3,7 @@
 # project's virtual environment: SWIG from the swig wheel, oneMKL from the mkl-devel wheel (found through
 # its relocatable pkg-config file, linked with GNU OpenMP like torch and faiss), Python / numpy headers
 # from the interpreter, an rpath to the venv's lib/ so no LD_LIBRARY_PATH is needed.
-# Does nothing when the module is newer than every source. Usage: bash graph_utils/compile.bash [--force]
+# Does nothing when the module is newer than every source and than the venv's last install. Usage: bash graph_utils/compile.bash [--force]
 # Environment: VENV (default: <repo>/.venv), CXX (default: g++), GRAPH_UTILS_CXXFLAGS (extra flags).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -19,8 +19,9 @@ MODULE=_graph_utils_swig$EXT_SUFFIX
 
 if [ "${1:-}" != "--force" ] && [ -f "$MODULE" ] && [ -f graph_utils_swig.py ]; then
   stale=0
-  for s in "${SOURCES[@]}"; do
-    if [ "$s" -nt "$MODULE" ]; then stale=1; fi
+  # a reinstalled venv (setup.bash rewrites .requirements.installed) may bring another MKL or numpy
+  for s in "${SOURCES[@]}" "$VENV/.requirements.installed"; do
+    if [ -e "$s" ] && [ "$s" -nt "$MODULE" ]; then stale=1; fi
   done
   if [ $stale = 0 ]; then
     echo "graph_utils: $MODULE is up to date"
