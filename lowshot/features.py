@@ -267,6 +267,10 @@ class YFCC100MDataset(ImageDataset):
         super().__init__(i0, i1, transform)
         self.root = root
         self._zip_key, self._zip = None, None     # one open zip per worker process
+        zips = sorted({self.location(i)[0] for i in range(i0 - i0 % 1000, i1, 1000)})
+        if not any(os.path.exists(os.path.join(root, z)) for z in zips):
+            raise InputError("none of the zips of images [%d, %d) exists under %s (%s ... %s)"
+                             % (i0, i1, root, zips[0], zips[-1]))
 
     @staticmethod
     def location(i):
@@ -312,6 +316,10 @@ class ImageListDataset(ImageDataset):
             raise InputError("image list %s has %d images, --i1 %d is beyond"
                              % (list_file, len(self.names), i1))
         super().__init__(i0, i1, transform)
+        first = [os.path.join(self.root, nm) for nm in self.names[i0:min(i1, i0 + 20)]]
+        if not any(os.path.exists(p) for p in first):
+            raise InputError("image list %s: none of its first images exists under the root %s "
+                             "(e.g. %s): wrong dataset.root / --root?" % (list_file, self.root, first[0]))
 
     def open(self, i):
         return Image.open(os.path.join(self.root, self.names[i]))
@@ -552,6 +560,8 @@ def extract_features(cfg, outfile, model_name, modelfile=None, num_classes=1000,
     os.replace(partial, outfile)
     os.remove(badfile)
     rate = (n - start) / max(seconds, 1e-9)
+    if len(bad) > n // 10:
+        log("warning: %d of %d images were unreadable and replaced by black images" % (len(bad), n))
     log("wrote %s: %d rows x %d, %d bad images, %.1f images/s"
         % (outfile, n, d, len(bad), rate))
     return {"n": n, "feature_dim": d, "nbad": len(bad), "rows_this_run": n - start,

@@ -379,6 +379,15 @@ def test_bad_inputs(tmp_path, capsys):
         save_features.run_main(save_features.main,
                                ["--cfg", cfg, "--model", "ResNet10", "--outfile", str(tmp_path / "o")])
     assert "error: yfcc100m dataset: --i1" in capsys.readouterr().err
+    # a wrong root would silently give black-image features: refused
+    with pytest.raises(InputError, match=r"none of the zips of images \[5000, 7000\) exists .*"
+                                         r"00/005.zip ... 00/006.zip"):
+        features.make_dataset({"type": "yfcc100m", "path": str(tmp_path)}, 5000, 7000)
+    with open(tmp_path / "list.json", "w") as f:
+        json.dump({"image_names": ["a.png", "b.png"], "image_labels": [0, 1]}, f)
+    with pytest.raises(InputError, match="none of its first images exists"):
+        features.make_dataset({"type": "image_list", "path": str(tmp_path / "list.json"),
+                               "root": str(tmp_path / "elsewhere")})
 
 
 # ----------------------------------------------------------------------------- EfficientNet-Lite0
