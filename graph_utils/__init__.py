@@ -18,7 +18,7 @@ except ImportError as e:  # pragma: no cover - only without a build
 
 __all__ = ["CSR", "csr_from_knn", "transpose", "sort_rows", "union", "intersection_min", "row_normalize",
            "check", "knn_to_graph", "col_normalize", "spmm", "MklSpmm", "merge_knn_results",
-           "locality_order", "permute", "inverse_permutation", "max_threads"]
+           "locality_order", "permute", "permute_columns", "inverse_permutation", "max_threads"]
 
 _INT32_MAX = 2**31 - 1
 #: MKL's LP64 sparse BLAS takes 32-bit row offsets: the product is cut into row blocks of at most this
@@ -371,8 +371,9 @@ def locality_order(A):
     Returns
     -------
     perm : array (n,), int64
-        ``perm[new_id] = old_id``. Apply with :func:`permute` (graph) and ``X[perm]`` (rows of dense
-        matrices); undo on results with ``Y[inverse_permutation(perm)]``.
+        ``perm[new_id] = old_id``. Apply with :func:`permute` (graph), :func:`permute_columns`
+        (matrices whose columns are nodes) and ``X[perm]`` (rows of dense matrices); undo on results
+        with ``Y[inverse_permutation(perm)]``; node ``old`` becomes ``inverse_permutation(perm)[old]``.
     """
     _check_csr_arg(A)
     if A.shape[0] != A.shape[1]:
@@ -391,6 +392,21 @@ def permute(A, perm):
     if len(perm) != A.shape[0]:
         raise ValueError("perm has %d entries, A has %d rows" % (len(perm), A.shape[0]))
     return _from_tuple(_gu.permute_symmetric(*A._args(), perm), A.shape)
+
+
+def permute_columns(A, perm):
+    """``A P^T`` for ``perm[new_id] = old_id``: new CSR with ``B[:, c] = A[:, perm[c]]``, rows sorted.
+
+    For a rectangular matrix whose columns are graph nodes (e.g. test images x nodes) after the graph
+    was reordered with :func:`permute`: ``permute_columns(T, perm) @ X[perm] == T @ X``.
+    """
+    _check_csr_arg(A)
+    perm = _as_1d(perm, np.int64, "perm")
+    if len(perm) != A.shape[1] or not np.array_equal(np.sort(perm), np.arange(A.shape[1])):
+        raise ValueError("perm is not a permutation of the %d columns" % A.shape[1])
+    inv = inverse_permutation(perm)
+    B = CSR(A.indptr.copy(), inv[A.indices].astype(np.int32), A.data.copy(), A.shape, check=False)
+    return sort_rows(B)
 
 
 def inverse_permutation(perm):

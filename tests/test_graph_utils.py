@@ -382,6 +382,13 @@ def test_locality_order_and_permute():
     np.testing.assert_allclose(gu.spmm(P, X[perm])[inv], gu.spmm(W, X), rtol=1e-5)
     with pytest.raises(ValueError, match="not a permutation"):
         gu.permute(W, np.zeros(n, np.int64))
+    # a rectangular matrix over the nodes (test images x nodes) follows with permute_columns
+    T = gu.csr_from_knn(knn_table(50, 4, rs, ncol=n), n)
+    Tp = gu.permute_columns(T, perm)
+    np.testing.assert_array_equal(dense(Tp), dense(T)[:, perm])
+    for r in range(T.shape[0]):
+        assert (np.diff(Tp.indices[Tp.indptr[r]:Tp.indptr[r + 1]]) >= 0).all()
+    np.testing.assert_allclose(gu.spmm(Tp, X[perm]), gu.spmm(T, X), rtol=1e-5)
 
 
 def test_import_with_faiss_and_torch():
