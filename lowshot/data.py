@@ -245,6 +245,9 @@ def load_labels(path, split, require_all=True):
         labels = np.asarray(f["all_labels"][:count]).astype(np.int64)
     if count and labels.min() < 0:
         raise InputError("feature file %s: all_labels holds a negative label %d" % (path, labels.min()))
+    if count and split.label_names is not None and labels.max() >= len(split.label_names):
+        raise InputError("feature file %s: all_labels holds label %d, beyond the %d classes of split "
+                         "file %s" % (path, labels.max(), len(split.label_names), split.path))
     y = split.remap(labels)
     rows = np.flatnonzero(y >= 0)
     y = y[rows]

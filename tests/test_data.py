@@ -234,6 +234,14 @@ def test_bad_feature_files(tmp_path, name):
     assert path in str(e.value)
 
 
+def test_label_beyond_label_names(tmp_path):
+    s = data.load_split(write_split(tmp_path / "s.json", [1], [2], label_names=["a", "b", "c"]), "val")
+    path = write_h5(tmp_path / "f.hdf5", np.ones((4, 2), np.float32), np.array([0, 1, 3, 1]))
+    with pytest.raises(InputError, match="label 3, beyond the 3 classes") as e:
+        data.load_features(path, s)
+    assert path in str(e.value)
+
+
 def test_missing_and_unreadable_feature_file(tmp_path):
     s = data.load_split(write_split(tmp_path / "s.json", [1], [2]), "val")
     with pytest.raises(InputError, match="does not exist"):
