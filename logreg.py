@@ -51,7 +51,9 @@ def parse_args(argv=None):
     g.add_argument("--batchsize", type=int, default=None, help="class-balanced batch size")
     g.add_argument("--pcadim", type=int, default=None,
                    help="input dimension of the linear layer; must equal the features' D (default: D)")
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    g.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default; 1 when running several jobs per machine)")
+    g.add_argument("--device", default="auto", help="auto (cuda if torch sees a GPU, else cpu), cpu, cuda")
     g = p.add_argument_group("output")
     g.add_argument("--verbose", type=int, default=500, help="log the training loss every N iterations")
     g.add_argument("--storeL", default="", help="write test-image probabilities (n_test, C) float32 .npy")
@@ -65,6 +67,7 @@ def main(argv=None):
     print_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = logreg.pick_device(args.device)
     ddir = get_ddir(args.ddir)
     log("loading %s split %s, n=%d seed=%d" % (args.mode, args.split, args.nlabeled, args.seed))
     ld = data.load_lowshot(ddir, args.split, args.mode, args.nlabeled, args.seed, log=log)
@@ -73,7 +76,7 @@ def main(argv=None):
             args.pcadim, data.feature_paths(ddir)["train"], ld.D))
     res, model = logreg.run(ld, args.nlabeled, args.seed, args.mode, lr=args.lr, wd=args.wd,
                             mom=args.mom, batchsize=args.batchsize, maxiter=args.maxiter,
-                            verbose=args.verbose, log=log)
+                            verbose=args.verbose, log=log, device=device)
     if args.storeL:
         log("writing", args.storeL)
         L = np.exp(logreg.scores(model.weight.detach(), model.bias.detach(), ld.Xte, log_softmax=True))
@@ -83,7 +86,7 @@ def main(argv=None):
     if args.storemodel:
         log("writing", args.storemodel)
         with atomic_output(args.storemodel) as tmp:
-            torch.save(model.state_dict(), tmp)
+            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
     result = dict(script="logreg", mode=args.mode, nlabeled=args.nlabeled, seed=args.seed, **res)
     if args.result:
         write_json(args.result, result)

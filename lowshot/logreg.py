@@ -68,8 +68,17 @@ class BalancedSampler:
         return self.order[self.starts[c] + j]
 
 
+def pick_device(device="auto"):
+    """torch device: "auto" is cuda when torch sees a GPU, else cpu."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device %s: torch sees no GPU" % device)
+    return torch.device(device)
+
+
 def scores(weight, bias, X, log_softmax=False):
-    """Class scores of rows of X: logits, or log-probabilities.
+    """Class scores of rows of X: logits, or log-probabilities (computed on weight's device).
 
     Parameters
     ----------
@@ -83,15 +92,16 @@ def scores(weight, bias, X, log_softmax=False):
     out = np.empty((X.shape[0], weight.shape[0]), dtype=np.float32)
     with torch.no_grad():
         for i0 in range(0, X.shape[0], _CHUNK):
-            s = F.linear(torch.from_numpy(np.ascontiguousarray(X[i0:i0 + _CHUNK])), weight, bias)
+            x = torch.from_numpy(np.ascontiguousarray(X[i0:i0 + _CHUNK])).to(weight.device)
+            s = F.linear(x, weight, bias)
             if log_softmax:
                 s = F.log_softmax(s, dim=1)
-            out[i0:i0 + s.shape[0]] = s.numpy()
+            out[i0:i0 + s.shape[0]] = s.cpu().numpy()
     return out
 
 
 def train(Xl, yl, nclass, lr, wd, mom, batchsize, maxiter, seed, eval_every=0, eval_fn=None,
-          verbose=500, log=None):
+          verbose=500, log=None, device="cpu"):
     """Train the linear classifier by SGD on class-balanced batches.
 
     Parameters
@@ -111,35 +121,39 @@ def train(Xl, yl, nclass, lr, wd, mom, batchsize, maxiter, seed, eval_every=0, e
     verbose : int
         Log the mean training loss every this many iterations (0: never).
     log : callable or None
+    device : str or torch.device
+        Where the labelled set and the model live; the batch draws stay on the CPU generator, so
+        a GPU run sees the same batches as a CPU run.
 
     Returns
     -------
-    torch.nn.Linear (D -> nclass), trained.
+    torch.nn.Linear (D -> nclass), trained, on ``device``.
     """
     log = log or (lambda *a: None)
     Xl = np.ascontiguousarray(Xl, dtype=np.float32)
     yl = np.asarray(yl, dtype=np.int64)
     if yl.size == 0 or yl.min() < 0 or yl.max() >= nclass:
         raise InputError("labels must be in 0..%d" % (nclass - 1))
+    device = torch.device(device)
     torch.manual_seed(seed)
-    model = torch.nn.Linear(Xl.shape[1], nclass)
+    model = torch.nn.Linear(Xl.shape[1], nclass).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=mom, weight_decay=wd)
     g = torch.Generator().manual_seed(seed)
     sampler = BalancedSampler(yl, g)
-    X = torch.from_numpy(Xl)
-    Y = torch.from_numpy(yl)
+    X = torch.from_numpy(Xl).to(device)
+    Y = torch.from_numpy(yl).to(device)
     loss_sum, t0 = 0.0, time.time()
     for it in range(1, maxiter + 1):
-        idx = sampler.sample(batchsize)
+        idx = sampler.sample(batchsize).to(device)
         loss = F.cross_entropy(model(X.index_select(0, idx)), Y.index_select(0, idx))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if verbose:
-            loss_sum += loss.item()
+            loss_sum = loss_sum + loss.detach()    # no device sync per iteration
             if it % verbose == 0:
                 log("iter %d/%d  loss %.4f  %.0f it/s" % (
-                    it, maxiter, loss_sum / verbose, it / (time.time() - t0)))
+                    it, maxiter, float(loss_sum) / verbose, it / (time.time() - t0)))
                 loss_sum = 0.0
         if eval_every and eval_fn is not None and it % eval_every == 0:
             eval_fn(it, model.weight.detach(), model.bias.detach())
@@ -147,7 +161,7 @@ def train(Xl, yl, nclass, lr, wd, mom, batchsize, maxiter, seed, eval_every=0, e
 
 
 def run(ld, nlabeled, seed, mode, lr=None, wd=None, mom=None, batchsize=None, maxiter=None,
-        verbose=500, log=None):
+        verbose=500, log=None, device="cpu"):
     """Train on a loaded low-shot problem and evaluate it with the protocol of the paper.
 
     Parameters
@@ -160,6 +174,7 @@ def run(ld, nlabeled, seed, mode, lr=None, wd=None, mom=None, batchsize=None, ma
         None: the validated setting for ``nlabeled`` (:data:`HPARAMS`), momentum 0.
     verbose : int
     log : callable or None
+    device : str or torch.device
 
     Returns
     -------
@@ -188,7 +203,7 @@ def run(ld, nlabeled, seed, mode, lr=None, wd=None, mom=None, batchsize=None, ma
         ld.Xl.shape[0], ld.Xl.shape[1], ld.split.nclass, hp))
     model = train(ld.Xl, ld.yl, ld.split.nclass, hp["lr"], hp["wd"], mom, hp["batchsize"],
                   hp["maxiter"], seed, eval_every=EVAL_EVERY if mode == "val" else 0,
-                  eval_fn=eval_fn, verbose=verbose, log=log)
+                  eval_fn=eval_fn, verbose=verbose, log=log, device=device)
     if not evals or evals[-1]["iter"] != hp["maxiter"]:
         eval_fn(hp["maxiter"], model.weight.detach(), model.bias.detach())
     res = dict(hp, mom=mom, evals=evals, top5=evals[-1]["top5"], top5_novel=evals[-1]["top5_novel"])
