@@ -39,7 +39,8 @@ import sys
 import numpy as np
 import yaml
 
-from lowshot.common import InputError, atomic_output, log, run_main, write_json
+from lowshot.common import (InputError, atomic_output, get_ddir, log, require_file, run_main,
+                            write_json)
 from lowshot.launch import Run, available_cores, make_launcher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -607,6 +608,13 @@ class Phases:
     def phase(self, experiment, number):
         """Run one phase; return the exit status (0 ok, 1 incomplete)."""
         label = "%s phase %d" % (experiment, number)
+        if number in (1, 3):
+            # fail here rather than in hundreds of runs
+            if not (self.cfg["ddir"] or os.environ.get("DDIR")):
+                raise InputError("no data directory: set $DDIR or the config's ddir")
+            get_ddir(self.cfg["ddir"])
+            if self.cfg["split"]:
+                require_file(self.cfg["split"], "split file (config key split)")
         if number == 1:
             if experiment == "logreg":
                 stages = [("validation grid", self.logreg_val_runs)]

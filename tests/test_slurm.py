@@ -197,7 +197,7 @@ def test_slurm_array_kill_one_task_and_redo_only_it(slurm_cluster, tmp_path):
         time.sleep(0.3)
     # started again while r3 still runs, the phase does not submit r3 a second time
     again = SlurmLauncher(ROOT, str(tmp_path / "slurm"), opts, wait=False)
-    assert again.still_queued(runs) == [(jobid, [(3, runs[3])])]
+    assert again.still_queued([runs[3]]) == [(jobid, [(3, runs[3])])]
     assert again.execute([runs[3]], "kill test") == []
     assert len([f for f in os.listdir(tmp_path / "slurm") if f.endswith(".tasks")]) == 1
     subprocess.run(["scancel", "%s_3" % jobid], check=True)
@@ -222,7 +222,7 @@ def test_slurm_array_kill_one_task_and_redo_only_it(slurm_cluster, tmp_path):
 
 def test_slurm_phase_with_real_scripts(slurm_cluster, tiny_ddir, tmp_path):
     rundir = tmp_path / "runs"
-    config = tiny_config(tmp_path / "tiny.yaml", tiny_ddir, str(rundir))
+    config = tiny_config(tmp_path / "tiny.yaml", tiny_ddir, str(rundir), seeds=(1, 2))
     out = run_phase("run_diffusion.bash", 1, config, LAUNCHER="slurm")
     assert "submitted job array" in out
     val = rundir / "diffusion" / "val"
