@@ -8,6 +8,7 @@ spool directories, free TCP ports), so it does not touch a Slurm or munge alread
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -16,6 +17,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from lowshot import phases
 from lowshot.launch import SlurmLauncher
@@ -223,8 +225,27 @@ def test_slurm_array_kill_one_task_and_redo_only_it(slurm_cluster, tmp_path):
 def test_slurm_phase_with_real_scripts(slurm_cluster, tiny_ddir, tmp_path):
     rundir = tmp_path / "runs"
     config = tiny_config(tmp_path / "tiny.yaml", tiny_ddir, str(rundir), seeds=(1, 2))
-    out = run_phase("run_diffusion.bash", 1, config, LAUNCHER="slurm")
-    assert "submitted job array" in out
+    # WAIT=0 returns right after submission (held here: sbatch --hold from the config's args);
+    # started again before the tasks ran, the phase submits nothing new and waits for them
+    held = tiny_config(tmp_path / "held.yaml", tiny_ddir, str(rundir), seeds=(1, 2))
+    cfg = yaml.safe_load(open(held))
+    cfg["slurm"]["args"] = ["--hold"]
+    yaml.safe_dump(cfg, open(held, "w"))
+    out = run_phase("run_diffusion.bash", 1, held, LAUNCHER="slurm", WAIT="0")
+    m = re.search(r"submitted job array (\d+) \(2 tasks", out)
+    assert m and "jobs submitted; when they are done, run this phase again" in out
+    p = subprocess.Popen(["bash", "run_diffusion.bash", "1"], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True,
+                         env=dict(os.environ, CONFIG=config, LAUNCHER="slurm", PYTHON=sys.executable))
+    first = ""
+    for _ in range(6):       # the phase prints this before it starts waiting
+        first += p.stdout.readline()
+        if "still queued" in first:
+            break
+    subprocess.run(["scontrol", "release", m.group(1)], check=True)
+    assert "still queued or running as tasks of job %s" % m.group(1) in first
+    out = first + p.stdout.read()
+    assert p.wait() == 0 and "submitted job array" not in out
     val = rundir / "diffusion" / "val"
     names = ["nl1.nbg%d.seed%d.json" % (NBG, s) for s in (1, 2)]
     res = [json.load(open(val / n)) for n in names]
