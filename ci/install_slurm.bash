@@ -10,6 +10,10 @@ if command -v sbatch >/dev/null && command -v slurmctld >/dev/null && command -v
   echo "== slurm and munge already installed"
   exit 0
 fi
+if ! command -v apt-get >/dev/null; then
+  echo "== no apt-get: cannot install slurm-wlm and munge here; tests/test_slurm.py will skip"
+  exit 0
+fi
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
 export DEBIAN_FRONTEND=noninteractive

@@ -192,6 +192,7 @@ class LocalLauncher:
 
         log("%s: %d runs, %d at a time, %d threads each" % (label, total, self.nproc, self.threads))
         try:
+            new_failure = False
             while todo or running:
                 while todo and len(running) < self.nproc:
                     run = todo.pop(0)
@@ -200,18 +201,18 @@ class LocalLauncher:
                         p = subprocess.Popen(run.cmd, cwd=self.cwd, env=env, stdout=logf,
                                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
                     running[p] = run
-                    progress(force=len(running) == 1 and ndone == 0)
+                progress(force=new_failure)
+                new_failure = False
+                time.sleep(self.poll_s)
                 for p in [p for p in running if p.poll() is not None]:
                     run = running.pop(p)
                     if p.returncode == 0 and run.is_done():
                         ndone += 1
                     else:
                         failed.append(run)
+                        new_failure = True
                         log("%s: FAILED %s (exit status %d): %s  [log: %s]" % (
                             label, run.name, p.returncode, last_line(run.log), run.log))
-                        progress(force=True)
-                progress()
-                time.sleep(self.poll_s)
         except BaseException:
             for p, run in running.items():
                 p.terminate()

@@ -95,6 +95,8 @@ def _merge(default, given, path, where):
 def load_config(path):
     """Read a phases config (yaml) and fill in the defaults; unknown keys are errors.
 
+    ``rundir``, ``ddir``, ``split`` and ``python`` may hold ``$VAR`` / ``~`` (expanded here).
+
     Returns
     -------
     dict
@@ -110,6 +112,9 @@ def load_config(path):
     if not isinstance(given, dict):
         raise InputError("config %s: expected a mapping at the top level" % path)
     cfg = _merge(DEFAULTS, given, [], path)
+    for key in ("rundir", "ddir", "split", "python"):
+        if isinstance(cfg[key], str):
+            cfg[key] = os.path.expandvars(os.path.expanduser(cfg[key]))
     if cfg["choose_on"] not in METRICS:
         raise InputError("config %s: choose_on must be top5 or top5_novel" % path)
     for key in ("seeds", "nlabeled"):
