@@ -719,7 +719,12 @@ def format_choices(chosen):
     lines = []
     for n in sorted(chosen):
         entries = chosen[n].items() if "val_top5" not in chosen[n] else [(None, chosen[n])]
-        for vn, c in sorted(entries, key=lambda e: str(e[0])):
+        def order(e):       # "nbg{N}[.indomain]" by background size
+            return (0, 0) if e[0] is None else (e[0].endswith(".indomain"),
+                                                int(e[0].split(".")[0][3:]))
+        for vn, c in sorted(entries, key=order):
+            if vn is not None:
+                vn = bg_label(order((vn, None))[1], vn.endswith(".indomain"))
             params = ", ".join("%s %s" % (k, c[k]) for k in ("lr", "wd", "batchsize", "maxiter",
                                                               "niter", "weight") if k in c)
             lines.append("n=%d%s: %s  val top-5 %.2f ± %.2f (novel %.2f ± %.2f), %d seeds" % (
@@ -794,9 +799,12 @@ def plot_results(summary, nlabeled, path, title):
             ns = [n for n in nlabeled if c["cells"][n]["nseeds"]]
             if not ns:
                 continue
+            # one line style per method, so that equal curves (fusion weight 1) stay visible
+            style = {"logreg": ("-", "o"), "diffusion": ("--", "s"), "combined": (":", "^")}.get(
+                c["label"].split()[0], ("-", "o"))
             ax.errorbar(ns, [c["cells"][n][metric] for n in ns],
-                        yerr=[c["cells"][n][metric + "_std"] for n in ns],
-                        marker="o", capsize=3, label=c["label"])
+                        yerr=[c["cells"][n][metric + "_std"] for n in ns], linestyle=style[0],
+                        marker=style[1], markerfacecolor="none", capsize=3, label=c["label"])
         ax.set_xscale("log")
         ax.set_xticks(nlabeled)
         ax.set_xticklabels([str(n) for n in nlabeled])
