@@ -1,10 +1,11 @@
 """Benchmark of the diffusion's sparse x dense product W @ L and of building W from a k-NN table.
 
 Everything is generated in memory (nothing is read or written except --result). For every N of --configs
-it builds one graph W = row-normalised (W0 + W0^T) from a k-NN table whose neighbours are nearby ids
-(|i - j| <= --window, the "local" numbering, as when nodes are ordered by IVF cluster), the same graph
-with the nodes randomly renumbered ("random"), and the random one reordered by graph_utils.locality_order
-("bfs"). For every N:C of --configs it times, on each numbering, W @ L with L (N, C) float32:
+it builds one graph W = row-normalised (W0 + W0^T) in three numberings: "local" (neighbours have nearby
+ids), "random" (the same graph randomly renumbered) and "bfs" (the random one reordered by
+graph_utils.locality_order). --graph band: the k-NN table links each node to ids within +-window;
+--graph clustered: the k-NN table (faiss IVF) of points from a Gaussian mixture in random order, as
+image features come, "local" being the order of their IVF lists. For every N:C of --configs it times, on each numbering, W @ L with L (N, C) float32:
   scipy     scipy.sparse csr @ dense, 1 thread (the baseline, ratio 1.0)
   torch     torch.sparse CSR @ dense (torch's threads = OMP threads)
   mkl       MKL inspector-executor alone: graph_utils.MklSpmm analysed once, executor timed
@@ -54,16 +55,47 @@ def read_bandwidth(nthreads, nbytes=1 << 30, repeat=3):
     return nbytes / t / 1e9
 
 
-def make_graphs(n, k, window, rs):
-    """W with local numbering, the same graph randomly renumbered, and that one reordered by BFS."""
-    I = (np.arange(n)[:, None] + rs.randint(-window, window + 1, size=(n, k))) % n
-    W = graph_utils.knn_to_graph(I, n)
-    shuffled = graph_utils.permute(W, rs.permutation(n))
+def band_knn(n, k, window, rs):
+    """k-NN table whose neighbours are nearby ids (|i - j| <= window): the "local" numbering."""
+    return (np.arange(n)[:, None] + rs.randint(-window, window + 1, size=(n, k))) % n, None
+
+
+def clustered_knn(n, k, rs, d=32, nclusters=None):
+    """k-NN table of points drawn from a Gaussian mixture (a stand-in for image features), found with
+    a faiss IVF index; also returns each point's IVF list, whose order is the "local" numbering."""
+    import faiss
+    nclusters = nclusters or max(10, n // 100)
+    centroids = 2 * rs.randn(nclusters, d).astype(np.float32)
+    x = centroids[rs.randint(0, nclusters, n)] + rs.randn(n, d).astype(np.float32)
+    quantizer = faiss.IndexFlatL2(d)
+    index = faiss.IndexIVFFlat(quantizer, d, int(2 * np.sqrt(n)))
+    index.train(x[rs.choice(n, min(n, 50 * index.nlist), replace=False)])
+    index.add(x)
+    index.nprobe = 4
+    _, I = index.search(x, k + 1)
+    _, lists = quantizer.search(x, 1)
+    return I[:, 1:], np.argsort(lists.ravel(), kind="stable")
+
+
+def make_graphs(n, k, kind, window, rs):
+    """W in a locality-preserving numbering, randomly renumbered, and that one reordered by BFS.
+
+    kind "band": neighbours within +-window ids (generated local, then shuffled); kind "clustered":
+    a real k-NN graph of clustered points in generation (random) order, made local by IVF list order.
+    """
+    if kind == "band":
+        I, _ = band_knn(n, k, window, rs)
+        local = graph_utils.knn_to_graph(I, n)
+        shuffled = graph_utils.permute(local, rs.permutation(n))
+    else:
+        I, ivf_order = clustered_knn(n, k, rs)
+        shuffled = graph_utils.knn_to_graph(I, n)
+        local = graph_utils.permute(shuffled, ivf_order)
     t0 = time.perf_counter()
     perm = graph_utils.locality_order(shuffled)
     bfs = graph_utils.permute(shuffled, perm)
     t_order = time.perf_counter() - t0
-    return {"local": W, "random": shuffled, "bfs": bfs}, t_order
+    return {"local": local, "random": shuffled, "bfs": bfs}, t_order
 
 
 def bench_products(W, C, repeat, methods, rs):
@@ -113,7 +145,9 @@ def main(argv=None):
     group.add_argument("--configs", default="100000:100,100000:1000,1000000:100",
                        help="comma-separated N:C (graph nodes : columns of L)")
     group.add_argument("--k", type=int, default=30, help="neighbours per node of the k-NN table")
-    group.add_argument("--window", type=int, default=5000, help="neighbour ids within +-window (local numbering)")
+    group.add_argument("--graph", choices=["band", "clustered"], default="band",
+                       help="band: neighbours within +-window ids; clustered: faiss k-NN of a Gaussian mixture")
+    group.add_argument("--window", type=int, default=5000, help="band graph: neighbour ids within +-window")
     group.add_argument("--orders", default="local,random,bfs", help="node numberings to time")
     group.add_argument("--methods", default="scipy,torch,mkl,mkl_call,hand")
     group.add_argument("--max_scipy_work", type=float, default=1e10,
@@ -141,8 +175,8 @@ def main(argv=None):
     for n, C in [(int(c.split(":")[0]), int(c.split(":")[1])) for c in args.configs.split(",") if c]:
         if n != graphs_n:
             graphs = None  # free the previous size's graphs first
-            log("building graphs N=%d k=%d window=%d" % (n, args.k, args.window))
-            graphs, t_order = make_graphs(n, args.k, args.window, rs)
+            log("building %s graphs N=%d k=%d" % (args.graph, n, args.k))
+            graphs, t_order = make_graphs(n, args.k, args.graph, args.window, rs)
             graphs_n = n
             log("locality_order + permute: %.2f s" % t_order)
         for order in args.orders.split(","):
