@@ -50,7 +50,7 @@ def _alive(pid):
     return True
 
 
-def _stop(pid, timeout=10):
+def _stop(pid, timeout=5):
     """Wait for ``pid`` to exit, then SIGTERM, then SIGKILL it (only this one process)."""
     for sig in (None, signal.SIGTERM, signal.SIGKILL):
         if sig is not None and _alive(pid):
@@ -60,6 +60,29 @@ def _stop(pid, timeout=10):
             time.sleep(0.1)
         if not _alive(pid):
             return
+
+
+def _cluster_processes(conf):
+    """Pids of processes started by this cluster (daemons, slurmstepd, job tasks): their
+    environment holds our SLURM_CONF. This process and its ancestors are left out."""
+    keep, pid = set(), os.getpid()
+    while pid > 1:
+        keep.add(pid)
+        try:
+            pid = int(open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    mark = ("SLURM_CONF=%s" % conf).encode()
+    found = []
+    for d in os.listdir("/proc"):
+        if d.isdigit() and int(d) not in keep:
+            try:
+                env = open("/proc/%s/environ" % d, "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if mark in env:
+                found.append(int(d))
+    return found
 
 
 def _logs(base):
@@ -132,6 +155,7 @@ def slurm_cluster(tmp_path_factory):
     old_conf = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = conf
     pidfiles = [os.path.join(base, "run", n) for n in ("slurmd.pid", "slurmctld.pid", "munged.pid")]
+    pids = [None] * 3
     try:
         subprocess.run(["munged", "--force", "--socket=%s/munge/munge.sock" % base,
                         "--key-file=%s" % key, "--log-file=%s/log/munged.log" % base,
@@ -150,19 +174,25 @@ def slurm_cluster(tmp_path_factory):
             time.sleep(0.5)
         else:
             pytest.fail("the test Slurm node did not become idle (state %r)\n%s" % (state, _logs(base)))
+        # read now: slurmd removes its pid file as soon as it starts shutting down
+        pids = [_pid(pf) for pf in pidfiles]
         yield {"conf": conf, "base": base}
     finally:
         jobs = subprocess.run(["squeue", "-h", "-o", "%A"], capture_output=True, text=True).stdout.split()
         if jobs:
             subprocess.run(["scancel"] + sorted(set(jobs)), capture_output=True)
+        pids = [pid or _pid(pf) for pid, pf in zip(pids, pidfiles)]
         subprocess.run(["scontrol", "shutdown"], capture_output=True)
-        for pf in pidfiles:
-            pid = _pid(pf)
-            if pid is not None and pf.endswith("munged.pid"):
-                subprocess.run(["munged", "--stop", "--socket=%s/munge/munge.sock" % base],
-                               capture_output=True)
-            if pid is not None:
+        for pid in pids[:2]:        # slurmd, slurmctld
+            if pid:
                 _stop(pid)
+        subprocess.run(["munged", "--stop", "--socket=%s/munge/munge.sock" % base],
+                       capture_output=True)
+        if pids[2]:
+            _stop(pids[2])
+        # whatever survived (a slurmstepd of a task stuck at the end of a failed test)
+        for pid in _cluster_processes(conf):
+            _stop(pid, timeout=2)
         if old_conf is None:
             os.environ.pop("SLURM_CONF", None)
         else:
