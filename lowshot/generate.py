@@ -25,7 +25,7 @@ Files written under ``out`` (names and layouts of the published ``$DDIR``):
   ``novel_classes_1``, ``base_classes_2``, ``novel_classes_2``, ``base_classes``, ``label_names``,
   with the proportions of the ImageNet split (19.3% / 30% / 19.6% / 31.1% of the classes).
 - ``features/PCAR256.vt``: faiss ``PCAMatrix(D, d, 0, True)`` (no whitening, random rotation)
-  trained on the training images and a background sample.
+  trained on a sample of generated background rows (20000, at least 2 d).
 - ``features/f100m/concatenated_PCAR256.raw``: the background, raw float32 (nbg, d), no header:
   generated in D dims block by block, mapped through the .vt, appended; never held in memory.
 - ``generate.json``: the parameters (written last: its presence means the directory is complete).
