@@ -39,6 +39,7 @@ import sys
 import numpy as np
 import yaml
 
+from lowshot import data
 from lowshot.common import (InputError, atomic_output, get_ddir, log, require_file, run_main,
                             write_json)
 from lowshot.launch import Run, available_cores, make_launcher
@@ -205,7 +206,6 @@ class Phases:
 
     def nclass(self, mode):
         if mode not in self._nclass:
-            from lowshot import data
             self._nclass[mode] = data.load_split(self.cfg["split"], mode).nclass
         return self._nclass[mode]
 
@@ -560,12 +560,17 @@ class Phases:
         """Columns of the results table: list of (label, {n: [result JSON or None per seed]})."""
         cols = []
         seeds = self.cfg["seeds"]
+        self.missing_results = []
 
         def column(label, files):
             cells = {}
             for n in self.cfg["nlabeled"]:
-                cells[n] = [self.read_result(files(n, s)) if os.path.exists(files(n, s)) else None
-                            for s in seeds]
+                cells[n] = []
+                for s in seeds:
+                    f = files(n, s)
+                    cells[n].append(self.read_result(f) if os.path.exists(f) else None)
+                    if cells[n][-1] is None:
+                        self.missing_results.append(f)
             cols.append((label, cells))
 
         column("logreg", lambda n, s: self.path("logreg", "test", "nl%d.seed%d.json" % (n, s)))
@@ -592,9 +597,12 @@ class Phases:
             text.append("Top-5 accuracy (%%) on the test split, %s: mean ± std over seeds %s\n" % (
                 what, ", ".join(map(str, self.cfg["seeds"]))))
             text.append(markdown_table(summary, self.cfg["nlabeled"], metric, nseeds))
-        missing = sum(nseeds - cell["nseeds"] for col in summary for cell in col["cells"].values())
+        missing = self.missing_results
         if missing:
-            text.append("(k/%d): only k seeds have a result; %d results missing.\n" % (nseeds, missing))
+            text.append("(k/%d): only k seeds have a result; %d results missing.\n" % (
+                nseeds, len(missing)))
+            log("missing results, e.g.: %s" % ", ".join(
+                os.path.relpath(f, self.rundir) for f in missing[:5]))
         md = "\n".join(text)
         print(md)
         out = self.path("results", experiment)
