@@ -32,11 +32,34 @@ fi
 [ -x "$VENV/bin/swig" ] || { echo "error: $VENV/bin/swig missing: pip install the swig wheel (requirements.txt)" >&2; exit 1; }
 export PKG_CONFIG_PATH=$VENV/lib/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}
 MKL_PC=mkl-dynamic-lp64-gomp
-pkg-config --exists "$MKL_PC" || { echo "error: pkg-config module $MKL_PC not found under $VENV/lib/pkgconfig: pip install mkl-devel (requirements.txt)" >&2; exit 1; }
-MKL_CFLAGS=$(pkg-config --cflags "$MKL_PC")
-MKL_LIBS=$(pkg-config --libs "$MKL_PC")
+[ -f "$VENV/lib/pkgconfig/$MKL_PC.pc" ] || { echo "error: $VENV/lib/pkgconfig/$MKL_PC.pc missing: pip install mkl-devel (requirements.txt)" >&2; exit 1; }
+if command -v pkg-config > /dev/null; then
+  pc() { pkg-config "$@" "$MKL_PC"; }
+else
+  # no pkg-config binary (slim images): read the .pc file with its variables expanded
+  pc() {
+    "$PY" - "$VENV/lib/pkgconfig/$MKL_PC.pc" "$1" <<'PYEOF'
+import os, re, sys
+path, what = sys.argv[1], sys.argv[2]
+env = {"pcfiledir": os.path.dirname(os.path.abspath(path))}
+fields = {}
+expand = lambda v: re.sub(r"\$\{(\w+)\}", lambda m: env.get(m.group(1), ""), v)
+for line in open(path):
+    line = line.split("#", 1)[0].strip()
+    m = re.match(r"^(\w[\w.]*)\s*([=:])\s*(.*)$", line)
+    if m and m.group(2) == "=":
+        env[m.group(1)] = expand(m.group(3))
+    elif m:
+        fields[m.group(1)] = expand(m.group(3))
+key = {"--cflags": "Cflags", "--libs": "Libs", "--modversion": "Version"}.get(what)
+print((fields.get(key, "") if key else env.get(what.split("=", 1)[1], "")).replace("\"", ""))
+PYEOF
+  }
+fi
+MKL_CFLAGS=$(pc --cflags)
+MKL_LIBS=$(pc --libs)
 # the .pc names the libraries by full path; their directory goes into the rpath
-MKL_LIBDIR=$(pkg-config --variable=libdir "$MKL_PC")
+MKL_LIBDIR=$(pc --variable=libdir)
 MKL_LIBDIR=$(cd "$MKL_LIBDIR" && pwd)
 PY_INC=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 NP_INC=$("$PY" -c 'import numpy; print(numpy.get_include())')
@@ -50,7 +73,7 @@ esac
 CXXFLAGS="-std=c++17 -O3 -fPIC -fopenmp -Wall -Wno-unused-function $ARCH_FLAGS ${GRAPH_UTILS_CXXFLAGS:-}"
 
 mkdir -p build
-echo "graph_utils: swig $("$VENV/bin/swig" -version | awk '/Version/{print $3}'), mkl $(pkg-config --modversion "$MKL_PC"), $($CXX -dumpfullversion)"
+echo "graph_utils: swig $("$VENV/bin/swig" -version | awk '/Version/{print $3}'), mkl $(pc --modversion), $($CXX -dumpfullversion)"
 "$VENV/bin/swig" -c++ -python -o build/graph_utils_wrap.cxx -outdir build graph_utils.i
 $CXX $CXXFLAGS $MKL_CFLAGS -I"$HERE" -c graph_utils.cpp -o build/graph_utils.o
 # SWIG's generated code trips a few warnings we do not own
