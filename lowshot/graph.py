@@ -39,6 +39,9 @@ SEARCH_BS = 16384
 # Index over the in-RAM node set (labelled images) used for background -> labelled search.
 # Exact search costs nbg * n0 * d flops; above this n0 an IVF index is used by default.
 LABELLED_EXACT_MAX = 20000
+# labelled->labelled and test->labelled searches stay exact up to this many (query, vector) pairs
+# (~10 s on 2 cores); above (e.g. ImageNet's ~250k labelled images) they use the node index too.
+SMALL_EXACT_PAIRS = 2 * 10**9
 
 
 def graph_K(k):
@@ -456,7 +459,8 @@ def complete_graph(x0, xt, k, bg=None, node_index="auto", node_nprobe=16, bs=SEA
 
     Each node gets its k most similar nodes among set 0 U background; each test image its k most
     similar nodes. Searches: 0->0, 1->0 and 2->0 in an index over set 0 (:func:`make_node_index`),
-    0->1 and 2->1 in the stored background index, 1->1 from the stored table; for every row the
+    0->1 and 2->1 in the stored background index, 1->1 from the stored table (0->0 and 2->0 are
+    exact when cheap, see SMALL_EXACT_PAIRS); for every row the
     two candidate lists are merged keeping the k largest similarities (set-0 candidates first on
     ties).
 
@@ -490,18 +494,27 @@ def complete_graph(x0, xt, k, bg=None, node_index="auto", node_nprobe=16, bs=SEA
     t0 = time.time()
     log("index over %d node vectors (set 0)" % n0)
     index0, info["node_index"] = make_node_index(x0, node_index, nprobe=node_nprobe)
+    # 0->0 and 2->0 are few queries: exact unless that alone is costly; the approximate index
+    # is for the nbg background queries
+    exact_small = (n0 + xt.shape[0]) * n0 <= SMALL_EXACT_PAIRS
+    index0_small = index0
+    if exact_small and not info["node_index"].startswith("exact"):
+        index0_small = faiss.IndexFlatIP(d)
+        index0_small.add(x0)
     k0 = min(k, n0)
-    log("node index: %s; searching 0->0 and 2->0" % info["node_index"])
+    log("node index: %s; searching 0->0 and 2->0 (%s)" % (
+        info["node_index"], "exact" if exact_small else "same index"))
 
-    def search0(x, preproc=None):
-        D, I = knn_search(index0, x, k0, bs, preproc)
+    def search0(x, preproc=None, index=index0):
+        D, I = knn_search(index, x, k0, bs, preproc)
         if k0 < k:   # fewer set-0 nodes than k: pad so merges see k columns
             D = np.hstack([D, np.full((D.shape[0], k - k0), -np.inf, dtype=np.float32)])
             I = np.hstack([I, np.full((I.shape[0], k - k0), -1, dtype=np.int32)])
         return np.ascontiguousarray(D), np.ascontiguousarray(I)
 
-    D_00, I_00 = search0(x0)
-    D_20, I_20 = search0(xt)
+    D_00, I_00 = search0(x0, index=index0_small)
+    D_20, I_20 = search0(xt, index=index0_small)
+    del index0_small
     info["time_search_0"] = time.time() - t0
     I_nodes = np.empty((n, k), dtype=np.int32)
     if bg is not None:
