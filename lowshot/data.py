@@ -215,12 +215,6 @@ def _check_h5(f, path):
     return feats, n, feats.shape[1]
 
 
-def feature_dim(path):
-    """D, the number of columns of ``all_feats`` in an hdf5 feature file."""
-    with _open_h5(path) as f:
-        return _check_h5(f, path)[2]
-
-
 def load_labels(path, split, require_all=True):
     """Labels of the valid rows of an hdf5 feature file that belong to the split.
 

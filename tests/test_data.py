@@ -173,7 +173,6 @@ def test_load_features_and_read_rows(tmp_path, monkeypatch):
     assert np.array_equal(Xs, X[keep]) and Xs.dtype == np.float32
     assert ys.dtype == np.int64
     assert ys.tolist() == [s.classes.tolist().index(l) for l in labels[keep]]
-    assert data.feature_dim(path) == 6
     rows = np.flatnonzero(keep)[[250 % keep.sum(), 3, 3, 120, 0, -1, 5]]
     assert np.array_equal(data.read_rows(path, rows), X[rows])
 
