@@ -75,7 +75,8 @@ def main(argv=None):
         result = {"config": out}
     else:
         ddir = get_ddir(args.ddir)
-        result = demo.write_table(ddir, args.out, args.png, title=args.title)
+        res = demo.write_table(ddir, args.out, args.png, title=args.title)
+        result = {k: res[k] for k in ("out", "png", "chance", "missing")}
     print_result(dict(result, command=args.command))
 
 

@@ -530,6 +530,11 @@ def _chosen_lines(chosen, nlabeled):
     return out + [""]
 
 
+# line style per method family in the plot: logreg solid, diffusion dashed, combined dotted
+_STYLES = {"logreg": "-", "diffusion": "--", "combined": ":"}
+_MARKERS = {"logreg": "o", "diffusion": "s", "combined": "^"}
+
+
 def plot_demo(summary, nlabeled, chance, path, title):
     """Top-5 vs n (log scale), one line per method with std error bars, all and novel classes,
     with the chance level as a dashed line; PNG written atomically."""
@@ -542,9 +547,11 @@ def plot_demo(summary, nlabeled, chance, path, title):
         for c in summary:
             ns = [n for n in nlabeled if c["cells"][n]["nseeds"]]
             if ns:
+                family = c["label"].split()[0]
                 ax.errorbar(ns, [c["cells"][n][metric] for n in ns],
                             yerr=[c["cells"][n][metric + "_std"] for n in ns],
-                            marker="o", capsize=3, label=c["label"])
+                            marker=_MARKERS.get(family, "o"), ls=_STYLES.get(family, "-"),
+                            capsize=3, label=c["label"], lw=2.2 if family == "logreg" else 1.4)
         ax.axhline(chance, color="gray", ls="--", lw=1, label="chance")
         ax.set_xscale("log")
         ax.set_xticks(nlabeled)
