@@ -193,7 +193,8 @@ def main(argv=None):
                 raise InputError("--storeLiters %d: iterations are 0..%d" % (t, args.niter))
     ddir = get_ddir(args.ddir)
     paths = data.feature_paths(ddir)
-    if args.nbg > 0:   # fail before the feature loading when the graph is missing
+    if args.nbg > 0:   # fail before the feature loading when the background or graph is missing
+        data.open_background(ddir, args.nbg)
         graph.find_background_graph(ddir, args.nbg, args.k, data.graph_paths)
 
     times = {}
