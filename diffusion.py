@@ -54,7 +54,8 @@ def parse_args(argv):
                    help="the novel classes' other training images become unlabelled nodes")
     g.add_argument("--node_index", default="auto", choices=["auto", "exact", "ivf", "hnsw"],
                    help="index over the labelled (+in-domain) set for background->labelled search; "
-                        "auto: exact up to %d vectors, IVF above" % graph.LABELLED_EXACT_MAX)
+                        "auto: exact up to nbg * nlabelled = %.0e pairs (or with GPUs), IVF above"
+                        % graph.NODE_EXACT_PAIRS)
     g.add_argument("--node_nprobe", type=int, default=16, help="nprobe of that IVF index")
     g.add_argument("--bg_nprobe", type=int, default=None, help="override nprobe of an IVF background index")
     g.add_argument("--bg_ef_search", type=int, default=None, help="override efSearch of an HNSW background index")
