@@ -53,6 +53,8 @@ def main(argv=None):
     g.add_argument("--out", default=os.path.join(ROOT, "results", "demo.md"))
     g.add_argument("--png", default=os.path.join(ROOT, "results", "demo.png"))
     g.add_argument("--title", default="emoji demo")
+    g.add_argument("--readme", default=None,
+                   help="also copy the table into this README between its demo-table markers")
     args = p.parse_args(argv)
     print_args(args)
     if args.command == "fetch":
@@ -77,6 +79,9 @@ def main(argv=None):
         ddir = get_ddir(args.ddir)
         res = demo.write_table(ddir, args.out, args.png, title=args.title)
         result = {k: res[k] for k in ("out", "png", "chance", "missing")}
+        if args.readme:
+            demo.copy_table_to_readme(args.out, args.readme)
+            result["readme"] = args.readme
     print_result(dict(result, command=args.command))
 
 

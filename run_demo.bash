@@ -93,5 +93,7 @@ step "phase 4: the phases' own tables ($DD/runs/results/)"
 bash run_diffusion.bash 4 > /dev/null
 
 step "demo table"
-$PY demo.py table --ddir "$DD" --out "$RES/demo.md" --png "$RES/demo.png"
+README_ARG=()
+if [ "$RES" = results ]; then README_ARG=(--readme README.md); fi   # the README shows this table
+$PY demo.py table --ddir "$DD" --out "$RES/demo.md" --png "$RES/demo.png" ${README_ARG[@]+"${README_ARG[@]}"}
 step "done in $(( $(date +%s) - T0 )) s: $RES/demo.md, $RES/demo.png"

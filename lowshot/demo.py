@@ -434,6 +434,28 @@ def chance_top5(nclass):
     return 100.0 * min(5, nclass) / nclass
 
 
+README_BEGIN = "<!-- demo-table:begin (copied from results/demo.md by run_demo.bash) -->"
+README_END = "<!-- demo-table:end -->"
+
+
+def copy_table_to_readme(table_md, readme):
+    """Replace the text between the README's demo-table markers by the table file (its title dropped).
+
+    The README then shows the table of the last ``run_demo.bash``, never numbers typed by hand.
+    """
+    with open(table_md) as f:
+        body = f.read().split("\n", 1)[1].strip()
+    with open(readme) as f:
+        text = f.read()
+    i, j = text.find(README_BEGIN), text.find(README_END)
+    if i < 0 or j < i:
+        raise InputError("%s has no '%s' ... '%s' markers" % (readme, README_BEGIN, README_END))
+    text = text[:i + len(README_BEGIN)] + "\n" + body + "\n" + text[j:]
+    with atomic_output(readme) as tmp:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+
 def write_table(ddir, out_md, out_png, title="emoji demo"):
     """The demo's results: Markdown table (printed and written to ``out_md``) and plot ``out_png``.
 

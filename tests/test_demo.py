@@ -189,3 +189,16 @@ def test_demo_scaled_down(tmp_path):
                         capture_output=True, text=True, timeout=300)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "extracting" not in r2.stdout and "exists: " in r2.stdout
+
+
+def test_copy_table_to_readme(tmp_path):
+    table = tmp_path / "demo.md"
+    table.write_text("# title\n\n| n | a |\n|---:|---:|\n| 1 | 2.00 |\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n%s\nold table\n%s\nafter\n" % (demo.README_BEGIN, demo.README_END))
+    demo.copy_table_to_readme(str(table), str(readme))
+    assert readme.read_text() == "intro\n%s\n| n | a |\n|---:|---:|\n| 1 | 2.00 |\n%s\nafter\n" % (
+        demo.README_BEGIN, demo.README_END)
+    readme.write_text("no markers\n")
+    with pytest.raises(demo.InputError, match="markers"):
+        demo.copy_table_to_readme(str(table), str(readme))
