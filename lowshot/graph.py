@@ -26,10 +26,22 @@ from lowshot.common import InputError, atomic_output, log, require_file
 
 METHODS = ("exact", "ivf", "hnsw", "nndescent")
 
-# Background graph, CPU: exact search up to this size, NN-descent above. Measured by
-# benchmarks/bench_build_graph.py at 100k generated vectors on 2 shared cores (README): exact
-# 236 s, HNSW 249 s (recall@10 0.889), NN-descent 102 s (0.812); exact costs N^2, so below
-# ~50k it takes seconds and stays exact.
+# Background graph, CPU: exact search up to this size, HNSW above. Measured by
+# benchmarks/bench_build_graph.py on the first 100k rows of a generated background
+# (generate_ddir.py defaults), 2 cores; "ext" = recall@10 of the stored index for 1000 queries
+# from outside the background (test images through the .vt), as diffusion.py searches them:
+#
+#   method                     total s  index s  table s  recall@10  ext recall@10
+#   exact (IndexFlatIP)           39.2      0.2     38.7      1.000          1.000
+#   hnsw M=32 efSearch=64         27.4     10.9     16.1      0.979          0.984
+#   ivf 4 sqrt(N) nprobe=256     124.2      9.4    114.7      0.990          0.989
+#   ivf 4 sqrt(N) nprobe=32       27.2      5.1     22.0      0.916          0.919
+#   nndescent K=32 iter=10        57.3     54.5      2.8      0.981          0.574
+#
+# NN-descent's own graph is good but its index answers external queries poorly (greedy search
+# from random entry points stays in the wrong cluster; 0.07 at 1M on flat-spectrum data), which breaks the
+# labelled/test -> background neighbours of graph completion: never the default. Exact costs
+# N^2: below ~50k it takes seconds.
 EXACT_MAX_CPU = 50000
 # With GPUs, exact search is cheap up to ~1M; above, IVF as in the 2018 original.
 EXACT_MAX_GPU = 10**6
@@ -135,7 +147,7 @@ def default_method(nbg, ngpu=None):
     ngpu = faiss.get_num_gpus() if ngpu is None else ngpu
     if ngpu > 0:
         return "exact" if nbg <= EXACT_MAX_GPU else "ivf"
-    return "exact" if nbg <= EXACT_MAX_CPU else "nndescent"
+    return "exact" if nbg <= EXACT_MAX_CPU else "hnsw"
 
 
 def _add_normalized(index, xb, bs, what):
@@ -390,8 +402,13 @@ def read_background_index(path, nbg, d, nprobe=None, ef_search=None, search_L=No
         index.nprobe = nprobe
     if isinstance(index, faiss.IndexHNSW) and ef_search:
         index.hnsw.efSearch = ef_search
-    if isinstance(index, faiss.IndexNNDescent) and search_L:
-        index.nndescent.search_L = search_L
+    if isinstance(index, faiss.IndexNNDescent):
+        if search_L:
+            index.nndescent.search_L = search_L
+        log("WARNING: %s is an NN-descent index: its search of queries from outside the "
+            "background (labelled and test images) is poor (recall@10 0.57 at 100k generated "
+            "vectors, lower at 1M); rebuild with `build_graph.py %d --force --method hnsw`" % (
+                path, nbg))
     if isinstance(index, (faiss.IndexFlat, faiss.IndexIVF)) and faiss.get_num_gpus() > 0:
         index = to_gpus(index, shard=True)
     return index

@@ -88,7 +88,21 @@ def test_build_approx_recall(tmp_path, method):
     r2 = graph.graph_recall(np.memmap(data.feature_paths(str(tmp_path))["background"],
                                       dtype=np.float32, mode="r", shape=x.shape), I, nq=nbg)
     assert abs(r2 - recall) < 1e-6
-    assert faiss.read_index(p["index"]).ntotal == nbg
+    index = faiss.read_index(p["index"])
+    assert index.ntotal == nbg
+    if method != "nndescent":
+        # the stored index also serves queries from outside the background (labelled and test
+        # images in diffusion.py): new points of the same mixture, against brute force
+        rs = np.random.RandomState(0)
+        rs.randn(200, 32)                       # as make_bg_ddir: same centres, new points
+        centres = rs.randn(30, 16)
+        rs = np.random.RandomState(1)
+        xq = centres[rs.randint(30, size=300)] + 0.5 * rs.randn(300, 16)
+        xq = (xq / np.linalg.norm(xq, axis=1, keepdims=True)).astype(np.float32)
+        _, Iq = brute_knn(xq, x, 10)
+        _, Ia = index.search(xq, 10)
+        ext = np.mean([np.intersect1d(a, b).size for a, b in zip(Ia, Iq)]) / 10
+        assert ext >= 0.9, ext
 
 
 def test_reuse_larger_K(tmp_path, capsys):
