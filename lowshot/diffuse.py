@@ -16,27 +16,51 @@ import numpy as np
 from lowshot.common import InputError, log
 
 
-def label_matrix(y_lab, n, c0, c1):
+def label_matrix(y_lab, n, c0, c1, lab_nodes=None):
     """L0 restricted to classes [c0, c1): (n, c1-c0) float32, columns summing to 1 (or 0).
 
     Parameters
     ----------
     y_lab : ndarray, int (nl,)
-        Labels in 0..C-1 of the labelled nodes, which are nodes 0..nl-1.
+        Labels in 0..C-1 of the labelled nodes.
     n : int
         Number of graph nodes.
+    lab_nodes : ndarray, int (nl,) or None
+        Node ids of the labelled images (None: nodes 0..nl-1, the order of graph completion).
     """
-    L = np.zeros((n, c1 - c0), dtype=np.float32)
     y_lab = np.asarray(y_lab, dtype=np.int64)
+    lab_nodes = np.arange(len(y_lab)) if lab_nodes is None else np.asarray(lab_nodes, dtype=np.int64)
+    L = np.zeros((n, c1 - c0), dtype=np.float32)
     sel = np.flatnonzero((y_lab >= c0) & (y_lab < c1))
-    L[sel, y_lab[sel] - c0] = 1
-    cnt = L[:len(y_lab)].sum(axis=0)
+    cnt = np.bincount(y_lab[sel] - c0, minlength=c1 - c0).astype(np.float32)
     cnt[cnt == 0] = 1
-    L[:len(y_lab)] /= cnt
+    L[lab_nodes[sel], y_lab[sel] - c0] = 1 / cnt[y_lab[sel] - c0]
     return L
 
 
-def diffuse(W, T, y_lab, nclass, niter, class_range=None, lslice=0, on_iter=None):
+def reorder(W, T, nl):
+    """Renumber the nodes breadth-first so that neighbours get close ids (faster products).
+
+    The sparse x dense product gathers rows of L at W's column ids: with close ids they come from
+    nearby memory (measured at 1M nodes: 2.5-4.1 s -> 1.1-1.5 s per product, for ~5 s once).
+    Test scores T L do not depend on the numbering, so nothing needs to be undone.
+
+    Parameters
+    ----------
+    W : graph_utils.CSR (n, n); T : graph_utils.CSR (nt, n)
+    nl : int, the labelled nodes are 0..nl-1 before renumbering
+
+    Returns
+    -------
+    W, T renumbered, and lab_nodes (nl,) int64: the new ids of the labelled nodes.
+    """
+    import graph_utils
+    perm = graph_utils.locality_order(W)
+    new_id = graph_utils.inverse_permutation(perm)
+    return graph_utils.permute(W, perm), graph_utils.permute_columns(T, perm), new_id[:nl]
+
+
+def diffuse(W, T, y_lab, nclass, niter, class_range=None, lslice=0, on_iter=None, lab_nodes=None):
     """Run the diffusion and score the test images after every iteration.
 
     Parameters
@@ -46,7 +70,7 @@ def diffuse(W, T, y_lab, nclass, niter, class_range=None, lslice=0, on_iter=None
     T : graph_utils.CSR (nt, n)
         Binary test-to-node matrix (:func:`graph_utils.csr_from_knn`).
     y_lab : ndarray, int (nl,)
-        Labels in 0..C-1 of nodes 0..nl-1.
+        Labels in 0..C-1 of the labelled nodes (nodes 0..nl-1 unless ``lab_nodes`` says otherwise).
     nclass : int
         C.
     niter : int
@@ -59,6 +83,8 @@ def diffuse(W, T, y_lab, nclass, niter, class_range=None, lslice=0, on_iter=None
     on_iter : callable (t, c0, c1, L) or None
         Called with the (n, c) label matrix after iteration t (t = 0: initial) of the class block
         [c0, c1) (e.g. to store it).
+    lab_nodes : ndarray, int (nl,) or None
+        Node ids of the labelled images after :func:`reorder` (None: 0..nl-1).
 
     Returns
     -------
@@ -78,7 +104,7 @@ def diffuse(W, T, y_lab, nclass, niter, class_range=None, lslice=0, on_iter=None
         b1 = min(c1, b0 + lslice)
         if lslice < c1 - c0:
             log("classes %d:%d" % (b0, b1))
-        L = label_matrix(y_lab, n, b0, b1)
+        L = label_matrix(y_lab, n, b0, b1, lab_nodes)
         L2 = np.empty_like(L)
         scores[0][:, b0 - c0:b1 - c0] = graph_utils.spmm(T, L)
         if on_iter:

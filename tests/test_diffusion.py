@@ -96,6 +96,11 @@ def test_diffuse_dense_and_lslice():
     part = dif.diffuse(W, T, y_lab, C, niter, class_range=(2, 6), lslice=3)
     for a, b in zip(full, part):
         np.testing.assert_array_equal(a[:, 2:6], b)
+    # breadth-first renumbering: same scores (sums in another order), labelled nodes moved
+    W2, T2, lab_nodes = dif.reorder(W, T, nl)
+    assert sorted(set(lab_nodes.tolist())) == sorted(lab_nodes.tolist()) and len(lab_nodes) == nl
+    for a, b in zip(dif.diffuse(W2, T2, y_lab, C, niter, lab_nodes=lab_nodes), ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_merge_slice_tops_ties():
@@ -150,6 +155,11 @@ def test_diffusion_end_to_end(tiny_ddir, tmp_path, capsys):
         assert (it["top5"], it["top5_novel"]) == evaluate.top5(S, d.yte, d.split.is_novel)
     assert (res["top5"], res["top5_novel"]) == (res["iters"][-1]["top5"], res["iters"][-1]["top5_novel"])
     assert res["top5"] > res["iters"][0]["top5"]   # diffusion reaches test images
+
+    # renumbering the nodes (automatic only on large graphs) gives the same scores
+    run_json(diffusion.main, common_args(root, "--reorder", "on", "--storeL", str(tmp_path / "Lr.npy")),
+             capsys)
+    np.testing.assert_allclose(np.load(tmp_path / "Lr.npy"), ref[-1], rtol=1e-5, atol=1e-7)
 
     # --lslice gives the same scores
     run_json(diffusion.main, common_args(root, "--lslice", "4", "--storeL", str(tmp_path / "L4.npy")),
