@@ -20,8 +20,5 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PHASE=${1:?usage: bash run_logreg.bash PHASE [options]  (1 validation, 2 choose, 3 test, 4 results)}
 shift
-ARGS=(--config "${CONFIG:-configs/paper.yaml}" --launcher "${LAUNCHER:-local}")
-if [ -n "${NPROC:-}" ]; then ARGS+=(--nproc "$NPROC"); fi
-if [ -n "${RUNDIR:-}" ]; then ARGS+=(--rundir "$RUNDIR"); fi
-if [ "${WAIT:-1}" = 0 ]; then ARGS+=(--no-wait); fi
-exec "${PYTHON:-.venv/bin/python}" -m lowshot.phases logreg "$PHASE" "${ARGS[@]}" "$@"
+# CONFIG, LAUNCHER, NPROC, WAIT and RUNDIR are read by lowshot.phases itself
+exec "${PYTHON:-.venv/bin/python}" -m lowshot.phases logreg "$PHASE" "$@"

@@ -446,6 +446,16 @@ class Phases:
                 missing.append(r)
         return got, missing
 
+    def collect_validation(self, runs, experiment):
+        """Validation results for phase 2: all of them, or (``--partial``) those that exist."""
+        got, missing = self.collect(runs)
+        self._report_missing(missing, "%s validation" % experiment)
+        if missing and not self.partial:
+            raise InputError("%d of %d validation results are missing under %s: run phase 1 "
+                             "again (or choose among complete grid points with --partial)" % (
+                                 len(missing), len(runs), self.path(experiment, "val")))
+        return got
+
     def _report_missing(self, missing, what):
         if missing:
             log("%s: %d results missing, e.g. %s" % (what, len(missing), ", ".join(
@@ -457,12 +467,7 @@ class Phases:
         """Per n, the (lr, wd, batchsize, iterations) with the best mean validation metric."""
         c = self.cfg["logreg"]
         runs = self.logreg_val_runs()
-        got, missing = self.collect(runs)
-        self._report_missing(missing, "logreg validation")
-        if missing and not self.partial:
-            raise InputError("%d of %d validation results are missing under %s: run phase 1 "
-                             "again (or choose among complete grid points with --partial)" % (
-                                 len(missing), len(runs), self.path("logreg", "val")))
+        got = self.collect_validation(runs, "logreg")
         chosen = {}
         for n in self.cfg["nlabeled"]:
             points = []
@@ -487,12 +492,7 @@ class Phases:
         first, merges = self.diffusion_val_runs()
         # one result JSON per run: the run itself, or the merge of its class slices
         runs = [r for r in first + merges if r.outputs[0].endswith(".json")]
-        got, missing = self.collect(runs)
-        self._report_missing(missing, "diffusion validation")
-        if missing and not self.partial:
-            raise InputError("%d of %d validation results are missing under %s: run phase 1 "
-                             "again (or choose among complete grid points with --partial)" % (
-                                 len(missing), len(runs), self.path("diffusion", "val")))
+        got = self.collect_validation(runs, "diffusion")
         chosen = {}
         for n in self.cfg["nlabeled"]:
             for nbg, ind in self.variants():
@@ -841,14 +841,19 @@ def main(argv=None):
     p.add_argument("experiment", choices=["logreg", "diffusion"])
     p.add_argument("phase", type=int, choices=[1, 2, 3, 4])
     g = p.add_argument_group("configuration")
-    g.add_argument("--config", default=os.path.join(ROOT, "configs", "paper.yaml"),
-                   help="grids, sizes and resources (configs/paper.yaml or configs/small.yaml)")
-    g.add_argument("--rundir", default=None, help="override the config's rundir")
+    # defaults from the environment of run_logreg.bash / run_diffusion.bash (read here, not at import)
+    env = os.environ
+    g.add_argument("--config", default=env.get("CONFIG") or os.path.join(ROOT, "configs", "paper.yaml"),
+                   help="grids, sizes and resources (configs/paper.yaml or configs/small.yaml; $CONFIG)")
+    g.add_argument("--rundir", default=env.get("RUNDIR") or None,
+                   help="override the config's rundir ($RUNDIR)")
     g = p.add_argument_group("launcher")
-    g.add_argument("--launcher", choices=["local", "slurm"], default="local")
-    g.add_argument("--nproc", type=int, default=None, help="local: parallel runs (default: cores)")
-    g.add_argument("--no-wait", dest="wait", action="store_false",
-                   help="slurm: return after submitting (run the phase again later)")
+    g.add_argument("--launcher", choices=["local", "slurm"], default=env.get("LAUNCHER") or "local",
+                   help="$LAUNCHER")
+    g.add_argument("--nproc", type=int, default=int(env["NPROC"]) if env.get("NPROC") else None,
+                   help="local: parallel runs (default: cores; $NPROC)")
+    g.add_argument("--no-wait", dest="wait", action="store_false", default=env.get("WAIT", "1") != "0",
+                   help="slurm: return after submitting (run the phase again later; $WAIT=0)")
     g.add_argument("--dry-run", action="store_true", help="print the commands of missing runs")
     g.add_argument("--partial", action="store_true",
                    help="choose among the grid points that have all seeds when results are missing")
