@@ -415,3 +415,66 @@ def inverse_permutation(perm):
     inv = np.empty(len(perm), dtype=np.int64)
     inv[perm] = np.arange(len(perm), dtype=np.int64)
     return inv
+
+
+def knn_add_scores(D, I, rows, S, ids):
+    """Offer a dense block of candidate scores to some rows of a k-best table, in place.
+
+    Parameters
+    ----------
+    D : array (n, k), float32, rows contiguous; each row in decreasing order (-inf = empty slot)
+    I : array (n, k), int32 or int64, rows contiguous
+    rows : array (m,), int64, strictly increasing table rows
+    S : array (m, nc), float32, rows contiguous: S[r, j] is the similarity of row ``rows[r]`` to
+        candidate ``ids[j]``
+    ids : array (nc,), dtype of I
+
+    After the call each row ``rows[r]`` of (D, I) holds the k largest of its previous entries and
+    the nc candidates, in decreasing order; equal similarities keep the previous entries first,
+    then candidates in column order. No id may be offered twice to one row (not checked).
+    """
+    _check_table(D, "D", (np.float32,))
+    _check_table(I, "I")
+    if I.shape != D.shape:
+        raise ValueError("I has shape %s, D %s: they must match" % (I.shape, D.shape))
+    if not (D.flags.writeable and I.flags.writeable):
+        raise ValueError("D and I are modified in place and must be writable")
+    rows = _as_1d(rows, np.int64, "rows")
+    ids = _as_1d(ids, I.dtype, "ids")
+    S = np.asarray(S)
+    if S.dtype != np.float32 or S.ndim != 2:
+        raise ValueError("S must be a 2-D float32 array, got %s %s" % (S.dtype, S.shape))
+    if S.shape != (rows.size, ids.size):
+        raise ValueError("S has shape %s, expected (len(rows), len(ids)) = (%d, %d)" % (
+            S.shape, rows.size, ids.size))
+    if S.size and S.strides[1] != 4:
+        S = np.ascontiguousarray(S)
+    _gu.knn_add_scores(D, I, rows, S, ids)
+
+
+def knn_add_products(D, I, rows, Xq, Xc, ids):
+    """Offer the inner products ``Xq @ Xc.T`` to some rows of a k-best table, in place.
+
+    As :func:`knn_add_scores` with ``S = Xq @ Xc.T``, computed tile by tile (MKL sgemm) and
+    selected while in cache, so no (m, nc) score matrix is ever stored.
+
+    Parameters
+    ----------
+    D, I, rows, ids : as in :func:`knn_add_scores`
+    Xq : array (m, d), float32, rows contiguous: the query vectors of ``rows``
+    Xc : array (nc, d), float32, rows contiguous: the candidate vectors of ``ids``
+    """
+    _check_table(D, "D", (np.float32,))
+    _check_table(I, "I")
+    _check_table(Xq, "Xq", (np.float32,))
+    _check_table(Xc, "Xc", (np.float32,))
+    if I.shape != D.shape:
+        raise ValueError("I has shape %s, D %s: they must match" % (I.shape, D.shape))
+    if not (D.flags.writeable and I.flags.writeable):
+        raise ValueError("D and I are modified in place and must be writable")
+    rows = _as_1d(rows, np.int64, "rows")
+    ids = _as_1d(ids, I.dtype, "ids")
+    if Xq.shape[0] != rows.size or Xc.shape[0] != ids.size or Xq.shape[1] != Xc.shape[1]:
+        raise ValueError("Xq %s, Xc %s: expected (len(rows), d) = (%d, d) and (len(ids), d) = (%d, d)" % (
+            Xq.shape, Xc.shape, rows.size, ids.size))
+    _gu.knn_add_products(D, I, rows, Xq, Xc, ids)

@@ -2,6 +2,8 @@
 // caller throws after the parallel region.
 #include "graph_utils.h"
 
+#include <mkl_cblas.h>
+#include <mkl_service.h>
 #include <mkl_spblas.h>
 #include <omp.h>
 
@@ -682,6 +684,97 @@ template void csr_from_knn<int64_t>(const int64_t*, int64_t, int64_t, int64_t, i
                                     CSROwned&);
 template void knn_to_graph<int32_t>(const int32_t*, int64_t, int64_t, int64_t, CSROwned&);
 template void knn_to_graph<int64_t>(const int64_t*, int64_t, int64_t, int64_t, CSROwned&);
+namespace {
+
+// Offers the n candidates (s[j], ids[j]) to one k-best row (d, id) in decreasing order.
+template <class TI>
+inline void add_candidates_row(float* d, TI* id, int64_t k, const float* s, int64_t n, const TI* ids) {
+    float thr = d[k - 1];
+    const int64_t W = 16;  // candidates tested at once (vectorised); most blocks have none above thr
+    for (int64_t j0 = 0; j0 < n; j0 += W) {
+        int64_t j1 = std::min(n, j0 + W);
+        if (j1 - j0 == W) {
+            int any = 0;
+            for (int64_t t = 0; t < W; t++) any |= s[j0 + t] > thr;
+            if (!any) continue;
+        }
+        for (int64_t j = j0; j < j1; j++) {
+            float v = s[j];
+            if (!(v > thr)) continue;  // NaN never enters
+            int64_t pos = k - 1;       // shift the entries smaller than v down by one
+            while (pos > 0 && d[pos - 1] < v) {
+                d[pos] = d[pos - 1];
+                id[pos] = id[pos - 1];
+                pos--;
+            }
+            d[pos] = v;
+            id[pos] = ids[j];
+            thr = d[k - 1];
+        }
+    }
+}
+
+void check_add_rows(int64_t k, const int64_t* rows, int64_t m, int64_t n_table) {
+    if (k < 1) throw std::invalid_argument("k must be >= 1");
+    for (int64_t r = 0; r < m; r++) {
+        if (rows[r] < 0 || rows[r] >= n_table)
+            throw std::invalid_argument(fmt("rows[%lld] = %lld is outside the table's %lld rows", r, rows[r], n_table));
+        if (r > 0 && rows[r] <= rows[r - 1])
+            throw std::invalid_argument(fmt("rows must be strictly increasing (rows[%lld] = %lld after %lld)", r,
+                                            rows[r], rows[r - 1]));
+    }
+}
+
+}  // namespace
+
+template <class TI>
+void knn_add_scores(float* D, TI* I, int64_t n_table, int64_t k, int64_t ldd, int64_t ldi, const int64_t* rows,
+                    int64_t m, const float* S, int64_t n, int64_t lds, const TI* ids) {
+    check_add_rows(k, rows, m, n_table);
+    if (n > lds && m > 0) throw std::invalid_argument("score block has a row stride smaller than its width");
+#pragma omp parallel for schedule(dynamic, 64)
+    for (int64_t r = 0; r < m; r++) add_candidates_row(D + rows[r] * ldd, I + rows[r] * ldi, k, S + r * lds, n, ids);
+}
+
+template <class TI>
+void knn_add_products(float* D, TI* I, int64_t n_table, int64_t k, int64_t ldd, int64_t ldi, const int64_t* rows,
+                      int64_t m, const float* Xq, int64_t ldq, const float* Xc, int64_t n, int64_t ldc, int64_t d,
+                      const TI* ids) {
+    check_add_rows(k, rows, m, n_table);
+    if (m == 0 || n == 0) return;
+    if (d < 1 || ldq < d || ldc < d) throw std::invalid_argument("vector blocks have a row stride smaller than d");
+    // tiles of TM queries (128: measured best of 32 / 128 / 512): their scores (TM x n) stay in the thread's cache between the product and
+    // the selection; MKL runs single-threaded inside the OpenMP loop (one thread pool, no spinning
+    // BLAS threads competing with it)
+    const int64_t TM = 128;
+#pragma omp parallel
+    {
+        int saved = mkl_set_num_threads_local(1);
+        std::vector<float> S(TM * n);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t r0 = 0; r0 < m; r0 += TM) {
+            int64_t tm = std::min(TM, m - r0);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (MKL_INT)tm, (MKL_INT)n, (MKL_INT)d, 1.0f,
+                        Xq + r0 * ldq, (MKL_INT)ldq, Xc, (MKL_INT)ldc, 0.0f, S.data(), (MKL_INT)n);
+            for (int64_t r = 0; r < tm; r++)
+                add_candidates_row(D + rows[r0 + r] * ldd, I + rows[r0 + r] * ldi, k, S.data() + r * n, n, ids);
+        }
+        mkl_set_num_threads_local(saved);
+    }
+}
+
+template void knn_add_products<int32_t>(float*, int32_t*, int64_t, int64_t, int64_t, int64_t, const int64_t*,
+                                        int64_t, const float*, int64_t, const float*, int64_t, int64_t, int64_t,
+                                        const int32_t*);
+template void knn_add_products<int64_t>(float*, int64_t*, int64_t, int64_t, int64_t, int64_t, const int64_t*,
+                                        int64_t, const float*, int64_t, const float*, int64_t, int64_t, int64_t,
+                                        const int64_t*);
+
+template void knn_add_scores<int32_t>(float*, int32_t*, int64_t, int64_t, int64_t, int64_t, const int64_t*, int64_t,
+                                      const float*, int64_t, int64_t, const int32_t*);
+template void knn_add_scores<int64_t>(float*, int64_t*, int64_t, int64_t, int64_t, int64_t, const int64_t*, int64_t,
+                                      const float*, int64_t, int64_t, const int64_t*);
+
 template void merge_knn_results<int32_t>(float*, int32_t*, int64_t, int64_t, int64_t, int64_t, const float*,
                                          const int32_t*, int64_t, int64_t, int64_t, int64_t);
 template void merge_knn_results<int64_t>(float*, int64_t*, int64_t, int64_t, int64_t, int64_t, const float*,

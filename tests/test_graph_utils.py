@@ -361,6 +361,84 @@ def test_merge_knn_results_rejects_unsorted():
         gu.merge_knn_results(D, I, D.copy(), np.asfortranarray(I), 0)
 
 
+def add_reference(D, I, rows, S, ids):
+    """knn_add_scores by a dense numpy sort: previous entries first, then candidates in order."""
+    D, I = D.copy(), I.copy()
+    k = D.shape[1]
+    for r, row in enumerate(rows):
+        d = np.concatenate([D[row], S[r]])
+        i = np.concatenate([I[row], ids])
+        o = np.argsort(-d, kind="stable")[:k]   # stable: equal values keep table, then j, order
+        D[row], I[row] = d[o], i[o]
+    return D, I
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_knn_add_scores(dtype):
+    rs = np.random.RandomState(17)
+    n, k, nc = 300, 7, 40
+    # rows half filled (-inf / -1 at the end), coarse values for ties between table and candidates
+    D = -np.sort(-rs.randint(0, 6, size=(n, k)), axis=1).astype(np.float32)
+    D[:, 4:] = -np.inf
+    I = rs.randint(0, 100, size=(n, k)).astype(dtype)
+    I[:, 4:] = -1
+    rows = np.sort(rs.choice(n, 120, replace=False))
+    for width in (nc, 5, 16, 33):          # below, at and around the 16-wide test block
+        S = rs.randint(0, 8, size=(rows.size, width)).astype(np.float32)
+        ids = (1000 + np.arange(width)).astype(dtype)
+        refD, refI = add_reference(D, I, rows, S, ids)
+        gu.knn_add_scores(D, I, rows, S, ids)
+        np.testing.assert_array_equal(D, refD)
+        np.testing.assert_array_equal(I, refI)
+    # rows not offered anything are untouched; strided S views are accepted
+    big = rs.rand(rows.size, 50).astype(np.float32)
+    refD, refI = add_reference(D, I, rows, big[:, 3:13], np.arange(10, dtype=dtype))
+    gu.knn_add_scores(D, I, rows, big[:, 3:13], np.arange(10, dtype=dtype))
+    np.testing.assert_array_equal(D, refD)
+    np.testing.assert_array_equal(I, refI)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_knn_add_products(dtype):
+    rs = np.random.RandomState(18)
+    n, k, d = 1000, 12, 24
+    D = np.full((n, k), -np.inf, np.float32)
+    I = np.full((n, k), -1, dtype)
+    refD, refI = D.copy(), I.copy()
+    # several blocks of candidates (as IVF lists), rows of each block more than one tile (128)
+    for b in range(4):
+        rows = np.sort(rs.choice(n, 300 + 50 * b, replace=False))
+        Xq = rs.randn(rows.size, d).astype(np.float32)
+        Xc = rs.randn(60 + 7 * b, d).astype(np.float32)
+        ids = (b * 100 + np.arange(len(Xc))).astype(dtype)
+        S = (Xq.astype(np.float64) @ Xc.T.astype(np.float64)).astype(np.float32)
+        refD, refI = add_reference(refD, refI, rows, S, ids)
+        gu.knn_add_products(D, I, rows, Xq, Xc, ids)
+    np.testing.assert_allclose(D, refD, atol=1e-4)
+    # ids agree except swaps between scores equal up to float rounding
+    mism = I != refI
+    assert mism.mean() < 0.01, mism.mean()
+    np.testing.assert_allclose(D[mism], refD[mism], atol=1e-4)
+
+
+def test_knn_add_rejects_bad_rows():
+    D = np.full((10, 3), -np.inf, np.float32)
+    I = np.full((10, 3), -1, np.int32)
+    S = np.ones((2, 4), np.float32)
+    ids = np.arange(4, dtype=np.int32)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        gu.knn_add_scores(D, I, [3, 3], S, ids)
+    with pytest.raises(ValueError, match="outside the table's 10 rows"):
+        gu.knn_add_scores(D, I, [3, 10], S, ids)
+    with pytest.raises(ValueError, match="len.rows., len.ids."):
+        gu.knn_add_scores(D, I, [1, 2], S, ids[:3])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        gu.knn_add_products(D, I, [4, 1], np.ones((2, 5), np.float32), np.ones((4, 5), np.float32), ids)
+    with pytest.raises(ValueError, match="expected"):
+        gu.knn_add_products(D, I, [1, 4], np.ones((2, 5), np.float32), np.ones((4, 6), np.float32), ids)
+    np.testing.assert_array_equal(I, -1)   # nothing modified
+
+
 # ---------------------------------------------------------------- node order
 
 def test_locality_order_and_permute():
