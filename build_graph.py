@@ -45,7 +45,10 @@ def parse_args(argv):
                    help="search method (default: chosen by N and GPUs, see above)")
     g.add_argument("--bs", type=int, default=graph.SEARCH_BS, help="rows searched per block")
     g = p.add_argument_group("method parameters")
-    g.add_argument("--nprobe", type=int, default=256, help="ivf: lists visited")
+    g.add_argument("--nlist", type=int, default=None,
+                   help="ivf: lists (default %d*sqrt(N) on CPU, 4*sqrt(N) with GPUs)" % graph.IVF_LISTS_PER_SQRT)
+    g.add_argument("--nprobe", type=int, default=None,
+                   help="ivf: lists visited (default %d on CPU, 256 with GPUs)" % graph.IVF_NPROBE)
     g.add_argument("--hnsw_M", type=int, default=32, help="hnsw: links per vector")
     g.add_argument("--ef_search", type=int, default=64, help="hnsw: efSearch")
     g.add_argument("--ef_construction", type=int, default=40, help="hnsw: efConstruction")
@@ -84,7 +87,7 @@ def main(argv=None):
         method, K, faiss.get_num_gpus(), faiss.omp_get_max_threads()))
     t0 = time.time()
     stats = graph.build_background_graph(
-        xb, K, paths, method=method, bs=args.bs, nprobe=args.nprobe, hnsw_M=args.hnsw_M,
+        xb, K, paths, method=method, bs=args.bs, nlist=args.nlist, nprobe=args.nprobe, hnsw_M=args.hnsw_M,
         ef_search=args.ef_search, ef_construction=args.ef_construction, nnd_iter=args.nnd_iter,
         nnd_L=args.nnd_L)
     stats["time_total"] = time.time() - t0

@@ -38,7 +38,8 @@ def main():
     p.add_argument("--methods", default="exact,ivf,hnsw,nndescent", help="comma-separated")
     p.add_argument("--recall_nq", type=int, default=1000, help="vectors sampled for recall@10")
     p.add_argument("--nnd_iter", type=int, default=10, help="NN-descent iterations")
-    p.add_argument("--nprobe", type=int, default=256, help="ivf: lists visited")
+    p.add_argument("--nlist", type=int, default=None, help="ivf: lists (default: build_graph.py's)")
+    p.add_argument("--nprobe", type=int, default=None, help="ivf: lists visited (default: build_graph.py's)")
     p.add_argument("--hnsw_M", type=int, default=32, help="hnsw: links per vector")
     p.add_argument("--ef_search", type=int, default=64, help="hnsw: efSearch")
     p.add_argument("--ef_construction", type=int, default=40, help="hnsw: efConstruction")
@@ -67,7 +68,7 @@ def main():
             paths = {k: os.path.join(tmp, "g." + k) for k in ("index", "I", "D")}
             t0 = time.time()
             stats = graph.build_background_graph(xb, args.K, paths, method=method,
-                                                 nnd_iter=args.nnd_iter, nprobe=args.nprobe,
+                                                 nnd_iter=args.nnd_iter, nlist=args.nlist, nprobe=args.nprobe,
                                                  hnsw_M=args.hnsw_M, ef_search=args.ef_search,
                                                  ef_construction=args.ef_construction)
             stats["time_total"] = round(time.time() - t0, 2)
