@@ -26,33 +26,31 @@ from lowshot.common import InputError, atomic_output, log, require_file
 
 METHODS = ("exact", "ivf", "hnsw", "nndescent")
 
-# Background graph, CPU: exact search up to this size, HNSW above. Measured by
-# benchmarks/bench_build_graph.py on the first 100k rows of a generated background
+# Background graph, CPU: exact search up to this size, IVF searched list by list above (ivf_knn).
+# Measured by benchmarks/bench_build_graph.py on the first 100k rows of a generated background
 # (generate_ddir.py defaults), 2 cores; "ext" = recall@10 of the stored index for 1000 queries
 # from outside the background (test images through the .vt), as diffusion.py searches them:
 #
-#   method                     total s  index s  table s  recall@10  ext recall@10
-#   exact (IndexFlatIP)           39.2      0.2     38.7      1.000          1.000
-#   hnsw M=32 efSearch=64         27.4     10.9     16.1      0.979          0.984
-#   ivf 4 sqrt(N) nprobe=256     124.2      9.4    114.7      0.990          0.989
-#   ivf 4 sqrt(N) nprobe=32       27.2      5.1     22.0      0.916          0.919
-#   nndescent K=32 iter=10        57.3     54.5      2.8      0.981          0.574
+#   method                            total s  index s  table s  recall@10  ext recall@10
+#   exact (IndexFlatIP)                  37.4      0.2     37.0      1.000          1.000
+#   ivf 632 lists, nprobe 76 (default)   12.2      1.8     10.4      0.971          0.971
+#   ivf 632 lists, nprobe 24              5.4      1.6      3.8      0.912          0.914
+#   hnsw M=32 efSearch=64                23.8      9.0     14.5      0.979          0.984
+#   nndescent K=32 iter=10               36.7     34.1      2.5      0.981          0.574
 #
+# At 1M (build_graph.py 1000000, idle machine): ivf (2000 lists, nprobe 24) 128 s, recall@10
+# 0.968 (ext 0.9999); HNSW M=32 efSearch=64 233 s for 0.910 (its table search is per query and
+# misses near ties: efSearch 192 reaches 0.950 in 355 s). The IVF search is faiss' own result
+# (same probed lists, exact products inside), but computed as one BLAS product per list.
 # NN-descent's own graph is good but its index answers external queries poorly (greedy search
-# from random entry points stays in the wrong cluster; 0.07 at 1M on flat-spectrum data), which breaks the
-# labelled/test -> background neighbours of graph completion: never the default. Exact costs
-# N^2: below ~50k it takes seconds.
-# At 1M (same data, build_graph.py 1000000, 2 cores) HNSW takes 318 s (index 204 s, table 111 s)
-# for recall@10 0.910; the table search's recall / cost per 1M queries on that index by efSearch:
-# 32: 0.862 / 70 s, 64: 0.910 / 114 s, 96: 0.927 / 189 s, 128: 0.938 / 226 s, 192: 0.950 / 355 s
-# (--ef_search). Adding reverse edges to the table (i in j's list -> j in i's) only reaches 0.916.
-# The missed neighbours are near ties (mean similarity of the 10th: 0.871 found, 0.879 exact).
-# External queries (test images) at 1M: recall@10 0.982. M=16 efSearch=128: 212 s, 0.877
-# (external 0.951).
+# from random entry points stays in the wrong cluster; 0.07 at 1M on flat-spectrum data), which
+# breaks the labelled/test -> background neighbours of graph completion: never the default.
+# Exact costs N^2: below ~50k it takes seconds.
 EXACT_MAX_CPU = 50000
-# IVF on CPU (see ivf_knn): lists per sqrt(N) and lists visited, chosen by measurement (README)
+# IVF on CPU (see ivf_knn), chosen by measurement (README): 2 sqrt(N) lists, enough of them
+# visited to scan about IVF_SCAN vectors per query (24 lists of 2000 at 1M: recall@10 0.968)
 IVF_LISTS_PER_SQRT = 2
-IVF_NPROBE = 24
+IVF_SCAN = 12000
 # From this many queries, searches of a CPU IVF-Flat index go list by list (ivf_knn)
 IVF_BLAS_MIN_QUERIES = 1000
 # With GPUs, exact search is cheap up to ~1M; above, IVF as in the 2018 original.
@@ -174,10 +172,13 @@ def default_nlist(nbg, ngpu=None):
     return int(max(1, min(nbg, round(f * np.sqrt(nbg)))))
 
 
-def default_nprobe(ngpu=None):
-    """IVF lists visited per query: IVF_NPROBE on CPU, 256 with GPUs (the original)."""
+def default_nprobe(nbg, nlist, ngpu=None):
+    """IVF lists visited per query: 256 with GPUs (the original); on CPU enough lists to scan about
+    IVF_SCAN vectors (24 of 2000 lists at 1M, 76 of 632 at 100k, 8 of 6325 at 10M)."""
     ngpu = faiss.get_num_gpus() if ngpu is None else ngpu
-    return 256 if ngpu > 0 else IVF_NPROBE
+    if ngpu > 0:
+        return min(256, nlist)
+    return int(min(nlist, max(1, np.ceil(IVF_SCAN * nlist / float(nbg) - 1e-9))))
 
 
 def train_ivf(xb, nlist, what="background", seed=1234):
@@ -337,7 +338,7 @@ def make_background_index(xb, method, K=32, nlist=None, nprobe=None, hnsw_M=32, 
     elif method == "ivf":
         from faiss.contrib.ivf_tools import add_preassigned
         index = train_ivf(xb, nlist or default_nlist(nbg), what)
-        index.nprobe = min(nprobe or default_nprobe(), index.nlist)
+        index.nprobe = min(nprobe or default_nprobe(nbg, index.nlist), index.nlist)
         log("adding %d vectors (and their %d probed lists)" % (nbg, index.nprobe))
         # each vector goes to its nearest list, which its search probes first; the probed lists
         # are kept for ivf_knn (the same quantizer search, done once)

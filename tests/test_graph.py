@@ -105,6 +105,18 @@ def test_build_approx_recall(tmp_path, method):
         assert ext >= 0.9, ext
 
 
+def test_default_ivf_parameters():
+    # CPU: 2 sqrt(N) lists, enough visited to scan ~IVF_SCAN vectors; GPUs: the 2018 original
+    assert [graph.default_nlist(n, ngpu=0) for n in (100, 10**5, 10**6)] == [20, 632, 2000]
+    assert graph.default_nprobe(10**6, 2000, ngpu=0) == 24
+    assert graph.default_nprobe(10**5, 632, ngpu=0) == 76
+    assert graph.default_nprobe(3000, 110, ngpu=0) == 110          # small: every list
+    assert graph.default_nlist(10**6, ngpu=1) == 4000
+    assert graph.default_nprobe(10**6, 4000, ngpu=1) == 256
+    assert graph.default_method(10**5, ngpu=0) == "ivf"
+    assert graph.default_method(50000, ngpu=0) == "exact"
+
+
 def test_ivf_table_equals_ivf_search(tmp_path):
     """The CPU table of the ivf method is the IVF index's own search of every stored vector
     (same probed lists, exact products inside them), computed list by list."""
