@@ -16,7 +16,7 @@ which searches it with the labelled and test images: NN-descent's index does tha
 0.57 at 100k generated vectors against 0.97 for IVF and 0.98 for HNSW), so it is never the default:
   exact      IndexFlatIP, exact search
   ivf        IndexIVFFlat; CPU: 2*sqrt(N) lists, each vector's search visits enough lists to scan
-             about 12000 vectors (24 of 2000 at 1M), computed list by list with BLAS (1M: 128 s,
+             about 12000 vectors (24 of 2000 at 1M), computed list by list with BLAS (1M: 143 s,
              recall@10 0.968 on 2 cores); GPUs: 4*sqrt(N) lists, nprobe 256 (the 2018 original)
   hnsw       IndexHNSWFlat, M=32, efSearch=64 (1M: 233 s, recall@10 0.910)
   nndescent  IndexNNDescentFlat: the graph comes from NN-descent itself (fast, good graph; its

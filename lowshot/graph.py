@@ -38,7 +38,7 @@ METHODS = ("exact", "ivf", "hnsw", "nndescent")
 #   hnsw M=32 efSearch=64                23.8      9.0     14.5      0.979          0.984
 #   nndescent K=32 iter=10               36.7     34.1      2.5      0.981          0.574
 #
-# At 1M (build_graph.py 1000000, idle machine): ivf (2000 lists, nprobe 24) 128 s, recall@10
+# At 1M (build_graph.py 1000000, idle machine): ivf (2000 lists, nprobe 24) 143 s, recall@10
 # 0.968 (ext 0.9999); HNSW M=32 efSearch=64 233 s for 0.910 (its table search is per query and
 # misses near ties: efSearch 192 reaches 0.950 in 355 s). The IVF search is faiss' own result
 # (same probed lists, exact products inside), but computed as one BLAS product per list.
@@ -217,8 +217,8 @@ def _normalized_np(x):
     return x
 
 
-def ivf_knn(index, x, K, D=None, I=None, raw=False, bs=SEARCH_BS, qchunk=4096, probes=None,
-            verbose=False):
+def ivf_knn(index, x, K, D=None, I=None, raw=False, own=False, bs=SEARCH_BS, qchunk=4096,
+            probes=None, verbose=False):
     """K-NN of many queries in an IVF-Flat index, list by list with BLAS.
 
     Row i is what ``index.search(x_i, K)`` returns at ``index.nprobe`` (the same probed lists, exact
@@ -232,7 +232,12 @@ def ivf_knn(index, x, K, D=None, I=None, raw=False, bs=SEARCH_BS, qchunk=4096, p
     ----------
     index : faiss.IndexIVFFlat (CPU), ids < 2^31
     x : array float32 (n, d): normalised queries, or (raw=True) raw rows (e.g. the background
-        memmap, the index's own vectors) normalised here as they are read
+        memmap) normalised here as they are read
+    own : bool
+        The queries are the index's own vectors (x holds their raw rows, ids 0..n-1): each one is
+        read from its list in the index (RAM) instead of from x, which is then only read, in
+        order, to compute missing probes. A memmapped x larger than the page cache left beside
+        the index would otherwise be read at random (F10M: 10 GB index + 10 GB raw in 24 GB).
     K : int
     D, I : arrays float32 / int32 (n, K), writable (e.g. memmaps of output files), or None (new)
         Filled; rows whose probed lists hold fewer than K vectors end with -inf / -1.
@@ -280,6 +285,34 @@ def ivf_knn(index, x, K, D=None, I=None, raw=False, bs=SEARCH_BS, qchunk=4096, p
     D[:] = -np.inf
     I[:] = -1
     invlists = index.invlists
+    if own:
+        views = [None] * nlist    # each list's vectors, a numpy view of the index's memory
+        where = np.full(n, -1, dtype=np.int32)
+        pos = np.zeros(n, dtype=np.int64)
+        for c in range(nlist):
+            n_c = int(sizes[c])
+            if n_c:
+                views[c] = faiss.rev_swig_ptr(invlists.get_codes(c), n_c * d * 4).view(
+                    np.float32).reshape(n_c, d)
+                ids = faiss.rev_swig_ptr(invlists.get_ids(c), n_c)
+                where[ids] = c
+                pos[ids] = np.arange(n_c)
+        if (where < 0).any():
+            raise ValueError("own=True but vector %d is in no list" % np.flatnonzero(where < 0)[0])
+
+        def fetch_rows(rows):
+            lists = where[rows]
+            order = np.argsort(lists, kind="stable")
+            ls = lists[order]
+            cuts = np.flatnonzero(np.diff(ls)) + 1
+            out = np.empty((rows.size, d), dtype=np.float32)
+            for g0, g1 in zip(np.r_[0, cuts], np.r_[cuts, rows.size]):
+                sel = order[g0:g1]
+                out[sel] = views[ls[g0]][pos[rows[sel]]]
+            return out
+    else:
+        def fetch_rows(rows):
+            return np.ascontiguousarray(fetch(x[rows]), dtype=np.float32)
     for c in range(nlist):
         n_c = int(sizes[c])
         q0, q1 = int(byl.indptr[c]), int(byl.indptr[c + 1])
@@ -289,8 +322,7 @@ def ivf_knn(index, x, K, D=None, I=None, raw=False, bs=SEARCH_BS, qchunk=4096, p
         ids = faiss.rev_swig_ptr(invlists.get_ids(c), n_c).astype(np.int32)
         for j0 in range(q0, q1, qchunk):
             rows = byl.indices[j0:min(q1, j0 + qchunk)].astype(np.int64)
-            xq = np.ascontiguousarray(fetch(x[rows]), dtype=np.float32)
-            graph_utils.knn_add_products(D, I, rows, xq, xc, ids)
+            graph_utils.knn_add_products(D, I, rows, fetch_rows(rows), xc, ids)
         if verbose and time.time() - tlast > 10:
             tlast = time.time()
             el, frac = tlast - t0, work[c] / work[-1]
@@ -473,7 +505,8 @@ def build_background_graph(xb, K, paths, method=None, bs=SEARCH_BS, **index_para
         with atomic_output(paths["I"]) as tmpI, atomic_output(paths["D"]) as tmpD:
             D = np.memmap(tmpD, dtype=np.float32, mode="w+", shape=(nbg, K))
             I = np.memmap(tmpI, dtype=np.int32, mode="w+", shape=(nbg, K))
-            stats.update(ivf_knn(index, xb, K, D, I, raw=True, bs=bs, probes=probes, verbose=True)[2])
+            stats.update(ivf_knn(index, xb, K, D, I, raw=True, own=True, bs=bs, probes=probes,
+                                 verbose=True)[2])
             del probes
             D.flush()
             I.flush()

@@ -127,12 +127,13 @@ def test_ivf_table_equals_ivf_search(tmp_path):
     index = graph.make_background_index(xb, "ivf", K=K, nlist=50, nprobe=6)
     D = np.empty((nbg, K), np.float32)
     I = np.empty((nbg, K), np.int32)
-    stats = graph.ivf_knn(index, xb, K, D, I, raw=True, qchunk=333)[2]   # chunks cut lists' queries
     Dref, Iref = index.search(graph.normalized(x), K)
-    np.testing.assert_allclose(D, Dref, atol=1e-5)
-    mism = I != Iref
-    assert mism.mean() < 0.002, mism.mean()     # float ties only
-    np.testing.assert_allclose(D[mism], Dref[mism], atol=1e-5)
+    for own in (False, True):     # queries read from xb, or from the index's own lists
+        stats = graph.ivf_knn(index, xb, K, D, I, raw=True, own=own, qchunk=333)[2]  # chunks cut lists
+        np.testing.assert_allclose(D, Dref, atol=1e-5)
+        mism = I != Iref
+        assert mism.mean() < 0.002, mism.mean()     # float ties only
+        np.testing.assert_allclose(D[mism], Dref[mism], atol=1e-5)
     # the pairs scored: each vector against every vector of the lists it probes
     _, P = index.quantizer.search(graph.normalized(x), 6)
     assert stats["pairs_scored"] == sum(index.invlists.list_size(int(c)) for c in P.ravel())
