@@ -417,6 +417,17 @@ def inverse_permutation(perm):
     return inv
 
 
+def _check_add_args(D, I, rows, ids):
+    """Checks of knn_add_*: a writable k-best table (D, I) of one shape; rows and ids as arrays."""
+    _check_table(D, "D", (np.float32,))
+    _check_table(I, "I")
+    if I.shape != D.shape:
+        raise ValueError("I has shape %s, D %s: they must match" % (I.shape, D.shape))
+    if not (D.flags.writeable and I.flags.writeable):
+        raise ValueError("D and I are modified in place and must be writable")
+    return _as_1d(rows, np.int64, "rows"), _as_1d(ids, I.dtype, "ids")
+
+
 def knn_add_scores(D, I, rows, S, ids):
     """Offer a dense block of candidate scores to some rows of a k-best table, in place.
 
@@ -433,14 +444,7 @@ def knn_add_scores(D, I, rows, S, ids):
     the nc candidates, in decreasing order; equal similarities keep the previous entries first,
     then candidates in column order. No id may be offered twice to one row (not checked).
     """
-    _check_table(D, "D", (np.float32,))
-    _check_table(I, "I")
-    if I.shape != D.shape:
-        raise ValueError("I has shape %s, D %s: they must match" % (I.shape, D.shape))
-    if not (D.flags.writeable and I.flags.writeable):
-        raise ValueError("D and I are modified in place and must be writable")
-    rows = _as_1d(rows, np.int64, "rows")
-    ids = _as_1d(ids, I.dtype, "ids")
+    rows, ids = _check_add_args(D, I, rows, ids)
     S = np.asarray(S)
     if S.dtype != np.float32 or S.ndim != 2:
         raise ValueError("S must be a 2-D float32 array, got %s %s" % (S.dtype, S.shape))
@@ -464,16 +468,9 @@ def knn_add_products(D, I, rows, Xq, Xc, ids):
     Xq : array (m, d), float32, rows contiguous: the query vectors of ``rows``
     Xc : array (nc, d), float32, rows contiguous: the candidate vectors of ``ids``
     """
-    _check_table(D, "D", (np.float32,))
-    _check_table(I, "I")
+    rows, ids = _check_add_args(D, I, rows, ids)
     _check_table(Xq, "Xq", (np.float32,))
     _check_table(Xc, "Xc", (np.float32,))
-    if I.shape != D.shape:
-        raise ValueError("I has shape %s, D %s: they must match" % (I.shape, D.shape))
-    if not (D.flags.writeable and I.flags.writeable):
-        raise ValueError("D and I are modified in place and must be writable")
-    rows = _as_1d(rows, np.int64, "rows")
-    ids = _as_1d(ids, I.dtype, "ids")
     if Xq.shape[0] != rows.size or Xc.shape[0] != ids.size or Xq.shape[1] != Xc.shape[1]:
         raise ValueError("Xq %s, Xc %s: expected (len(rows), d) = (%d, d) and (len(ids), d) = (%d, d)" % (
             Xq.shape, Xc.shape, rows.size, ids.size))
