@@ -418,7 +418,7 @@ def inverse_permutation(perm):
 
 
 def _check_add_args(D, I, rows, ids):
-    """Checks of knn_add_*: a writable k-best table (D, I) of one shape; rows and ids as arrays."""
+    """Checks of knn_add_products: a writable k-best table (D, I) of one shape; rows and ids as arrays."""
     _check_table(D, "D", (np.float32,))
     _check_table(I, "I")
     if I.shape != D.shape:
@@ -428,45 +428,24 @@ def _check_add_args(D, I, rows, ids):
     return _as_1d(rows, np.int64, "rows"), _as_1d(ids, I.dtype, "ids")
 
 
-def knn_add_scores(D, I, rows, S, ids):
-    """Offer a dense block of candidate scores to some rows of a k-best table, in place.
+def knn_add_products(D, I, rows, Xq, Xc, ids):
+    """Offer the inner products ``S = Xq @ Xc.T`` to some rows of a k-best table, in place.
+
+    S is computed tile by tile (MKL sgemm) and selected while in cache, so no (m, nc) score matrix
+    is ever stored.
 
     Parameters
     ----------
     D : array (n, k), float32, rows contiguous; each row in decreasing order (-inf = empty slot)
     I : array (n, k), int32 or int64, rows contiguous
     rows : array (m,), int64, strictly increasing table rows
-    S : array (m, nc), float32, rows contiguous: S[r, j] is the similarity of row ``rows[r]`` to
-        candidate ``ids[j]``
-    ids : array (nc,), dtype of I
+    Xq : array (m, d), float32, rows contiguous: the query vector of each of ``rows``
+    Xc : array (nc, d), float32, rows contiguous: the candidate vectors
+    ids : array (nc,), dtype of I: the candidates' ids
 
     After the call each row ``rows[r]`` of (D, I) holds the k largest of its previous entries and
-    the nc candidates, in decreasing order; equal similarities keep the previous entries first,
-    then candidates in column order. No id may be offered twice to one row (not checked).
-    """
-    rows, ids = _check_add_args(D, I, rows, ids)
-    S = np.asarray(S)
-    if S.dtype != np.float32 or S.ndim != 2:
-        raise ValueError("S must be a 2-D float32 array, got %s %s" % (S.dtype, S.shape))
-    if S.shape != (rows.size, ids.size):
-        raise ValueError("S has shape %s, expected (len(rows), len(ids)) = (%d, %d)" % (
-            S.shape, rows.size, ids.size))
-    if S.size and S.strides[1] != 4:
-        S = np.ascontiguousarray(S)
-    _gu.knn_add_scores(D, I, rows, S, ids)
-
-
-def knn_add_products(D, I, rows, Xq, Xc, ids):
-    """Offer the inner products ``Xq @ Xc.T`` to some rows of a k-best table, in place.
-
-    As :func:`knn_add_scores` with ``S = Xq @ Xc.T``, computed tile by tile (MKL sgemm) and
-    selected while in cache, so no (m, nc) score matrix is ever stored.
-
-    Parameters
-    ----------
-    D, I, rows, ids : as in :func:`knn_add_scores`
-    Xq : array (m, d), float32, rows contiguous: the query vectors of ``rows``
-    Xc : array (nc, d), float32, rows contiguous: the candidate vectors of ``ids``
+    the nc candidates (S[r, j], ids[j]), in decreasing order; equal similarities keep the previous
+    entries first, then candidates in j order. No id may be offered twice to one row (not checked).
     """
     rows, ids = _check_add_args(D, I, rows, ids)
     _check_table(Xq, "Xq", (np.float32,))

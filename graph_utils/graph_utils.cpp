@@ -728,15 +728,6 @@ void check_add_rows(int64_t k, const int64_t* rows, int64_t m, int64_t n_table) 
 }  // namespace
 
 template <class TI>
-void knn_add_scores(float* D, TI* I, int64_t n_table, int64_t k, int64_t ldd, int64_t ldi, const int64_t* rows,
-                    int64_t m, const float* S, int64_t n, int64_t lds, const TI* ids) {
-    check_add_rows(k, rows, m, n_table);
-    if (n > lds && m > 0) throw std::invalid_argument("score block has a row stride smaller than its width");
-#pragma omp parallel for schedule(dynamic, 64)
-    for (int64_t r = 0; r < m; r++) add_candidates_row(D + rows[r] * ldd, I + rows[r] * ldi, k, S + r * lds, n, ids);
-}
-
-template <class TI>
 void knn_add_products(float* D, TI* I, int64_t n_table, int64_t k, int64_t ldd, int64_t ldi, const int64_t* rows,
                       int64_t m, const float* Xq, int64_t ldq, const float* Xc, int64_t n, int64_t ldc, int64_t d,
                       const TI* ids) {
@@ -769,11 +760,6 @@ template void knn_add_products<int32_t>(float*, int32_t*, int64_t, int64_t, int6
 template void knn_add_products<int64_t>(float*, int64_t*, int64_t, int64_t, int64_t, int64_t, const int64_t*,
                                         int64_t, const float*, int64_t, const float*, int64_t, int64_t, int64_t,
                                         const int64_t*);
-
-template void knn_add_scores<int32_t>(float*, int32_t*, int64_t, int64_t, int64_t, int64_t, const int64_t*, int64_t,
-                                      const float*, int64_t, int64_t, const int32_t*);
-template void knn_add_scores<int64_t>(float*, int64_t*, int64_t, int64_t, int64_t, int64_t, const int64_t*, int64_t,
-                                      const float*, int64_t, int64_t, const int64_t*);
 
 template void merge_knn_results<int32_t>(float*, int32_t*, int64_t, int64_t, int64_t, int64_t, const float*,
                                          const int32_t*, int64_t, int64_t, int64_t, int64_t);

@@ -126,21 +126,16 @@ template <class TI>
 void merge_knn_results(float* D, TI* I, int64_t n, int64_t k, int64_t ldd, int64_t ldi, const float* D2,
                        const TI* I2, int64_t k2, int64_t ldd2, int64_t ldi2, int64_t translation);
 
-// Offers candidates to rows of a k-best table (D, I) kept in decreasing similarity order (n x k, row
-// strides ldd, ldi): table row rows[r] (r < m) receives the n candidates (S[r * lds + j], ids[j]), j < n,
-// S being a dense m x n score block (query r against n database vectors, e.g. one IVF list). A candidate
-// enters when its score beats the row's current k-th similarity; equal scores keep the entries already
-// there first, then candidates in j order. rows must be strictly increasing (each row updated once, so
-// rows can be processed in parallel) and in [0, n_table); no id may be offered twice to one row (the
-// caller's partition guarantees it). The cost is one comparison per candidate once the row is full.
-template <class TI>
-void knn_add_scores(float* D, TI* I, int64_t n_table, int64_t k, int64_t ldd, int64_t ldi, const int64_t* rows,
-                    int64_t m, const float* S, int64_t n, int64_t lds, const TI* ids);
-
-// The same for the scores of m query vectors against n database vectors (inner products): S = Xq Xc^T
-// with Xq m x d (row stride ldq) and Xc n x d (row stride ldc), ids[j] the id of Xc's row j. The
-// product runs tile by tile (MKL sgemm, one thread per tile) and each tile's scores go to the table
-// while still in cache: no m x n score matrix is stored.
+// Offers candidates to rows of a k-best table (D, I) kept in decreasing similarity order (n_table x k,
+// row strides ldd, ldi): table row rows[r] (r < m) receives the n candidates (S[r, j], ids[j]), j < n,
+// where S = Xq Xc^T are the inner products of m query vectors Xq (m x d, row stride ldq) with n
+// database vectors Xc (n x d, row stride ldc), e.g. one IVF list. A candidate enters when its score
+// beats the row's current k-th similarity; equal scores keep the entries already there first, then
+// candidates in j order. rows must be strictly increasing (each row updated once, so rows can be
+// processed in parallel) and in [0, n_table); no id may be offered twice to one row (the caller's
+// partition guarantees it). The product runs tile by tile (MKL sgemm, one thread per tile) and each
+// tile's scores go to the table while still in cache: no m x n score matrix is stored; once a row is
+// full, a candidate costs one comparison.
 template <class TI>
 void knn_add_products(float* D, TI* I, int64_t n_table, int64_t k, int64_t ldd, int64_t ldi, const int64_t* rows,
                       int64_t m, const float* Xq, int64_t ldq, const float* Xc, int64_t n, int64_t ldc, int64_t d,

@@ -143,18 +143,6 @@ PyObject* to_python(gu::CSROwned& m) {
 
 bool is_int32(PyObject* o) { return PyArray_Check(o) && PyArray_TYPE((PyArrayObject*)o) == NPY_INT32; }
 
-// knn_add_scores for one id dtype (called by the wrapped function below)
-template <class TI>
-void knn_add_scores_t(const Arr<float>& d, PyObject* I, const Arr<int64_t>& r, const Arr<float>& s, PyObject* ids) {
-    Arr<TI> i = get_arr<TI>(I, "I", 2, true, true);
-    Arr<TI> id = get_arr<TI>(ids, "ids", 1, false);
-    if (i.n0 != d.n0 || i.n1 != d.n1) py_raise(PyExc_ValueError, "I must have the shape of D");
-    if (s.n0 != r.n0 || s.n1 != id.n0)
-        py_raise(PyExc_ValueError, "S must have one row per entry of rows and one column per entry of ids");
-    NoGIL nogil;
-    gu::knn_add_scores<TI>(d.ptr, i.ptr, d.n0, d.n1, d.ld, i.ld, r.ptr, r.n0, s.ptr, s.n1, s.ld, id.ptr);
-}
-
 template <class TI>
 void knn_add_products_t(const Arr<float>& d, PyObject* I, const Arr<int64_t>& r, const Arr<float>& q,
                         const Arr<float>& c, PyObject* ids) {
@@ -343,14 +331,6 @@ void merge_knn_results(PyObject* D, PyObject* I, PyObject* D2, PyObject* I2, lon
         gu::merge_knn_results<int64_t>(d.ptr, i.ptr, d.n0, d.n1, d.ld, i.ld, d2.ptr, i2.ptr, d2.n1, d2.ld, i2.ld,
                                        translation);
     }
-}
-
-void knn_add_scores(PyObject* D, PyObject* I, PyObject* rows, PyObject* S, PyObject* ids) {
-    Arr<float> d = get_arr<float>(D, "D", 2, true, true);
-    Arr<int64_t> r = get_arr<int64_t>(rows, "rows", 1, false);
-    Arr<float> s = get_arr<float>(S, "S", 2, false, true);
-    if (is_int32(I)) knn_add_scores_t<int32_t>(d, I, r, s, ids);
-    else knn_add_scores_t<int64_t>(d, I, r, s, ids);
 }
 
 void knn_add_products(PyObject* D, PyObject* I, PyObject* rows, PyObject* Xq, PyObject* Xc, PyObject* ids) {

@@ -208,8 +208,7 @@ def _normalized_np(x):
     """L2-normalised float32 copy of rows, numpy only (zero rows stay zero).
 
     Used inside the list loops of :func:`ivf_knn` instead of faiss.normalize_L2: faiss' OpenMP
-    pool (its own libgomp) would spin against graph_utils' pool between the calls (1.5x slower in
-    a micro-benchmark alternating a product and a selection on 2 cores)."""
+    pool (its own libgomp) would spin against graph_utils' pool between the calls."""
     x = np.array(x, dtype=np.float32, order="C", copy=True)
     norms = np.sqrt(np.einsum("ij,ij->i", x, x))
     norms[norms == 0] = 1

@@ -362,7 +362,7 @@ def test_merge_knn_results_rejects_unsorted():
 
 
 def add_reference(D, I, rows, S, ids):
-    """knn_add_scores by a dense numpy sort: previous entries first, then candidates in order."""
+    """knn_add_products by a dense numpy sort: previous entries first, then candidates in order."""
     D, I = D.copy(), I.copy()
     k = D.shape[1]
     for r, row in enumerate(rows):
@@ -374,26 +374,28 @@ def add_reference(D, I, rows, S, ids):
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.int64])
-def test_knn_add_scores(dtype):
+def test_knn_add_products_ties(dtype):
     rs = np.random.RandomState(17)
-    n, k, nc = 300, 7, 40
-    # rows half filled (-inf / -1 at the end), coarse values for ties between table and candidates
+    n, k, d = 300, 7, 3
+    # rows half filled (-inf / -1 at the end); small integer vectors: exact products, many ties
+    # between the table and the candidates and among candidates
     D = -np.sort(-rs.randint(0, 6, size=(n, k)), axis=1).astype(np.float32)
     D[:, 4:] = -np.inf
     I = rs.randint(0, 100, size=(n, k)).astype(dtype)
     I[:, 4:] = -1
-    rows = np.sort(rs.choice(n, 120, replace=False))
-    for width in (nc, 5, 16, 33):          # below, at and around the 16-wide test block
-        S = rs.randint(0, 8, size=(rows.size, width)).astype(np.float32)
-        ids = (1000 + np.arange(width)).astype(dtype)
-        refD, refI = add_reference(D, I, rows, S, ids)
-        gu.knn_add_scores(D, I, rows, S, ids)
+    rows = np.sort(rs.choice(n, 200, replace=False))     # more than one 128-row tile
+    Xq = rs.randint(0, 2, size=(rows.size, d)).astype(np.float32)
+    for width in (40, 5, 16, 33):          # below, at and around the 16-wide test block
+        Xc = rs.randint(0, 3, size=(width, d)).astype(np.float32)
+        ids = (1000 * width + np.arange(width)).astype(dtype)
+        refD, refI = add_reference(D, I, rows, Xq @ Xc.T, ids)
+        gu.knn_add_products(D, I, rows, Xq, Xc, ids)
         np.testing.assert_array_equal(D, refD)
         np.testing.assert_array_equal(I, refI)
-    # rows not offered anything are untouched; strided S views are accepted
-    big = rs.rand(rows.size, 50).astype(np.float32)
-    refD, refI = add_reference(D, I, rows, big[:, 3:13], np.arange(10, dtype=dtype))
-    gu.knn_add_scores(D, I, rows, big[:, 3:13], np.arange(10, dtype=dtype))
+    # row-strided views of the vectors are accepted
+    big = rs.randint(0, 3, size=(12, 10)).astype(np.float32)
+    refD, refI = add_reference(D, I, rows, Xq @ big[:, 2:5].T, np.arange(12, dtype=dtype))
+    gu.knn_add_products(D, I, rows, Xq, big[:, 2:5], np.arange(12, dtype=dtype))
     np.testing.assert_array_equal(D, refD)
     np.testing.assert_array_equal(I, refI)
 
@@ -424,14 +426,15 @@ def test_knn_add_products(dtype):
 def test_knn_add_rejects_bad_rows():
     D = np.full((10, 3), -np.inf, np.float32)
     I = np.full((10, 3), -1, np.int32)
-    S = np.ones((2, 4), np.float32)
     ids = np.arange(4, dtype=np.int32)
+    Xq = np.ones((2, 5), np.float32)
+    Xc = np.ones((4, 5), np.float32)
     with pytest.raises(ValueError, match="strictly increasing"):
-        gu.knn_add_scores(D, I, [3, 3], S, ids)
+        gu.knn_add_products(D, I, [3, 3], Xq, Xc, ids)
     with pytest.raises(ValueError, match="outside the table's 10 rows"):
-        gu.knn_add_scores(D, I, [3, 10], S, ids)
-    with pytest.raises(ValueError, match="len.rows., len.ids."):
-        gu.knn_add_scores(D, I, [1, 2], S, ids[:3])
+        gu.knn_add_products(D, I, [3, 10], Xq, Xc, ids)
+    with pytest.raises(ValueError, match="expected"):
+        gu.knn_add_products(D, I, [1, 2], Xq, Xc, ids[:3])
     with pytest.raises(ValueError, match="strictly increasing"):
         gu.knn_add_products(D, I, [4, 1], np.ones((2, 5), np.float32), np.ones((4, 5), np.float32), ids)
     with pytest.raises(ValueError, match="expected"):
