@@ -369,6 +369,10 @@ def make_background_index(xb, method, K=32, nlist=None, nprobe=None, hnsw_M=32, 
         from faiss.contrib.ivf_tools import add_preassigned
         index = train_ivf(xb, nlist or default_nlist(nbg), what)
         index.nprobe = min(nprobe or default_nprobe(nbg, index.nlist), index.nlist)
+        if not return_probes:
+            log("adding %d vectors" % nbg)
+            _add_normalized(index, xb, bs, what)
+            return index
         log("adding %d vectors (and their %d probed lists)" % (nbg, index.nprobe))
         # each vector goes to its nearest list, which its search probes first; the probed lists
         # are kept for ivf_knn (the same quantizer search, done once)
@@ -378,8 +382,7 @@ def make_background_index(xb, method, K=32, nlist=None, nprobe=None, hnsw_M=32, 
             P = index.quantizer.search(x, index.nprobe)[1]
             add_preassigned(index, x, np.ascontiguousarray(P[:, 0]))
             probes[i0:i1] = P
-        if return_probes:
-            return index, probes
+        return index, probes
     elif method == "hnsw":
         index = faiss.IndexHNSWFlat(d, hnsw_M, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = ef_construction
