@@ -18,7 +18,8 @@ except ImportError as e:  # pragma: no cover - only without a build
 
 __all__ = ["CSR", "csr_from_knn", "transpose", "sort_rows", "union", "intersection_min", "row_normalize",
            "check", "knn_to_graph", "col_normalize", "spmm", "MklSpmm", "merge_knn_results",
-           "locality_order", "permute", "permute_columns", "inverse_permutation", "max_threads"]
+           "locality_order", "permute", "permute_columns", "inverse_permutation", "max_threads",
+           "cpu_has_bf16", "to_bf16", "KnnScan"]
 
 _INT32_MAX = 2**31 - 1
 #: MKL's LP64 sparse BLAS takes 32-bit row offsets: the product is cut into row blocks of at most this
@@ -454,3 +455,69 @@ def knn_add_products(D, I, rows, Xq, Xc, ids):
         raise ValueError("Xq %s, Xc %s: expected (len(rows), d) = (%d, d) and (len(ids), d) = (%d, d)" % (
             Xq.shape, Xc.shape, rows.size, ids.size))
     _gu.knn_add_products(D, I, rows, Xq, Xc, ids)
+
+
+def cpu_has_bf16():
+    """True when this CPU has the AVX512-BF16 dot-product instructions :class:`KnnScan` uses."""
+    return bool(_gu.cpu_has_bf16())
+
+
+def to_bf16(X):
+    """bfloat16 bits (uint16, round to nearest even) of a float32 (n, d) array."""
+    _check_table(X, "X", (np.float32,))
+    X = np.ascontiguousarray(X)
+    out = np.empty(X.shape, dtype=np.uint16)
+    _gu.to_bf16(X, out)
+    return out
+
+
+class KnnScan:
+    """k-best tables of many queries, filled block by block of candidates (e.g. IVF lists).
+
+    Each query (row of ``Qf``) keeps ``kp >= k`` candidates. With ``bf16`` (the default where the CPU
+    has AVX512-BF16 and d is even) the products are computed in bfloat16, ~5x faster than float32
+    BLAS on Zen 4, and every candidate entering a row is re-scored exactly in float32; :meth:`finish`
+    keeps the k best by exact score. Without it the products are float32 (MKL sgemm) and kp = k gives
+    the float32 search's result.
+
+    Parameters
+    ----------
+    Qf : array (n, d), float32, C-contiguous: the (normalised) queries
+    kp : int
+        Candidates kept per query (k for float32; more for bf16, whose ranking is approximate).
+    bf16 : bool or None
+        None: :func:`cpu_has_bf16` and d even.
+    """
+
+    def __init__(self, Qf, kp, bf16=None):
+        _check_table(Qf, "Qf", (np.float32,))
+        self.Qf = np.ascontiguousarray(Qf)
+        n, d = self.Qf.shape
+        if bf16 is None:
+            bf16 = cpu_has_bf16() and d % 2 == 0
+        if bf16 and not (cpu_has_bf16() and d % 2 == 0):
+            raise ValueError("bf16 scan needs AVX512-BF16 and an even d (d = %d)" % d)
+        self.bf16 = bool(bf16)
+        self.Qb = to_bf16(self.Qf) if self.bf16 else None
+        if kp < 1:
+            raise ValueError("kp = %d: need at least 1 candidate per query" % kp)
+        self.A = np.full((n, kp), -np.inf, dtype=np.float32)
+        self.E = np.full((n, kp), -np.inf, dtype=np.float32)
+        self.I = np.full((n, kp), -1, dtype=np.int32)
+
+    def add(self, rows, Xc, ids):
+        """Offer candidates ``Xc`` (nc, d) float32 with ids (nc,) int32 to queries ``rows``
+        (strictly increasing int64); no id may be offered twice to one query (not checked)."""
+        rows = _as_1d(rows, np.int64, "rows")
+        ids = _as_1d(ids, np.int32, "ids")
+        _check_table(Xc, "Xc", (np.float32,))
+        _gu.knn_scan_list(self.A, self.E, self.I, rows, self.Qf, self.Qb, Xc, ids)
+
+    def finish(self, k, D=None, I=None):
+        """The k best candidates of every query by exact score: D float32 (n, k) decreasing, I int32
+        (n, k) (ties: lower id first); -inf / -1 where a query got fewer than k. D, I: outputs to fill."""
+        n = self.E.shape[0]
+        D = np.empty((n, k), dtype=np.float32) if D is None else D
+        I = np.empty((n, k), dtype=np.int32) if I is None else I
+        _gu.knn_scan_finish(self.E, self.I, D, I)
+        return D, I

@@ -13,7 +13,7 @@ PY=$VENV/bin/python
 CXX=${CXX:-g++}
 cd "$HERE"
 
-SOURCES=(graph_utils.h graph_utils.cpp graph_utils.i compile.bash)
+SOURCES=(graph_utils.h graph_utils.cpp knn_scan.cpp graph_utils.i compile.bash)
 EXT_SUFFIX=$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 MODULE=_graph_utils_swig$EXT_SUFFIX
 
@@ -76,12 +76,13 @@ mkdir -p build
 echo "graph_utils: swig $("$VENV/bin/swig" -version | awk '/Version/{print $3}'), mkl $(pc --modversion), $($CXX -dumpfullversion)"
 "$VENV/bin/swig" -c++ -python -o build/graph_utils_wrap.cxx -outdir build graph_utils.i
 $CXX $CXXFLAGS $MKL_CFLAGS -I"$HERE" -c graph_utils.cpp -o build/graph_utils.o
+$CXX $CXXFLAGS $MKL_CFLAGS -I"$HERE" -c knn_scan.cpp -o build/knn_scan.o
 # SWIG's generated code trips a few warnings we do not own
 $CXX $CXXFLAGS -Wno-missing-field-initializers -Wno-deprecated-declarations $MKL_CFLAGS -I"$HERE" \
   -I"$PY_INC" -I"$NP_INC" -c build/graph_utils_wrap.cxx -o build/graph_utils_wrap.o
 # rpath: relative to the module first (the checkout and its .venv move together), absolute second
 REL_LIBDIR=$("$PY" -c "import os; print(os.path.relpath('$MKL_LIBDIR', '$HERE'))")
-$CXX -shared -fopenmp -o "build/$MODULE" build/graph_utils.o build/graph_utils_wrap.o $MKL_LIBS \
+$CXX -shared -fopenmp -o "build/$MODULE" build/graph_utils.o build/knn_scan.o build/graph_utils_wrap.o $MKL_LIBS \
   -Wl,-rpath,"\$ORIGIN/$REL_LIBDIR" -Wl,-rpath,"$MKL_LIBDIR"
 # install both products together, module last, so an interrupted build is rebuilt next time
 cp build/graph_utils_swig.py graph_utils_swig.py

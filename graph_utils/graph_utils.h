@@ -141,6 +141,23 @@ void knn_add_products(float* D, TI* I, int64_t n_table, int64_t k, int64_t ldd, 
                       int64_t m, const float* Xq, int64_t ldq, const float* Xc, int64_t n, int64_t ldc, int64_t d,
                       const TI* ids);
 
+// Many queries against one block of database vectors (an IVF list), into k-best tables of kp slots
+// (knn_scan.cpp). Table row rows[r] (r < m, strictly increasing, in [0, n_table)) has kp slots:
+// A (score the selection ranks by, decreasing; -inf = empty), E (exact float32 inner product), I
+// (id, -1 = empty), each (n_table x kp) C-contiguous. Its query is row rows[r] of Qf (n_table x d,
+// float32) and, for the reduced-precision scan, of Qb (n_table x d bfloat16 bits from to_bf16); the
+// candidates are Xc (n x d, row stride ldc) with ids[j]. With Qb the products are computed in bf16
+// (AVX512-BF16, d even; cpu_has_bf16() must hold) and every candidate entering a row gets its exact
+// score in E; with Qb == nullptr they are float32 (MKL sgemm) and A == E. No id may be offered twice
+// to a row. knn_scan_finish then writes the k <= kp best of each row by E (ties: lower id first) into
+// D, Io (n x k), -inf / -1 where a row has fewer than k.
+bool cpu_has_bf16();
+void to_bf16(const float* X, int64_t n, uint16_t* out);
+void knn_scan_list(float* A, float* E, int32_t* I, int64_t n_table, int64_t kp, const int64_t* rows, int64_t m,
+                   const float* Qf, const uint16_t* Qb, int64_t d, const float* Xc, int64_t n, int64_t ldc,
+                   const int32_t* ids);
+void knn_scan_finish(const float* E, const int32_t* I, int64_t n, int64_t kp, float* D, int32_t* Io, int64_t k);
+
 // Locality-preserving node order of a square matrix with a symmetric pattern (as W0 + W0^T): breadth-first
 // search, each connected component started from its lowest-numbered node, neighbours taken in row order
 // (the order of scipy.sparse.csgraph.breadth_first_order). perm[new_id] = old_id.

@@ -38,6 +38,7 @@ template <class T> struct Npy;
 template <> struct Npy<float> { static constexpr int type = NPY_FLOAT32; static constexpr const char* name = "float32"; };
 template <> struct Npy<int32_t> { static constexpr int type = NPY_INT32; static constexpr const char* name = "int32"; };
 template <> struct Npy<int64_t> { static constexpr int type = NPY_INT64; static constexpr const char* name = "int64"; };
+template <> struct Npy<uint16_t> { static constexpr int type = NPY_UINT16; static constexpr const char* name = "uint16"; };
 
 // A checked numpy array: ndim dimensions, given dtype, aligned; C-contiguous, or (row_strided) with
 // contiguous rows and any non-negative row stride.
@@ -340,6 +341,50 @@ void knn_add_products(PyObject* D, PyObject* I, PyObject* rows, PyObject* Xq, Py
     Arr<float> c = get_arr<float>(Xc, "Xc", 2, false, true);
     if (is_int32(I)) knn_add_products_t<int32_t>(d, I, r, q, c, ids);
     else knn_add_products_t<int64_t>(d, I, r, q, c, ids);
+}
+
+bool cpu_has_bf16() { return gu::cpu_has_bf16(); }
+
+void to_bf16(PyObject* X, PyObject* out) {
+    Arr<float> x = get_arr<float>(X, "X", 2, false);
+    Arr<uint16_t> o = get_arr<uint16_t>(out, "out", 2, true);
+    if (o.n0 != x.n0 || o.n1 != x.n1) py_raise(PyExc_ValueError, "out must have the shape of X");
+    NoGIL nogil;
+    gu::to_bf16(x.ptr, x.size(), o.ptr);
+}
+
+void knn_scan_list(PyObject* A, PyObject* E, PyObject* I, PyObject* rows, PyObject* Qf, PyObject* Qb, PyObject* Xc,
+                   PyObject* ids) {
+    Arr<float> a = get_arr<float>(A, "A", 2, true);
+    Arr<float> e = get_arr<float>(E, "E", 2, true);
+    Arr<int32_t> i = get_arr<int32_t>(I, "I", 2, true);
+    Arr<int64_t> r = get_arr<int64_t>(rows, "rows", 1, false);
+    Arr<float> qf = get_arr<float>(Qf, "Qf", 2, false);
+    Arr<float> c = get_arr<float>(Xc, "Xc", 2, false, true);
+    Arr<int32_t> id = get_arr<int32_t>(ids, "ids", 1, false);
+    const uint16_t* qb = nullptr;
+    if (Qb != Py_None) {
+        Arr<uint16_t> b = get_arr<uint16_t>(Qb, "Qb", 2, false);
+        if (b.n0 != qf.n0 || b.n1 != qf.n1) py_raise(PyExc_ValueError, "Qb must have the shape of Qf");
+        qb = b.ptr;
+    }
+    if (e.n0 != a.n0 || e.n1 != a.n1 || i.n0 != a.n0 || i.n1 != a.n1)
+        py_raise(PyExc_ValueError, "A, E and I must have one shape");
+    if (qf.n0 != a.n0 || qf.n1 != c.n1 || c.n0 != id.n0)
+        py_raise(PyExc_ValueError, "Qf needs one row per table row, Xc one per id, both d columns");
+    NoGIL nogil;
+    gu::knn_scan_list(a.ptr, e.ptr, i.ptr, a.n0, a.n1, r.ptr, r.n0, qf.ptr, qb, qf.n1, c.ptr, c.n0, c.ld, id.ptr);
+}
+
+void knn_scan_finish(PyObject* E, PyObject* I, PyObject* D, PyObject* Io) {
+    Arr<float> e = get_arr<float>(E, "E", 2, false);
+    Arr<int32_t> i = get_arr<int32_t>(I, "I", 2, false);
+    Arr<float> d = get_arr<float>(D, "D", 2, true);
+    Arr<int32_t> io = get_arr<int32_t>(Io, "Io", 2, true);
+    if (i.n0 != e.n0 || i.n1 != e.n1 || d.n0 != e.n0 || io.n0 != e.n0 || io.n1 != d.n1)
+        py_raise(PyExc_ValueError, "E, I (n, kp) and D, Io (n, k) must agree");
+    NoGIL nogil;
+    gu::knn_scan_finish(e.ptr, i.ptr, e.n0, e.n1, d.ptr, io.ptr, d.n1);
 }
 
 void bfs_order(CSR_ARGS(A), PyObject* perm) {
