@@ -6,9 +6,16 @@ Writes  $DDIR/knngraph/ndis{N}.index                    faiss index of the L2-no
         $DDIR/knngraph/ndis{N}_k{K}_I_11.int32          raw (N, K) int32 neighbour ids in 0..N-1
         $DDIR/knngraph/ndis{N}_k{K}_D_11.float32        raw (N, K) float32 inner products, decreasing
 K = smallest power of two >= --k (32 by default; diffusion.py with k=30 reads K=32, and any
-stored K' >= k serves a smaller k). Vectors are L2-normalised and compared by inner product. The
-tables are written under temporary names (block by block, or for ivf on CPU through a memory map
-of the file: never a second (N, K) copy in RAM) and renamed when complete.
+stored K' >= k serves a smaller k). Vectors are L2-normalised and compared by inner product. Every
+file is written under a temporary name and renamed when complete.
+
+ivf on CPU (the default above 50k) is resumable and splits into array tasks (lowshot/ivf_build.py):
+its work goes to $DDIR/knngraph/ndis{N}_k{K}.work/ (trained lists, then the table by chunks of rows);
+a killed build run again continues from its last completed chunk and ends with the same bytes. On
+a cluster:
+  python build_graph.py N --prepare                # one task: k-means, lists, probes (RAM ~ 6 N d bytes)
+  python build_graph.py N --shard $i/$S            # S array tasks, i = 0 .. S-1: the table's chunks
+  python build_graph.py N                          # merges (and computes any chunk still missing)
 
 Methods (--method; default: exact up to 50k vectors, IVF above on CPU; exact up to 1M,
 IVF above with GPUs, which faiss uses when it sees any). The index is stored for diffusion.py,
@@ -16,8 +23,9 @@ which searches it with the labelled and test images: NN-descent's index does tha
 0.57 at 100k generated vectors against 0.97 for IVF and 0.98 for HNSW), so it is never the default:
   exact      IndexFlatIP, exact search
   ivf        IndexIVFFlat; CPU: 2*sqrt(N) lists, each vector's search visits enough lists to scan
-             about 12000 vectors (24 of 2000 at 1M), computed list by list with BLAS (1M: 143 s,
-             recall@10 0.968 on 2 cores); GPUs: 4*sqrt(N) lists, nprobe 256 (the 2018 original)
+             about 12000 vectors (24 of 2000 at 1M), computed list by list, in bfloat16 with an
+             exact float32 re-score where the CPU has AVX512-BF16 (see README "Scale"); GPUs:
+             4*sqrt(N) lists, nprobe 256 (the 2018 original)
   hnsw       IndexHNSWFlat, M=32, efSearch=64 (1M: 233 s, recall@10 0.910)
   nndescent  IndexNNDescentFlat: the graph comes from NN-descent itself (fast, good graph; its
              stored index is poor for external queries)
@@ -27,13 +35,34 @@ Example:
   python build_graph.py 1000000 --ddir $DDIR
 """
 import argparse
+import os
 import time
 
 import faiss
 
 from lowshot import data
 from lowshot import graph
-from lowshot.common import (InputError, get_ddir, log, print_args, print_result, run_main)
+from lowshot import ivf_build
+from lowshot.common import (InputError, get_ddir, log, print_args, print_result, remove_stale_temporaries,
+                            run_main)
+
+
+def parse_shard(text):
+    """``i/S`` -> (i, S), 0 <= i < S."""
+    try:
+        i, S = (int(t) for t in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected i/S, e.g. 3/16, got %r" % text)
+    if not 0 <= i < S:
+        raise argparse.ArgumentTypeError("shard %d/%d: need 0 <= i < S" % (i, S))
+    return i, S
+
+
+def positive_int(text):
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError("must be >= 1, got %d" % v)
+    return v
 
 
 def parse_args(argv):
@@ -46,7 +75,17 @@ def parse_args(argv):
     g.add_argument("--k", type=int, default=32, help="neighbours needed; K = next power of two")
     g.add_argument("--method", choices=graph.METHODS, default=None,
                    help="search method (default: chosen by N and GPUs, see above)")
-    g.add_argument("--bs", type=int, default=graph.SEARCH_BS, help="rows searched per block")
+    g.add_argument("--bs", type=positive_int, default=graph.SEARCH_BS, help="rows searched per block")
+    g = p.add_argument_group("resumable ivf build (CPU)")
+    g.add_argument("--prepare", action="store_true",
+                   help="only train the lists and find the probes (then --shard tasks, then a plain run)")
+    g.add_argument("--shard", type=parse_shard, default=None, metavar="i/S",
+                   help="compute only the table chunks of shard i of S (i = 0..S-1), no merge")
+    g.add_argument("--chunk_rows", type=positive_int, default=None,
+                   help="rows per chunk, the unit of resumption (default: about N/8, 2^17..2^20)")
+    g.add_argument("--precision", choices=("auto", "bf16", "float32"), default="auto",
+                   help="product of the table scan: bf16 with exact re-score (auto: where the CPU has "
+                        "AVX512-BF16), or float32 BLAS (exactly faiss' IVF search)")
     g = p.add_argument_group("method parameters")
     g.add_argument("--nlist", type=int, default=None,
                    help="ivf: lists (default %d*sqrt(N) on CPU, 4*sqrt(N) with GPUs)" % graph.IVF_LISTS_PER_SQRT)
@@ -76,7 +115,19 @@ def main(argv=None):
     if K >= args.N:
         raise InputError("K = %d neighbours need more than N = %d background vectors" % (K, args.N))
     paths = data.graph_paths(ddir, args.N, K)
-    if not args.force:
+    for folder in (os.path.dirname(paths["I"]),):
+        if os.path.isdir(folder):
+            for p in remove_stale_temporaries(folder):
+                log("removed %s (its writer is gone)" % p)
+    method = args.method or graph.default_method(args.N)
+    resumable = method == "ivf" and faiss.get_num_gpus() == 0
+    if (args.shard or args.prepare) and not resumable:
+        raise InputError("--shard and --prepare need the CPU ivf method (method %s, %d GPUs)" % (
+            method, faiss.get_num_gpus()))
+    in_progress = resumable and ivf_build.read_plan(paths["work"]) is not None
+    if in_progress:
+        log("a build is in progress in %s: continuing it" % paths["work"])
+    if not args.force and not in_progress:
         try:
             idx_path, D, I = graph.find_background_graph(ddir, args.N, K, data.graph_paths)
             log("a graph with K = %d >= %d exists (%s): nothing to do (--force rebuilds)" % (
@@ -86,15 +137,22 @@ def main(argv=None):
             return
         except InputError:
             pass
-    method = args.method or graph.default_method(args.N)
     log("method %s, K = %d, %d GPUs, %d threads" % (
         method, K, faiss.get_num_gpus(), faiss.omp_get_max_threads()))
     t0 = time.time()
     stats = graph.build_background_graph(
         xb, K, paths, method=method, bs=args.bs, nlist=args.nlist, nprobe=args.nprobe, hnsw_M=args.hnsw_M,
         ef_search=args.ef_search, ef_construction=args.ef_construction, nnd_iter=args.nnd_iter,
-        nnd_L=args.nnd_L)
+        nnd_L=args.nnd_L,
+        build_params={"bf16": {"auto": None, "bf16": True, "float32": False}[args.precision],
+                      "chunk_rows": args.chunk_rows, "shard": args.shard, "prepare_only": args.prepare,
+                      "force": args.force} if resumable else None)
     stats["time_total"] = time.time() - t0
+    if not stats.get("done", True):
+        log("%s: not merged (%s); a plain `build_graph.py %d` merges once every chunk exists" % (
+            paths["work"], "prepared" if args.prepare else "shard %d/%d done" % args.shard, args.N))
+        print_result({"script": "build_graph", "reused": False, **stats})
+        return
     log("graph written: %s, %s, %s (%.1f s)" % (paths["I"], paths["D"], paths["index"],
                                                stats["time_total"]))
     if args.recall_nq > 0:

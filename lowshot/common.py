@@ -3,9 +3,12 @@
 Nothing here reads the environment or touches files at import time.
 """
 import contextlib
+import glob
 import json
 import os
+import re
 import resource
+import socket
 import sys
 import time
 
@@ -25,6 +28,19 @@ class InputError(Exception):
 def rss_gib():
     """Resident memory of this process now, in GiB."""
     return psutil.Process().memory_info().rss / 2**30
+
+
+def anon_rss_gib():
+    """The process' own resident memory in GiB: RSS less the pages of memory-mapped files (page
+    cache, which the kernel can drop and other processes share). Linux; None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
 
 
 def peak_rss_gib():
@@ -64,21 +80,65 @@ def require_file(path, what="input file"):
     return path
 
 
+def _host():
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0]) or "host"
+
+
+def _fsync(path, directory=False):
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_output(path):
     """Yield a temporary path next to ``path``; rename it to ``path`` only if the block succeeds.
 
-    An interrupted or failing writer leaves no file under the final name (and removes its temporary).
+    The temporary is ``.{name}.tmp{pid}-{host}`` (so :func:`remove_stale_temporaries` can tell a dead
+    writer's leftovers from a live one's). The file is fsync'd before the rename and the folder after
+    it: after a crash the final name holds the whole file or does not exist. An interrupted or failing
+    writer leaves no file under the final name (and removes its temporary, unless SIGKILLed).
     """
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, ".%s.tmp%d" % (os.path.basename(path), os.getpid()))
+    tmp = os.path.join(d, ".%s.tmp%d-%s" % (os.path.basename(path), os.getpid(), _host()))
     try:
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(d, directory=True)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder):
+    """Remove the :func:`atomic_output` temporaries in ``folder`` whose writer, on this host, is gone
+    (a SIGKILLed or crashed run); those of live processes and of other hosts stay. Returns the
+    removed paths."""
+    removed = []
+    host = _host()
+    for p in glob.glob(os.path.join(glob.escape(folder), ".*.tmp*")):
+        m = re.search(r"\.tmp(\d+)-([A-Za-z0-9_-]+)$", p)
+        if m and m.group(2) == host and not _pid_alive(int(m.group(1))):
+            try:
+                os.remove(p)
+                removed.append(p)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def write_json(path, obj):

@@ -204,128 +204,75 @@ def train_ivf(xb, nlist, what="background", seed=1234):
     return index
 
 
-def _normalized_np(x):
-    """L2-normalised float32 copy of rows, numpy only (zero rows stay zero).
+def ivf_lists(index):
+    """Each list of a CPU IndexIVFFlat as (vectors float32 (size, d) view, ids int32): index memory."""
+    d = index.d
+    out = []
+    for c in range(index.nlist):
+        size = index.invlists.list_size(c)
+        if size == 0:
+            out.append((None, None))
+            continue
+        x = faiss.rev_swig_ptr(index.invlists.get_codes(c), size * d * 4).view(np.float32).reshape(size, d)
+        ids = faiss.rev_swig_ptr(index.invlists.get_ids(c), size)
+        if ids.max() >= 2**31:
+            raise ValueError("ivf_knn needs ids < 2^31")
+        out.append((x, ids.astype(np.int32)))
+    return out
 
-    Used inside the list loops of :func:`ivf_knn` instead of faiss.normalize_L2: faiss' OpenMP
-    pool (its own libgomp) would spin against graph_utils' pool between the calls."""
-    x = np.array(x, dtype=np.float32, order="C", copy=True)
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
-    norms[norms == 0] = 1
-    x /= norms[:, None]
-    return x
 
+def ivf_knn(index, x, K, probes=None, bf16=None, bs=SEARCH_BS):
+    """K-NN of many queries in an IVF-Flat index, list by list (graph_utils.KnnScan).
 
-def ivf_knn(index, x, K, D=None, I=None, raw=False, own=False, bs=SEARCH_BS, qchunk=4096,
-            probes=None, verbose=False):
-    """K-NN of many queries in an IVF-Flat index, list by list with BLAS.
-
-    Row i is what ``index.search(x_i, K)`` returns at ``index.nprobe`` (the same probed lists, exact
-    inner products inside them), computed list by list instead of query by query: all queries
-    that probe list c are scored against list c's vectors in one matrix product and the scores go
-    straight into their rows (graph_utils.knn_add_products). Each list is read once for all its
-    queries instead of once per query: the search runs at the speed of a matrix product, 8x
-    faster than faiss' per-query search for the F1M background graph on 2 cores (README).
+    Row i is ``index.search(x_i, K)`` at ``index.nprobe``: the same probed lists, searched
+    exhaustively. All queries that probe list c are scored against list c's vectors in one product,
+    so each list is read once for all its queries. The product is bfloat16 where the CPU has
+    AVX512-BF16 (K + 16 candidates kept per query and re-scored exactly in float32; the result
+    equals the float32 search but for near-ties), float32 BLAS elsewhere (``bf16=False``: exactly
+    the float32 search, ties to the lower id).
 
     Parameters
     ----------
     index : faiss.IndexIVFFlat (CPU), ids < 2^31
-    x : array float32 (n, d): normalised queries, or (raw=True) raw rows (e.g. the background
-        memmap) normalised here as they are read
-    own : bool
-        The queries are the index's own vectors (x holds their raw rows, ids 0..n-1): each one is
-        read from its list in the index (RAM) instead of from x, which is then only read, in
-        order, to compute missing probes. A memmapped x larger than the page cache left beside
-        the index would otherwise be read at random (F10M: 10 GB index + 10 GB raw in 24 GB).
+    x : ndarray float32 (n, d), normalised queries
     K : int
-    D, I : arrays float32 / int32 (n, K), writable (e.g. memmaps of output files), or None (new)
-        Filled; rows whose probed lists hold fewer than K vectors end with -inf / -1.
-    qchunk : int
-        Queries gathered at a time (bounds the temporary: qchunk * d floats).
     probes : array int (n, >= nprobe) or None
-        The lists each query probes, nearest first, when already known (from the index's add);
-        None: searched in the quantizer here.
-    verbose : bool
-        Log the work and the progress (long searches).
+        The lists each query probes, nearest first; None: searched in the quantizer here.
+    bf16 : bool or None (None: where the CPU has it and d is even)
 
     Returns
     -------
-    D, I, stats (dict: time_probes, time_table in s, pairs_scored = (query, list vector) pairs)
+    D float32 (n, K), I int32 (n, K) (-inf / -1 where the probed lists hold fewer than K vectors),
+    stats (dict: time_probes, time_table in s, pairs_scored = (query, list vector) pairs)
     """
     import graph_utils
 
     n, d = x.shape
-    if D is None:
-        D = np.empty((n, K), dtype=np.float32)
-        I = np.empty((n, K), dtype=np.int32)
-    fetch = _normalized_np if raw else (lambda rows: rows)
+    x = np.ascontiguousarray(x, dtype=np.float32)
     nlist, nprobe = index.nlist, min(index.nprobe, index.nlist)
     t0 = time.time()
     if probes is None:
-        if verbose:
-            log("probed lists of %d vectors (nprobe = %d of %d lists)" % (n, nprobe, nlist))
         P = np.empty((n, nprobe), dtype=np.int32)
         for i0, i1 in _blocks(n, bs):
-            P[i0:i1] = index.quantizer.search(np.ascontiguousarray(fetch(x[i0:i1])), nprobe)[1]
+            P[i0:i1] = index.quantizer.search(x[i0:i1], nprobe)[1]
     else:
         if probes.shape[0] != n or probes.shape[1] < nprobe:
             raise ValueError("probes %s: need (%d, >= %d)" % (probes.shape, n, nprobe))
-        P = np.ascontiguousarray(probes[:, :nprobe])
-    # queries by list: row c of the transpose lists, in increasing order, the queries probing c
-    byl = graph_utils.transpose(graph_utils.csr_from_knn(P, nlist))
+        P = np.ascontiguousarray(probes[:, :nprobe], dtype=np.int32)
+    byl = graph_utils.transpose(graph_utils.csr_from_knn(P, nlist))   # queries by list
     del P
-    sizes = np.array([index.invlists.list_size(c) for c in range(nlist)], dtype=np.int64)
-    work = np.cumsum(np.diff(byl.indptr) * sizes, dtype=np.float64)  # pairs up to each list (ETA)
-    stats = {"time_probes": time.time() - t0, "pairs_scored": float(work[-1]) if nlist else 0.0}
-    if verbose:
-        log("scoring %.3g (query, vector) pairs: %.2f%% of an exact search" % (
-            stats["pairs_scored"], 100.0 * stats["pairs_scored"] / (float(n) * index.ntotal)))
-    t0 = tlast = time.time()
-    D[:] = -np.inf
-    I[:] = -1
-    invlists = index.invlists
-    views, idss = [None] * nlist, [None] * nlist   # each list's vectors and ids (index memory)
-    for c in range(nlist):
-        if sizes[c]:
-            views[c] = faiss.rev_swig_ptr(invlists.get_codes(c), int(sizes[c]) * d * 4).view(
-                np.float32).reshape(-1, d)
-            idss[c] = faiss.rev_swig_ptr(invlists.get_ids(c), int(sizes[c]))
-    if own:
-        where = np.full(n, -1, dtype=np.int32)     # list and position of each stored vector
-        pos = np.zeros(n, dtype=np.int64)
-        for c in range(nlist):
-            if sizes[c]:
-                where[idss[c]] = c
-                pos[idss[c]] = np.arange(sizes[c])
-        if (where < 0).any():
-            raise ValueError("own=True but vector %d is in no list" % np.flatnonzero(where < 0)[0])
-
-        def fetch_rows(rows):
-            lists = where[rows]
-            order = np.argsort(lists, kind="stable")
-            ls = lists[order]
-            cuts = np.flatnonzero(np.diff(ls)) + 1
-            out = np.empty((rows.size, d), dtype=np.float32)
-            for g0, g1 in zip(np.r_[0, cuts], np.r_[cuts, rows.size]):
-                sel = order[g0:g1]
-                out[sel] = views[ls[g0]][pos[rows[sel]]]
-            return out
-    else:
-        def fetch_rows(rows):
-            return np.ascontiguousarray(fetch(x[rows]), dtype=np.float32)
-    for c in range(nlist):
+    lists = ivf_lists(index)
+    sizes = np.array([0 if v is None else len(v) for v, _ in lists], dtype=np.int64)
+    stats = {"time_probes": time.time() - t0, "pairs_scored": float(np.dot(np.diff(byl.indptr), sizes))}
+    t0 = time.time()
+    if bf16 is None:
+        bf16 = graph_utils.cpu_has_bf16() and d % 2 == 0
+    scan = graph_utils.KnnScan(x, K + (16 if bf16 else 0), bf16=bf16)
+    for c, (v, ids) in enumerate(lists):
         q0, q1 = int(byl.indptr[c]), int(byl.indptr[c + 1])
-        if sizes[c] == 0 or q1 == q0:
-            continue
-        ids = idss[c].astype(np.int32)
-        for j0 in range(q0, q1, qchunk):
-            rows = byl.indices[j0:min(q1, j0 + qchunk)].astype(np.int64)
-            graph_utils.knn_add_products(D, I, rows, fetch_rows(rows), views[c], ids)
-        if verbose and time.time() - tlast > 10 and work[-1] > 0:
-            tlast = time.time()
-            el, frac = tlast - t0, work[c] / work[-1]
-            log("  lists %d / %d, %.0f%% of the pairs (%.0f s left)" % (
-                c + 1, nlist, 100 * frac, el * (1 - frac) / max(frac, 1e-9)))
+        if v is not None and q1 > q0:
+            scan.add(byl.indices[q0:q1], v, ids)
+    D, I = scan.finish(K)
     stats["time_table"] = time.time() - t0
     return D, I, stats
 
@@ -340,7 +287,7 @@ def index_search(index, x, k):
 
 def make_background_index(xb, method, K=32, nlist=None, nprobe=None, hnsw_M=32, ef_search=64,
                           ef_construction=40, nnd_iter=10, nnd_L=None, nnd_search_L=None,
-                          bs=SEARCH_BS, what="background", return_probes=False):
+                          bs=SEARCH_BS, what="background"):
     """Build the index over the (normalised) background vectors.
 
     Parameters
@@ -353,36 +300,18 @@ def make_background_index(xb, method, K=32, nlist=None, nprobe=None, hnsw_M=32, 
     K : int
         Neighbours per vector (NN-descent builds exactly this graph).
 
-    return_probes : bool
-        ivf only: also return the (nbg, nprobe) int32 lists each vector's search probes.
-
     Returns
     -------
     index : faiss.Index (CPU), all nbg vectors added; ``index.ntotal == nbg``.
-    probes : ndarray, only with return_probes and ivf.
     """
     nbg, d = xb.shape
     if method == "exact":
         index = faiss.IndexFlatIP(d)
         _add_normalized(index, xb, bs, what)
     elif method == "ivf":
-        from faiss.contrib.ivf_tools import add_preassigned
         index = train_ivf(xb, nlist or default_nlist(nbg), what)
         index.nprobe = min(nprobe or default_nprobe(nbg, index.nlist), index.nlist)
-        if not return_probes:
-            log("adding %d vectors" % nbg)
-            _add_normalized(index, xb, bs, what)
-            return index
-        log("adding %d vectors (and their %d probed lists)" % (nbg, index.nprobe))
-        # each vector goes to its nearest list, which its search probes first; the probed lists
-        # are kept for ivf_knn (the same quantizer search, done once)
-        probes = np.empty((nbg, index.nprobe), dtype=np.int32)
-        for i0, i1 in _blocks(nbg, bs):
-            x = normalized(xb[i0:i1], "%s rows %d:%d" % (what, i0, i1))
-            P = index.quantizer.search(x, index.nprobe)[1]
-            add_preassigned(index, x, np.ascontiguousarray(P[:, 0]))
-            probes[i0:i1] = P
-        return index, probes
+        _add_normalized(index, xb, bs, what)
     elif method == "hnsw":
         index = faiss.IndexHNSWFlat(d, hnsw_M, faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = ef_construction
@@ -464,10 +393,11 @@ def _write_tables(index, xb, K, paths, method, bs):
                     log("graph rows %d / %d (%.0f rows/s)" % (i1, nbg, i1 / max(el, 1e-9)))
 
 
-def build_background_graph(xb, K, paths, method=None, bs=SEARCH_BS, **index_params):
+def build_background_graph(xb, K, paths, method=None, bs=SEARCH_BS, build_params=None, **index_params):
     """Build the K-NN graph of the background vectors and write it (index, I and D tables).
 
-    The tables are produced block by block and appended to temporary files, renamed when
+    IVF on CPU goes to :func:`lowshot.ivf_build.build` (resumable, shardable; its statistics).
+    Otherwise the tables are produced block by block and appended to temporary files, renamed when
     complete: RAM holds one block of results, never the (nbg, K) tables.
 
     Parameters
@@ -476,9 +406,12 @@ def build_background_graph(xb, K, paths, method=None, bs=SEARCH_BS, **index_para
     K : int
         Neighbours per vector (a power of two; 32 for k=30).
     paths : dict
-        ``index``, ``I``, ``D`` output paths (:func:`lowshot.data.graph_paths`).
+        ``index``, ``I``, ``D`` output paths (:func:`lowshot.data.graph_paths`), ``work`` for IVF on
+        CPU (default: the I path + ``.work``).
     method : str or None
         One of METHODS; None = :func:`default_method`.
+    build_params : dict or None
+        IVF on CPU: ``bf16``, ``chunk_rows``, ``shard``, ``prepare_only``, ``force`` of ivf_build.build.
     **index_params
         Passed to :func:`make_background_index`.
 
@@ -490,32 +423,21 @@ def build_background_graph(xb, K, paths, method=None, bs=SEARCH_BS, **index_para
     if K > nbg:
         raise InputError("K = %d neighbours but the background has only %d vectors" % (K, nbg))
     method = method or default_method(nbg)
+    if method == "ivf" and faiss.get_num_gpus() == 0:
+        # CPU: resumable and shardable, list by list (lowshot.ivf_build)
+        from lowshot import ivf_build
+        paths = dict(paths)
+        paths.setdefault("work", paths["I"] + ".work")
+        return ivf_build.build(xb, K, paths, nlist=index_params.get("nlist"), nprobe=index_params.get("nprobe"),
+                               **(build_params or {}))
     stats = {"method": method, "nbg": nbg, "K": K}
     t0 = time.time()
     log("building %s index over %d background vectors" % (method, nbg))
-    blas_ivf = method == "ivf" and faiss.get_num_gpus() == 0
-    index = make_background_index(xb, method, K=K, bs=bs, return_probes=blas_ivf, **index_params)
-    if blas_ivf:
-        index, probes = index
+    index = make_background_index(xb, method, K=K, bs=bs, **index_params)
     stats["time_index"] = time.time() - t0
-
     t0 = time.time()
-    if blas_ivf:
-        # CPU: list by list with BLAS, into the output files mapped in memory (page cache, not
-        # a second (nbg, K) copy in RAM)
-        with atomic_output(paths["I"]) as tmpI, atomic_output(paths["D"]) as tmpD:
-            D = np.memmap(tmpD, dtype=np.float32, mode="w+", shape=(nbg, K))
-            I = np.memmap(tmpI, dtype=np.int32, mode="w+", shape=(nbg, K))
-            stats.update(ivf_knn(index, xb, K, D, I, raw=True, own=True, bs=bs, probes=probes,
-                                 verbose=True)[2])
-            del probes
-            D.flush()
-            I.flush()
-            del D, I
-        stats["time_search"] = time.time() - t0
-    else:
-        _write_tables(index, xb, K, paths, method, bs)
-        stats["time_search"] = time.time() - t0
+    _write_tables(index, xb, K, paths, method, bs)
+    stats["time_search"] = time.time() - t0
     with atomic_output(paths["index"]) as tmp:
         log("writing %s" % paths["index"])
         faiss.write_index(index, tmp)

@@ -117,40 +117,36 @@ def test_default_ivf_parameters():
     assert graph.default_method(50000, ngpu=0) == "exact"
 
 
-def test_ivf_table_equals_ivf_search(tmp_path):
-    """The CPU table of the ivf method is the IVF index's own search of every stored vector
-    (same probed lists, exact products inside them), computed list by list."""
+@pytest.mark.parametrize("bf16", [False, True])
+def test_ivf_knn_equals_ivf_search(tmp_path, bf16):
+    """ivf_knn (graph completion's many-query search) is the IVF index's own search: the same probed
+    lists, exact products inside them, computed list by list; bf16: exact re-score of 16 extra
+    candidates, the same but for near-ties."""
+    import graph_utils
+    if bf16 and not graph_utils.cpu_has_bf16():
+        pytest.skip("no AVX512-BF16 on this CPU")
     nbg, K = 4000, 32
     x = make_bg_ddir(tmp_path, nbg, d=16, nclust=40)
     xb = np.memmap(data.feature_paths(str(tmp_path))["background"], dtype=np.float32, mode="r",
                    shape=x.shape)
     index = graph.make_background_index(xb, "ivf", K=K, nlist=50, nprobe=6)
-    D = np.empty((nbg, K), np.float32)
-    I = np.empty((nbg, K), np.int32)
-    Dref, Iref = index.search(graph.normalized(x), K)
-    for own in (False, True):     # queries read from xb, or from the index's own lists
-        stats = graph.ivf_knn(index, xb, K, D, I, raw=True, own=own, qchunk=333)[2]  # chunks cut lists
-        np.testing.assert_allclose(D, Dref, atol=1e-5)
-        mism = I != Iref
-        assert mism.mean() < 0.002, mism.mean()     # float ties only
-        np.testing.assert_allclose(D[mism], Dref[mism], atol=1e-5)
-    # the pairs scored: each vector against every vector of the lists it probes
-    _, P = index.quantizer.search(graph.normalized(x), 6)
-    assert stats["pairs_scored"] == sum(index.invlists.list_size(int(c)) for c in P.ravel())
-    # queries from outside (normalised, in RAM), as graph completion searches them
     xq = graph.normalized(np.random.RandomState(5).randn(1500, 16).astype(np.float32) + x[:1500])
-    Dq, Iq, _ = graph.ivf_knn(index, xq, 10)
-    Dqref, Iqref = index.search(xq, 10)
+    Dq, Iq, stats = graph.ivf_knn(index, xq, K, bf16=bf16)
+    Dqref, Iqref = index.search(xq, K)
     np.testing.assert_allclose(Dq, Dqref, atol=1e-5)
-    assert (Iq != Iqref).mean() < 0.002
-    Dk, Ik = graph.knn_search(index, xq, 10)      # knn_search dispatches there from 1000 queries
-    np.testing.assert_array_equal(Ik, Iq)
+    mism = Iq != Iqref
+    assert mism.mean() < 0.002, mism.mean()     # float ties only
+    np.testing.assert_allclose(Dq[mism], Dqref[mism], atol=1e-5)
+    # the pairs scored: each query against every vector of the lists it probes
+    _, P = index.quantizer.search(xq, 6)
+    assert stats["pairs_scored"] == sum(index.invlists.list_size(int(c)) for c in P.ravel())
+    Dk, Ik = graph.knn_search(index, xq, K)      # knn_search dispatches there from 1000 queries
+    np.testing.assert_array_equal(Ik, graph.ivf_knn(index, xq, K)[1])
     # fewer than K candidates: the missing entries are -inf / -1
     small = graph.make_background_index(xb[:300], "ivf", K=K, nlist=30, nprobe=1)
-    D2 = np.empty((300, 64), np.float32)
-    I2 = np.empty((300, 64), np.int32)
-    graph.ivf_knn(small, xb[:300], 64, D2, I2, raw=True)
-    D2ref, I2ref = small.search(graph.normalized(x[:300]), 64)
+    xs = graph.normalized(x[:300])
+    D2, I2, _ = graph.ivf_knn(small, xs, 64, bf16=bf16)
+    D2ref, I2ref = small.search(xs, 64)
     assert (I2 == -1).any()
     np.testing.assert_array_equal(I2 == -1, I2ref == -1)
     assert np.isneginf(D2[I2 == -1]).all()

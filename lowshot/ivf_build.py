@@ -1,0 +1,339 @@
+"""The CPU background graph of ``build_graph.py --method ivf``: resumable, splittable into array tasks.
+
+The table is each background vector's K nearest among the vectors of the IVF lists its search probes
+(faiss' IVF search of every stored vector), computed list by list: every query probing list c is
+scored against list c in one product (graph_utils.KnnScan: bfloat16 dot products with an exact
+float32 re-score of the candidates where the CPU has AVX512-BF16, float32 BLAS elsewhere).
+
+Three steps, the work kept in ``knngraph/ndis{N}_k{K}.work/`` (``data.graph_paths(...)["work"]``):
+
+=========  =====================================================================================
+prepare    k-means (:func:`lowshot.graph.train_ivf`), then every vector's probed lists, nearest
+           first (its own list is the first). Writes ``quantizer.index``, ``lists.float32`` (N x d
+           normalised vectors in list order), ``list_ids.int32`` (N), ``list_offsets.int64``
+           (nlist + 1), ``probes.int32`` (N x nprobe), then ``plan.json`` (the step is done).
+chunk j    rows ``[j C, (j + 1) C)`` of the table (C = ``plan["chunk_rows"]``): ``chunk{j}.I``,
+           ``chunk{j}.D``. Independent of each other: ``--shard i/S`` computes chunks i, i + S, ...
+merge      the chunks concatenated into the published tables, the faiss ``IndexIVFFlat`` (quantizer
+           + lists, for diffusion.py) written, the work folder removed.
+=========  =====================================================================================
+
+Every file is written atomically (:func:`lowshot.common.atomic_output`): a run killed at any point
+and run again redoes only the unfinished chunk, and ends with the same bytes as an uninterrupted one
+(each chunk is a deterministic function of the prepared files). Temporaries of dead runs on this
+host are removed at start.
+
+Bytes per step (N vectors of d floats, nprobe probed lists, K neighbours, 4-byte values):
+prepare reads the raw rows twice (sample, then all) and writes 4 N d + 4 N nprobe; a chunk of C
+rows reads its C raw rows and every list (4 N d, from the page cache when it fits), holds
+C (4 d + 2 d + 12 kp) bytes and writes 8 C K; merge reads and writes 8 N K + 4 N d.
+"""
+import json
+import os
+import shutil
+import time
+
+import faiss
+import numpy as np
+
+from lowshot.common import (InputError, anon_rss_gib, atomic_output, log, remove_stale_temporaries,
+                            write_json)
+from lowshot import graph
+
+PLAN_VERSION = 1
+# Rows per chunk: the unit of resumption and of sharding. A chunk reads every list once (N d floats),
+# so few large chunks read less; each holds (6 d + 12 kp) bytes per row in RAM (2.3 GB at 1M rows).
+CHUNK_ROWS_MIN = 2**17
+CHUNK_ROWS_MAX = 2**20
+# bf16 scan: candidates kept per row before the exact re-score (K + this many); at 1M, every
+# row's exact top-K among the probed lists was among them (benchmarks/bench_build_graph.py)
+BF16_EXTRA = 16
+
+
+def default_chunk_rows(nbg):
+    """About 8 chunks, between 2^17 and 2^20 rows (1M: 131072 rows; 10M and up: 2^20)."""
+    c = -(-nbg // 8)
+    return int(min(CHUNK_ROWS_MAX, max(CHUNK_ROWS_MIN, c)))
+
+
+def _files(work):
+    names = ("plan.json", "quantizer.index", "lists.float32", "list_ids.int32", "list_offsets.int64",
+             "probes.int32")
+    return {n.split(".")[0]: os.path.join(work, n) for n in names}
+
+
+def chunk_paths(work, j):
+    return {"I": os.path.join(work, "chunk%05d.I" % j), "D": os.path.join(work, "chunk%05d.D" % j)}
+
+
+def _input_signature(xb):
+    path = getattr(xb, "filename", None)
+    if path is None:
+        return {"path": None}
+    st = os.stat(path)
+    return {"path": os.path.abspath(path), "size": st.st_size, "mtime": int(st.st_mtime)}
+
+
+def _block_rows(n, bs):
+    return [(i0, min(n, i0 + bs)) for i0 in range(0, n, bs)]
+
+
+def read_plan(work):
+    """The plan of a prepared work folder, or None when the prepare step has not completed."""
+    p = _files(work)["plan"]
+    if not os.path.isfile(p):
+        return None
+    with open(p) as f:
+        return json.load(f)
+
+
+def check_plan(plan, want, work):
+    """Refuse a work folder prepared with other parameters than ``want`` (one-line InputError)."""
+    for key, val in want.items():
+        if val is not None and plan.get(key) != val:
+            raise InputError("%s was prepared with %s = %s, not %s: rerun with the same parameters, or "
+                             "with --force to start again" % (work, key, plan.get(key), val))
+
+
+def probed_lists(quantizer, x, nprobe, bf16):
+    """The nprobe lists nearest to each (normalised) row of x, nearest first, as faiss' L2 quantizer
+    ranks them: argmin ||x - c||^2 = argmax <x, c> - ||c||^2 / 2, one inner product with
+    [x, 1] . [c, -||c||^2 / 2]. Scanned with KnnScan (bf16 where available, exact re-score)."""
+    import graph_utils
+
+    C = faiss.rev_swig_ptr(quantizer.get_xb(), quantizer.ntotal * quantizer.d).reshape(
+        quantizer.ntotal, quantizer.d)
+    n, d = x.shape
+    dd = d + 2 if d % 2 == 0 else d + 1          # one extra column, padded to an even width
+    Ca = np.zeros((C.shape[0], dd), dtype=np.float32)
+    Ca[:, :d] = C
+    Ca[:, d] = -0.5 * np.einsum("ij,ij->i", C, C)
+    Xa = np.zeros((n, dd), dtype=np.float32)
+    Xa[:, :d] = x
+    Xa[:, d] = 1
+    nprobe = min(nprobe, C.shape[0])
+    scan = graph_utils.KnnScan(Xa, nprobe + (8 if bf16 else 0), bf16=bf16)
+    scan.add(np.arange(n), Ca, np.arange(C.shape[0], dtype=np.int32))
+    return scan.finish(nprobe)[1]
+
+
+def prepare(xb, K, work, nlist, nprobe, bf16, chunk_rows, bs=graph.SEARCH_BS):
+    """Train the IVF, sort the vectors into lists and find each one's probed lists; write them to
+    ``work`` and ``plan.json`` last. Returns the plan."""
+    nbg, d = xb.shape
+    f = _files(work)
+    os.makedirs(work, exist_ok=True)
+    t0 = time.time()
+    index = graph.train_ivf(xb, nlist)
+    quantizer = faiss.downcast_index(index.quantizer)
+    nlist = index.nlist
+    nprobe = int(min(nprobe, nlist))
+    log("probed lists of %d vectors (nprobe = %d of %d lists, %s scan)" % (
+        nbg, nprobe, nlist, "bf16" if bf16 else "float32"))
+    with atomic_output(f["probes"]) as tmp:
+        probes = np.memmap(tmp, dtype=np.int32, mode="w+", shape=(nbg, nprobe))
+        sizes = np.zeros(nlist, dtype=np.int64)
+        tlast = time.time()
+        for i0, i1 in _block_rows(nbg, 4 * bs):
+            x = graph.normalized(xb[i0:i1], "background rows %d:%d" % (i0, i1))
+            p = probed_lists(quantizer, x, nprobe, bf16)
+            probes[i0:i1] = p
+            sizes += np.bincount(p[:, 0], minlength=nlist)
+            if time.time() - tlast > 10:
+                tlast = time.time()
+                log("  probes %d / %d (%.0f s left)" % (i1, nbg, (tlast - t0) * (nbg - i1) / i1))
+        probes.flush()
+        del probes
+    probes = np.memmap(f["probes"], dtype=np.int32, mode="r", shape=(nbg, nprobe))
+    offsets = np.zeros(nlist + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    log("writing the %d lists in list order (%.1f GB)" % (nlist, nbg * d * 4 / 1e9))
+    with atomic_output(f["lists"]) as tl, atomic_output(f["list_ids"]) as ti:
+        L = np.memmap(tl, dtype=np.float32, mode="w+", shape=(nbg, d))
+        ids = np.memmap(ti, dtype=np.int32, mode="w+", shape=(nbg,))
+        fill = offsets[:-1].copy()
+        # list order within a list is id order, as faiss' add: blocks in id order, stable sort
+        for i0, i1 in _block_rows(nbg, 4 * bs):
+            own = np.asarray(probes[i0:i1, 0])
+            order = np.argsort(own, kind="stable")
+            x = graph.normalized(xb[i0:i1])[order]
+            lst = own[order]
+            cnt = np.bincount(lst, minlength=nlist)
+            starts = np.cumsum(cnt) - cnt
+            dest = fill[lst] + (np.arange(i1 - i0) - starts[lst])
+            L[dest] = x
+            ids[dest] = (i0 + order).astype(np.int32)
+            fill += cnt
+        L.flush()
+        ids.flush()
+        del L, ids
+    with atomic_output(f["list_offsets"]) as tmp:
+        offsets.tofile(tmp)
+    with atomic_output(f["quantizer"]) as tmp:
+        faiss.write_index(quantizer, tmp)
+    plan = {"version": PLAN_VERSION, "nbg": nbg, "d": d, "K": K, "nlist": int(nlist), "nprobe": nprobe,
+            "precision": "bf16" if bf16 else "float32", "kp": K + (BF16_EXTRA if bf16 else 0),
+            "chunk_rows": int(chunk_rows), "nchunks": int(-(-nbg // chunk_rows)),
+            "input": _input_signature(xb), "time_prepare": round(time.time() - t0, 2),
+            "pairs": float(np.dot(np.bincount(probes.ravel(), minlength=nlist), sizes))}
+    write_json(f["plan"], plan)
+    log("prepared %s: %d chunks of %d rows, %.3g pairs to score" % (
+        work, plan["nchunks"], chunk_rows, plan["pairs"]))
+    return plan
+
+
+def compute_chunk(xb, work, plan, j):
+    """Table rows of chunk j, written to ``chunk{j}.I`` / ``.D``. Returns (pairs scored, seconds)."""
+    import graph_utils
+
+    t0 = time.time()
+    f = _files(work)
+    nbg, d, nlist, nprobe, K = plan["nbg"], plan["d"], plan["nlist"], plan["nprobe"], plan["K"]
+    i0 = j * plan["chunk_rows"]
+    i1 = min(nbg, i0 + plan["chunk_rows"])
+    L = np.memmap(f["lists"], dtype=np.float32, mode="r", shape=(nbg, d))
+    ids = np.fromfile(f["list_ids"], dtype=np.int32)
+    offsets = np.fromfile(f["list_offsets"], dtype=np.int64)
+    P = np.array(np.memmap(f["probes"], dtype=np.int32, mode="r", shape=(nbg, nprobe))[i0:i1])
+    # the queries are normalised exactly as the stored vectors were (same function, same rows)
+    Qf = graph.normalized(xb[i0:i1], "background rows %d:%d" % (i0, i1))
+    scan = graph_utils.KnnScan(Qf, plan["kp"], bf16=plan["precision"] == "bf16")
+    byl = graph_utils.transpose(graph_utils.csr_from_knn(P, nlist))   # queries of the chunk by list
+    del P
+    sizes = np.diff(offsets)
+    pairs = float(np.dot(np.diff(byl.indptr), sizes))
+    for c in range(nlist):
+        q0, q1 = int(byl.indptr[c]), int(byl.indptr[c + 1])
+        if q1 > q0 and sizes[c]:
+            scan.add(byl.indices[q0:q1], L[offsets[c]:offsets[c + 1]], ids[offsets[c]:offsets[c + 1]])
+    D, I = scan.finish(K)
+    del scan
+    cp = chunk_paths(work, j)
+    with atomic_output(cp["I"]) as ti, atomic_output(cp["D"]) as td:
+        I.tofile(ti)
+        D.tofile(td)
+    return pairs, time.time() - t0
+
+
+def run_chunks(xb, work, plan, chunks):
+    """Compute the chunks of ``chunks`` not done yet, logging progress, rate and ETA."""
+    todo = [j for j in chunks if not os.path.isfile(chunk_paths(work, j)["D"])]
+    if len(todo) < len(chunks):
+        log("%d of %d chunks already done" % (len(chunks) - len(todo), len(chunks)))
+    t0 = time.time()
+    stats = {"pairs_scored": 0.0, "chunks_computed": len(todo)}
+    for n, j in enumerate(todo):
+        pairs, sec = compute_chunk(xb, work, plan, j)
+        stats["pairs_scored"] += pairs
+        el = time.time() - t0
+        anon = anon_rss_gib()
+        log("chunk %d (%d / %d here): %.3g pairs in %.1f s, %.3g pairs/s; own memory %.2f GiB; %.0f s left" % (
+            j, n + 1, len(todo), pairs, sec, pairs / max(sec, 1e-9), anon or float("nan"),
+            el / (n + 1) * (len(todo) - n - 1)))
+    stats["time_table"] = time.time() - t0
+    return stats
+
+
+def merge(work, plan, paths):
+    """Concatenate the chunks into the published tables, write the faiss index, remove ``work``."""
+    from faiss.contrib.ivf_tools import add_preassigned
+
+    f = _files(work)
+    nbg, d, K = plan["nbg"], plan["d"], plan["K"]
+    missing = [j for j in range(plan["nchunks"]) if not os.path.isfile(chunk_paths(work, j)["D"])]
+    if missing:
+        raise InputError("%s: %d chunks are not computed yet (e.g. chunk %d)" % (work, len(missing), missing[0]))
+    log("merging %d chunks into %s" % (plan["nchunks"], paths["I"]))
+    with atomic_output(paths["I"]) as ti, atomic_output(paths["D"]) as td:
+        with open(ti, "wb") as fi, open(td, "wb") as fd:
+            for j in range(plan["nchunks"]):
+                for key, out in (("I", fi), ("D", fd)):
+                    with open(chunk_paths(work, j)[key], "rb") as src:
+                        shutil.copyfileobj(src, out, 2**24)
+        for p in (ti, td):
+            if os.path.getsize(p) != nbg * K * 4:
+                raise InputError("%s: the chunks hold %d bytes, expected %d" % (work, os.path.getsize(p), nbg * K * 4))
+    log("writing the IVF index %s" % paths["index"])
+    quantizer = faiss.read_index(f["quantizer"])
+    index = faiss.IndexIVFFlat(quantizer, d, quantizer.ntotal, faiss.METRIC_INNER_PRODUCT)
+    index.own_fields = True
+    quantizer.this.disown()
+    L = np.memmap(f["lists"], dtype=np.float32, mode="r", shape=(nbg, d))
+    ids = np.fromfile(f["list_ids"], dtype=np.int32).astype(np.int64)
+    offsets = np.fromfile(f["list_offsets"], dtype=np.int64)
+    lst = np.repeat(np.arange(len(offsets) - 1, dtype=np.int64), np.diff(offsets))
+    for i0, i1 in _block_rows(nbg, 2**20):
+        add_preassigned(index, np.ascontiguousarray(L[i0:i1]), lst[i0:i1], ids[i0:i1])
+    index.nprobe = plan["nprobe"]
+    del L
+    with atomic_output(paths["index"]) as tmp:
+        faiss.write_index(index, tmp)
+    shutil.rmtree(work)
+
+
+def shard_chunks(nchunks, shard, nshards):
+    """The chunks of shard ``shard`` of ``nshards``: shard, shard + nshards, ... (balanced)."""
+    return list(range(shard, nchunks, nshards))
+
+
+def build(xb, K, paths, nlist=None, nprobe=None, bf16=None, chunk_rows=None, shard=None, prepare_only=False,
+          force=False):
+    """The CPU IVF graph of ``xb``, resumable: prepare if needed, compute the chunks (all, or those of
+    ``shard = (i, S)``), and merge when every chunk exists and no shard was asked for.
+
+    Returns a dict of statistics (``done`` is True once the published tables are written).
+    """
+    import graph_utils
+
+    nbg = xb.shape[0]
+    work = paths["work"]
+    if force and os.path.isdir(work):
+        if shard is not None:
+            raise InputError("--force with --shard would delete the chunks of the other shards: "
+                             "remove %s by hand, or rerun without --shard" % work)
+        log("--force: removing %s" % work)
+        shutil.rmtree(work)
+    if os.path.isdir(work):
+        for p in remove_stale_temporaries(work):
+            log("removed %s (its writer is gone)" % p)
+    stats = {"method": "ivf", "nbg": nbg, "K": K}
+    plan = read_plan(work)
+    if plan is not None:
+        check_plan(plan, {"nbg": nbg, "K": K, "input": _input_signature(xb), "nlist": nlist, "nprobe": nprobe,
+                          "chunk_rows": chunk_rows,
+                          "precision": None if bf16 is None else ("bf16" if bf16 else "float32")}, work)
+    nlist = nlist or graph.default_nlist(nbg, ngpu=0)
+    nprobe = nprobe or graph.default_nprobe(nbg, nlist, ngpu=0)
+    if bf16 is None:
+        bf16 = graph_utils.cpu_has_bf16() and xb.shape[1] % 2 == 0
+    elif bf16 and not (graph_utils.cpu_has_bf16() and xb.shape[1] % 2 == 0):
+        raise InputError("--precision bf16 needs a CPU with AVX512-BF16 and an even d (d = %d)" % xb.shape[1])
+    if plan is None:
+        if shard is not None:
+            raise InputError("%s is not prepared: run `build_graph.py %d --prepare` (one task) before the "
+                             "--shard tasks" % (work, nbg))
+        t0 = time.time()
+        plan = prepare(xb, K, work, nlist, nprobe, bf16, chunk_rows or default_chunk_rows(nbg))
+        stats["time_index"] = time.time() - t0
+    else:
+        log("%s already prepared (%d chunks of %d rows)" % (work, plan["nchunks"], plan["chunk_rows"]))
+        stats["time_index"] = 0.0
+        if plan["precision"] == "bf16" and not graph_utils.cpu_has_bf16():
+            raise InputError("%s was prepared for the bf16 scan, which this CPU lacks (AVX512-BF16): run the "
+                             "chunks on such a CPU, or start again with --force" % work)
+    stats.update({k: plan[k] for k in ("nlist", "nprobe", "precision", "kp", "nchunks", "chunk_rows")})
+    if prepare_only:
+        stats["done"] = False
+        return stats
+    chunks = list(range(plan["nchunks"])) if shard is None else shard_chunks(plan["nchunks"], *shard)
+    log("table: %d chunks%s, %s scan, %d candidates per row" % (
+        len(chunks), "" if shard is None else " (shard %d / %d)" % shard, plan["precision"], plan["kp"]))
+    stats.update(run_chunks(xb, work, plan, chunks))
+    stats["time_search"] = stats["time_table"]
+    stats["done"] = False
+    if shard is None:
+        t0 = time.time()
+        merge(work, plan, paths)
+        stats["time_merge"] = time.time() - t0
+        stats["done"] = True
+    return stats

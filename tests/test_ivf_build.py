@@ -1,0 +1,210 @@
+"""The bf16/float32 list scan (graph_utils.KnnScan) and the resumable, sharded CPU IVF build
+(lowshot.ivf_build, build_graph.py --prepare / --shard), against brute force and faiss."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import faiss
+import numpy as np
+import pytest
+
+import build_graph
+import graph_utils
+from lowshot import data, graph, ivf_build
+from lowshot.common import InputError
+from test_graph import make_bg_ddir, read_tables
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_bf16 = pytest.mark.skipif(not graph_utils.cpu_has_bf16(), reason="no AVX512-BF16 on this CPU")
+
+
+def unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def clustered(n, d, seed, nclust=15):
+    rs = np.random.RandomState(seed)
+    c = rs.randn(nclust, d)
+    return unit(c[rs.randint(nclust, size=n)] + 0.6 * rs.randn(n, d))
+
+
+def offer_blocks(scan, Q, X, nblocks, rs):
+    """Offer X in nblocks blocks, each to a random subset of queries; return the float64 score
+    matrix with -inf where a (query, candidate) pair was not offered."""
+    S = np.full((Q.shape[0], X.shape[0]), -np.inf)
+    full = Q.astype(np.float64) @ X.T.astype(np.float64)
+    for b, (j0, j1) in enumerate(zip(np.linspace(0, len(X), nblocks + 1).astype(int)[:-1],
+                                     np.linspace(0, len(X), nblocks + 1).astype(int)[1:])):
+        rows = np.arange(len(Q)) if b == 0 else np.sort(rs.choice(len(Q), len(Q) // 2, replace=False))
+        scan.add(rows, X[j0:j1], np.arange(j0, j1, dtype=np.int32))
+        S[np.ix_(rows, np.arange(j0, j1))] = full[np.ix_(rows, np.arange(j0, j1))]
+    return S
+
+
+@pytest.mark.parametrize("bf16", [False, pytest.param(True, marks=needs_bf16)])
+def test_knn_scan_against_brute_force(bf16):
+    rs = np.random.RandomState(0)
+    d, K = 64, 20
+    Q, X = clustered(700, d, 1), clustered(2100, d, 2)
+    scan = graph_utils.KnnScan(Q, K + (16 if bf16 else 0), bf16=bf16)
+    assert scan.bf16 == bf16
+    S = offer_blocks(scan, Q, X, 3, rs)
+    D, I = scan.finish(K)
+    Iref = np.argsort(-S, axis=1, kind="stable")[:, :K]
+    Dref = np.take_along_axis(S, Iref, axis=1)
+    # D holds the exact (float32) inner products of the ids in I, decreasing
+    np.testing.assert_allclose(D, np.take_along_axis(S, I.astype(np.int64), axis=1), atol=2e-6)
+    np.testing.assert_allclose(D, Dref, atol=2e-6)
+    assert (np.diff(D, axis=1) <= 0).all()
+    # the same sets as brute force but where two scores are within float32 rounding
+    differ = [i for i in range(len(Q)) if set(I[i]) != set(Iref[i])]
+    assert len(differ) <= 2, differ
+
+
+@needs_bf16
+def test_knn_scan_bf16_matches_float32_and_pads():
+    rs = np.random.RandomState(3)
+    Q, X = clustered(500, 256, 4), clustered(3000, 256, 5)
+    out = []
+    for bf16 in (False, True):
+        scan = graph_utils.KnnScan(Q, 32 + (16 if bf16 else 0), bf16=bf16)
+        offer_blocks(scan, Q, X, 4, np.random.RandomState(7))
+        out.append(scan.finish(32))
+    assert (out[0][1] == out[1][1]).all(axis=1).mean() >= 0.99
+    np.testing.assert_allclose(out[0][0], out[1][0], atol=2e-6)
+    # fewer candidates than k: -inf / -1 past them
+    scan = graph_utils.KnnScan(Q[:10], 8, bf16=True)
+    scan.add(np.arange(10), X[:5], np.arange(5, dtype=np.int32))
+    D, I = scan.finish(8)
+    assert (I[:, 5:] == -1).all() and np.isneginf(D[:, 5:]).all() and (np.sort(I[:, :5], axis=1) == np.arange(5)).all()
+    del rs
+
+
+def test_knn_scan_bad_arguments():
+    Q = clustered(50, 16, 0)
+    scan = graph_utils.KnnScan(Q, 4, bf16=False)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        scan.add(np.array([3, 2]), Q[:5], np.arange(5))
+    with pytest.raises(ValueError, match="outside the table"):
+        scan.add(np.array([50]), Q[:5], np.arange(5))
+    with pytest.raises(ValueError, match="one row per table row|one per id"):
+        scan.add(np.array([1]), Q[:5], np.arange(4))
+    with pytest.raises(ValueError, match="need 1 <= k <= kp"):
+        scan.finish(5)
+    with pytest.raises(ValueError, match="at least 1 candidate"):
+        graph_utils.KnnScan(Q, 0)
+    if not graph_utils.cpu_has_bf16():
+        with pytest.raises(ValueError, match="AVX512-BF16"):
+            graph_utils.KnnScan(Q, 4, bf16=True)
+
+
+@pytest.mark.parametrize("bf16", [False, pytest.param(True, marks=needs_bf16)])
+def test_probed_lists_are_faiss_quantizer_search(bf16):
+    x = clustered(3000, 32, 8)
+    q = faiss.IndexFlatL2(32)
+    km = faiss.Kmeans(32, 60, niter=5, seed=1)
+    km.train(x)
+    q.add(km.centroids)
+    P = ivf_build.probed_lists(q, x, 7, bf16)
+    _, Pref = q.search(x, 7)
+    assert (P == Pref).all(axis=1).mean() >= 0.995
+    assert (P[:, 0] == Pref[:, 0]).mean() >= 0.999
+
+
+def build(root, nbg, *flags):
+    return build_graph.main([str(nbg), "--ddir", str(root), "--recall_nq", "0", "--method", "ivf", "--nlist", "40",
+                             "--nprobe", "5", *flags])
+
+
+def test_table_is_faiss_ivf_search_float32(tmp_path):
+    """--precision float32: the published table is the stored index's own search of every vector."""
+    nbg, K = 5000, 32
+    x = make_bg_ddir(tmp_path, nbg, d=16, nclust=40)
+    build(tmp_path, nbg, "--precision", "float32", "--chunk_rows", "1100")
+    D, I, p = read_tables(tmp_path, nbg, K)
+    index = faiss.read_index(p["index"])
+    assert index.nprobe == 5 and index.ntotal == nbg
+    Dref, Iref = index.search(graph.normalized(x), K)
+    np.testing.assert_allclose(D, Dref, atol=1e-5)
+    mism = I != Iref
+    assert mism.mean() < 0.002, mism.mean()     # float ties only
+    np.testing.assert_allclose(D[mism], Dref[mism], atol=1e-5)
+    assert sorted(os.listdir(tmp_path / "knngraph")) == sorted(
+        os.path.basename(p[k]) for k in ("index", "I", "D"))   # work folder removed
+
+
+def test_shards_and_resume_give_identical_bytes(tmp_path, capsys):
+    nbg = 6000
+    make_bg_ddir(tmp_path, nbg, d=16, nclust=40)
+    p = data.graph_paths(str(tmp_path), nbg, 32)
+    with pytest.raises(InputError, match="is not prepared: run `build_graph.py 6000 --prepare`"):
+        build(tmp_path, nbg, "--shard", "0/3", "--chunk_rows", "700")
+    build(tmp_path, nbg, "--prepare", "--chunk_rows", "700")
+    plan = ivf_build.read_plan(p["work"])
+    assert plan["nchunks"] == 9
+    prepared = {f: open(os.path.join(p["work"], f), "rb").read() for f in os.listdir(p["work"])}
+    for i in (2, 0):               # shards in any order; shard 1 left out: the plain run does it
+        build(tmp_path, nbg, "--shard", "%d/3" % i)
+        assert not os.path.exists(p["I"])
+    done = sorted(f for f in os.listdir(p["work"]) if f.startswith("chunk") and f.endswith(".D"))
+    assert done == ["chunk%05d.D" % j for j in (0, 2, 3, 5, 6, 8)]
+    capsys.readouterr()
+    build(tmp_path, nbg)
+    assert "6 of 9 chunks already done" in capsys.readouterr().out
+    sharded = [open(p[k], "rb").read() for k in ("I", "D")]
+    # the same prepared files, all chunks in one process
+    os.makedirs(p["work"])
+    for f, b in prepared.items():
+        with open(os.path.join(p["work"], f), "wb") as out:
+            out.write(b)
+    os.remove(p["I"])
+    build(tmp_path, nbg)
+    assert [open(p[k], "rb").read() for k in ("I", "D")] == sharded
+    # the parameters of a prepared folder are checked
+    build(tmp_path, nbg, "--prepare", "--force")
+    with pytest.raises(InputError, match="prepared with nprobe = 5, not 6"):
+        build_graph.main([str(nbg), "--ddir", str(tmp_path), "--method", "ivf", "--nprobe", "6", "--shard", "0/2"])
+
+
+def test_killed_build_resumes_to_identical_bytes(tmp_path):
+    """SIGKILL in the middle of the table, then a rerun: it removes the dead run's temporaries, keeps
+    the finished chunks and ends with the bytes of an uninterrupted build of the same plan."""
+    import shutil
+    nbg = 40000
+    make_bg_ddir(tmp_path, nbg, d=32, nclust=60)
+    cmd = [sys.executable, os.path.join(ROOT, "build_graph.py"), str(nbg), "--ddir", str(tmp_path),
+           "--recall_nq", "0", "--method", "ivf", "--nlist", "100", "--nprobe", "30", "--chunk_rows", "2000"]
+    p = data.graph_paths(str(tmp_path), nbg, 32)
+    r = subprocess.run(cmd + ["--prepare"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    shutil.copytree(p["work"], str(tmp_path / "prepared"))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while time.time() - t0 < 120:
+        if any(f.startswith("chunk") and f.endswith(".D") for f in os.listdir(p["work"])):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(p["I"])
+    done = [f for f in os.listdir(p["work"]) if f.startswith("chunk") and f.endswith(".D")]
+    assert 1 <= len(done) < 20
+    # a dead writer's temporary (as SIGKILL leaves them) goes; a live process' one would stay
+    from lowshot.common import _host
+    dead = os.path.join(p["work"], ".chunk00019.D.tmp%d-%s" % (2**22 + 12345, _host()))
+    live = os.path.join(p["work"], ".chunk00018.D.tmp%d-%s" % (os.getpid(), _host()))
+    for f in (dead, live):
+        open(f, "wb").close()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "removed %s" % dead in r.stdout and "chunks already done" in r.stdout
+    resumed = [open(p[k], "rb").read() for k in ("I", "D")]
+    assert [len(b) for b in resumed] == [nbg * 32 * 4] * 2
+    # uninterrupted, from the same prepared files
+    os.remove(p["I"])
+    shutil.copytree(str(tmp_path / "prepared"), p["work"])
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert [open(p[k], "rb").read() for k in ("I", "D")] == resumed
