@@ -34,7 +34,7 @@ import numpy as np
 from lowshot import data, evaluate, graph
 from lowshot import diffuse as dif
 from lowshot.common import (InputError, get_ddir, log, peak_rss_gib, print_args, print_result,
-                            require_file, run_main, write_json, atomic_output)
+                            require_file, run_main, write_json, atomic_output, OwnMemoryPeak)
 
 
 # Below this many nodes L fits in cache and renumbering costs more than it saves.
@@ -173,6 +173,7 @@ def main(argv=None):
     args = parse_args(argv)
     print_args(args)
     t_start = time.time()
+    own = OwnMemoryPeak().__enter__()      # sampled until the process ends
     if args.merge_slices:
         meta, accs = merge_slices(args.merge_slices)
         _print_accs(accs)
@@ -290,7 +291,8 @@ def main(argv=None):
     res["graph"] = {"nodes": n, "W_nnz": int(W.nnz), "node_index": ginfo["node_index"]}
     res["times"] = {k: round(v, 2) for k, v in times.items()}
     res["time_total"] = round(time.time() - t_start, 2)
-    res["peak_rss_gib"] = round(peak_rss_gib(), 3)
+    res["peak_rss_gib"] = round(peak_rss_gib(), 3)    # counts the pages of the mapped background and graph
+    res["own_peak_gib"] = round(own.gib, 3)          # the process' own memory (anonymous pages)
     if args.result:
         write_json(args.result, res)
     print_result(res)

@@ -10,9 +10,14 @@ ext recall@10: the same for --ext_nq queries from OUTSIDE the background (test i
 features/val.hdf5 through PCAR256.vt, as diffusion.py searches them) in the stored index, read back
 with faiss.read_index; "ext s" is that search's time.
 
+Methods: build_graph.py's (exact, ivf, hnsw, nndescent), ivf_f32 (ivf with the float32 scan, as on
+CPUs without AVX512-BF16), and pynndescent (the numba NN-descent package, not a dependency of the
+project: `pip install pynndescent`; NNDescent(metric="dot", n_neighbors=K) on the normalised rows;
+its JIT compilation is timed apart, on 2000 rows first, as "jit s").
+
 Example (the README's numbers, 2 cores):
+  python benchmarks/bench_build_graph.py --ddir /tmp/f1m --nbg 1000000 --methods ivf,ivf_f32,pynndescent
   python benchmarks/bench_build_graph.py --ddir /tmp/f1m --nbg 100000 --methods exact,ivf,hnsw,nndescent
-  python benchmarks/bench_build_graph.py --ddir /tmp/f1m --nbg 1000000 --methods nndescent
 """
 import argparse
 import json
@@ -71,15 +76,20 @@ def main():
     try:
         for method in args.methods.split(","):
             paths = {k: os.path.join(tmp, "g." + k) for k in ("index", "I", "D")}
-            t0 = time.time()
-            stats = graph.build_background_graph(xb, args.K, paths, method=method,
-                                                 nnd_iter=args.nnd_iter, nlist=args.nlist, nprobe=args.nprobe,
-                                                 hnsw_M=args.hnsw_M, ef_search=args.ef_search,
-                                                 ef_construction=args.ef_construction)
-            stats["time_total"] = round(time.time() - t0, 2)
+            if method == "pynndescent":
+                stats = run_pynndescent(xb, args.K, paths)
+            else:
+                t0 = time.time()
+                stats = graph.build_background_graph(
+                    xb, args.K, paths, method=method.split("_")[0], nnd_iter=args.nnd_iter, nlist=args.nlist,
+                    nprobe=args.nprobe, hnsw_M=args.hnsw_M, ef_search=args.ef_search,
+                    ef_construction=args.ef_construction,
+                    build_params={"bf16": False} if method == "ivf_f32" else None)
+                stats["time_total"] = round(time.time() - t0, 2)
+            stats["method"] = method
             I = np.memmap(paths["I"], dtype=np.int32, mode="r", shape=(args.nbg, args.K))
             stats["recall@10"] = round(graph.graph_recall(xb, I, nq=args.recall_nq, at=10), 4)
-            if xq is not None:
+            if xq is not None and os.path.exists(paths["index"]):
                 index = faiss.read_index(paths["index"])
                 t1 = time.time()
                 _, Ia = index.search(xq, 10)
@@ -87,7 +97,7 @@ def main():
                 stats["ext_recall@10"] = round(float(np.mean(
                     [np.intersect1d(a, g).size for a, g in zip(Ia, Iq)])) / 10, 4)
                 del index
-            if method == "ivf" and args.faiss_nq > 0:
+            if method.startswith("ivf") and args.faiss_nq > 0:
                 # the alternative: faiss' per-query scan of the same lists for the same table
                 index = faiss.read_index(paths["index"])
                 nq = min(args.faiss_nq, args.nbg)
@@ -103,16 +113,35 @@ def main():
             rows.append(stats)
             del I
             for f in paths.values():
-                os.remove(f)
+                if os.path.exists(f):
+                    os.remove(f)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print("\n| method | nbg | total s | index s | table s | recall@10 | ext recall@10 | ext s | faiss table s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| method | nbg | total s | index s | table s | recall@10 | ext recall@10 | ext s | faiss table s | jit s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print("| %s | %d | %.1f | %.1f | %.1f | %.3f | %.3f | %.2f | %s |" % (
+        print("| %s | %d | %.1f | %.1f | %.1f | %.3f | %.3f | %.2f | %s | %s |" % (
             r["method"], r["nbg"], r["time_total"], r["time_index"], r["time_search"], r["recall@10"],
             r.get("ext_recall@10", float("nan")), r.get("ext_time", float("nan")),
-            r.get("faiss_table_est_s", "")))
+            r.get("faiss_table_est_s", ""), r.get("time_jit", "")))
+
+
+def run_pynndescent(xb, K, paths):
+    """pynndescent's graph of the normalised rows (inner product), written as a table like ours."""
+    from pynndescent import NNDescent
+
+    t0 = time.time()
+    NNDescent(graph.normalized(xb[:2000]), metric="dot", n_neighbors=K, random_state=0)   # JIT
+    jit = time.time() - t0
+    log("pynndescent: JIT %.1f s; graph of %d rows" % (jit, xb.shape[0]))
+    t0 = time.time()
+    x = graph.normalized(xb)
+    nnd = NNDescent(x, metric="dot", n_neighbors=K, random_state=0, n_jobs=-1)
+    I, _ = nnd.neighbor_graph
+    t = time.time() - t0
+    np.ascontiguousarray(I, dtype=np.int32).tofile(paths["I"])
+    return {"nbg": xb.shape[0], "K": K, "time_total": round(t, 2), "time_index": round(t, 2),
+            "time_search": 0.0, "time_jit": round(jit, 1)}
 
 
 if __name__ == "__main__":

@@ -487,9 +487,15 @@ class KnnScan:
         Candidates kept per query (k for float32; more for bf16, whose ranking is approximate).
     bf16 : bool or None
         None: :func:`cpu_has_bf16` and d even.
+    deferred : bool
+        bf16 only: keep approximate scores during the scan and compute the exact ones in
+        :meth:`finish`, which then needs ``base``, one array holding every candidate, the ids given
+        to :meth:`add` being its rows. Fewer exact products (the kept candidates within the bf16
+        error bound of the k-th, instead of every candidate entering a row), but random reads of
+        ``base`` at the end rather than reads of rows still in cache.
     """
 
-    def __init__(self, Qf, kp, bf16=None):
+    def __init__(self, Qf, kp, bf16=None, deferred=False):
         _check_table(Qf, "Qf", (np.float32,))
         self.Qf = np.ascontiguousarray(Qf)
         n, d = self.Qf.shape
@@ -498,6 +504,9 @@ class KnnScan:
         if bf16 and not (cpu_has_bf16() and d % 2 == 0):
             raise ValueError("bf16 scan needs AVX512-BF16 and an even d (d = %d)" % d)
         self.bf16 = bool(bf16)
+        self.deferred = self.bf16 and deferred
+        self.vmax = 0.0
+        self.uncertain = 0
         self.Qb = to_bf16(self.Qf) if self.bf16 else None
         if kp < 1:
             raise ValueError("kp = %d: need at least 1 candidate per query" % kp)
@@ -511,12 +520,20 @@ class KnnScan:
         rows = _as_1d(rows, np.int64, "rows")
         ids = _as_1d(ids, np.int32, "ids")
         _check_table(Xc, "Xc", (np.float32,))
-        _gu.knn_scan_list(self.A, self.E, self.I, rows, self.Qf, self.Qb, Xc, ids)
+        vmax = _gu.knn_scan_list(self.A, self.E, self.I, rows, self.Qf, self.Qb, Xc, ids, not self.deferred)
+        self.vmax = max(self.vmax, vmax)
 
-    def finish(self, k, D=None, I=None):
+    def finish(self, k, D=None, I=None, base=None):
         """The k best candidates of every query by exact score: D float32 (n, k) decreasing, I int32
-        (n, k) (ties: lower id first); -inf / -1 where a query got fewer than k. D, I: outputs to fill."""
+        (n, k) (ties: lower id first); -inf / -1 where a query got fewer than k. D, I: outputs to fill.
+        base: the candidates' array (deferred scans); ``self.uncertain`` then counts the rows whose
+        result is not guaranteed exact (more than kp candidates within the bf16 error bound)."""
         n = self.E.shape[0]
+        if self.deferred:
+            if base is None:
+                raise ValueError("a deferred scan needs base, the array of the candidates, to finish")
+            _check_table(base, "base", (np.float32,))
+            self.uncertain = int(_gu.knn_scan_rescore(self.A, self.E, self.I, self.Qf, base, k, self.vmax))
         D = np.empty((n, k), dtype=np.float32) if D is None else D
         I = np.empty((n, k), dtype=np.int32) if I is None else I
         _gu.knn_scan_finish(self.E, self.I, D, I)

@@ -151,11 +151,19 @@ void knn_add_products(float* D, TI* I, int64_t n_table, int64_t k, int64_t ldd, 
 // score in E; with Qb == nullptr they are float32 (MKL sgemm) and A == E. No id may be offered twice
 // to a row. knn_scan_finish then writes the k <= kp best of each row by E (ties: lower id first) into
 // D, Io (n x k), -inf / -1 where a row has fewer than k.
+// exact_now = false (bf16 only) leaves E alone: knn_scan_rescore then computes it once per kept
+// candidate, ids being rows of one base array (n_base x d) holding every candidate; it scores exactly
+// the candidates whose approximate score is within the bf16 error bound of the k-th (2^-7 |q| vmax,
+// vmax = the largest candidate norm, which knn_scan_list returns), E = -inf for the others, and
+// returns the number of rows whose kp-th candidate is still within that bound (their exact k best
+// are not guaranteed to be among the kp kept).
 bool cpu_has_bf16();
 void to_bf16(const float* X, int64_t n, uint16_t* out);
-void knn_scan_list(float* A, float* E, int32_t* I, int64_t n_table, int64_t kp, const int64_t* rows, int64_t m,
-                   const float* Qf, const uint16_t* Qb, int64_t d, const float* Xc, int64_t n, int64_t ldc,
-                   const int32_t* ids);
+float knn_scan_list(float* A, float* E, int32_t* I, int64_t n_table, int64_t kp, const int64_t* rows, int64_t m,
+                    const float* Qf, const uint16_t* Qb, int64_t d, const float* Xc, int64_t n, int64_t ldc,
+                    const int32_t* ids, bool exact_now);
+int64_t knn_scan_rescore(const float* A, float* E, const int32_t* I, int64_t n, int64_t kp, const float* Qf,
+                         int64_t d, const float* base, int64_t nbase, int64_t k, float vmax);
 void knn_scan_finish(const float* E, const int32_t* I, int64_t n, int64_t kp, float* D, int32_t* Io, int64_t k);
 
 // Locality-preserving node order of a square matrix with a symmetric pattern (as W0 + W0^T): breadth-first

@@ -353,8 +353,8 @@ void to_bf16(PyObject* X, PyObject* out) {
     gu::to_bf16(x.ptr, x.size(), o.ptr);
 }
 
-void knn_scan_list(PyObject* A, PyObject* E, PyObject* I, PyObject* rows, PyObject* Qf, PyObject* Qb, PyObject* Xc,
-                   PyObject* ids) {
+double knn_scan_list(PyObject* A, PyObject* E, PyObject* I, PyObject* rows, PyObject* Qf, PyObject* Qb,
+                     PyObject* Xc, PyObject* ids, bool exact_now) {
     Arr<float> a = get_arr<float>(A, "A", 2, true);
     Arr<float> e = get_arr<float>(E, "E", 2, true);
     Arr<int32_t> i = get_arr<int32_t>(I, "I", 2, true);
@@ -373,7 +373,21 @@ void knn_scan_list(PyObject* A, PyObject* E, PyObject* I, PyObject* rows, PyObje
     if (qf.n0 != a.n0 || qf.n1 != c.n1 || c.n0 != id.n0)
         py_raise(PyExc_ValueError, "Qf needs one row per table row, Xc one per id, both d columns");
     NoGIL nogil;
-    gu::knn_scan_list(a.ptr, e.ptr, i.ptr, a.n0, a.n1, r.ptr, r.n0, qf.ptr, qb, qf.n1, c.ptr, c.n0, c.ld, id.ptr);
+    return gu::knn_scan_list(a.ptr, e.ptr, i.ptr, a.n0, a.n1, r.ptr, r.n0, qf.ptr, qb, qf.n1, c.ptr, c.n0, c.ld, id.ptr,
+                             exact_now);
+}
+
+long long knn_scan_rescore(PyObject* A, PyObject* E, PyObject* I, PyObject* Qf, PyObject* base, long long k,
+                           double vmax) {
+    Arr<float> a = get_arr<float>(A, "A", 2, false);
+    Arr<float> e = get_arr<float>(E, "E", 2, true);
+    Arr<int32_t> i = get_arr<int32_t>(I, "I", 2, false);
+    Arr<float> qf = get_arr<float>(Qf, "Qf", 2, false);
+    Arr<float> b = get_arr<float>(base, "base", 2, false);
+    if (e.n0 != a.n0 || e.n1 != a.n1 || i.n0 != a.n0 || i.n1 != a.n1 || qf.n0 != a.n0 || b.n1 != qf.n1)
+        py_raise(PyExc_ValueError, "A, E, I (n, kp), Qf (n, d) and base (nb, d) must agree");
+    NoGIL nogil;
+    return gu::knn_scan_rescore(a.ptr, e.ptr, i.ptr, a.n0, a.n1, qf.ptr, qf.n1, b.ptr, b.n0, k, (float)vmax);
 }
 
 void knn_scan_finish(PyObject* E, PyObject* I, PyObject* D, PyObject* Io) {

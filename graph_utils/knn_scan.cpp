@@ -11,6 +11,7 @@
 
 // GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own undefined-vector idiom
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 #include <mkl_cblas.h>
 #include <mkl_service.h>
@@ -119,6 +120,32 @@ GU_BF16_TARGET inline void add_row_rescored(float* a, float* e, int32_t* id, int
     }
 }
 
+// The same without the exact score (deferred to knn_scan_rescore): no access to the fp32 vectors,
+// whose rows are not in cache here (at 10M, fetching them at every insertion cost half the scan).
+GU_BF16_TARGET inline void add_row_approx(float* a, int32_t* id, int64_t kp, const float* s, int64_t n,
+                                          const int32_t* ids) {
+    float thr = a[kp - 1];
+    for (int64_t j = 0; j < n; j += 16) {
+        __mmask16 live = (__mmask16)(n - j >= 16 ? 0xffff : ((1u << (n - j)) - 1));
+        __mmask16 hit = _mm512_mask_cmp_ps_mask(live, _mm512_loadu_ps(s + j), _mm512_set1_ps(thr), _CMP_GT_OQ);
+        while (hit) {
+            int t = __builtin_ctz(hit);
+            hit &= hit - 1;
+            float v = s[j + t];
+            if (!(v > thr)) continue;
+            int64_t pos = kp - 1;
+            while (pos > 0 && a[pos - 1] < v) {
+                a[pos] = a[pos - 1];
+                id[pos] = id[pos - 1];
+                pos--;
+            }
+            a[pos] = v;
+            id[pos] = ids[j + t];
+            thr = a[kp - 1];
+        }
+    }
+}
+
 // float32 path (CPUs without AVX512-BF16): same interface, sgemm on gathered query tiles; the scores
 // are exact, so a = e.
 void add_row_exact(float* a, float* e, int32_t* id, int64_t kp, const float* s, int64_t n, const int32_t* ids) {
@@ -158,8 +185,9 @@ void check_scan_args(int64_t n_table, int64_t kp, const int64_t* rows, int64_t m
     }
 }
 
-void scan_bf16(float* A, float* E, int32_t* I, int64_t kp, const int64_t* rows, int64_t m, const float* Qf,
-               const uint16_t* Qb, int64_t d, const float* Xc, int64_t n, int64_t ldc, const int32_t* ids) {
+float scan_bf16(float* A, float* E, int32_t* I, int64_t kp, const int64_t* rows, int64_t m, const float* Qf,
+                const uint16_t* Qb, int64_t d, const float* Xc, int64_t n, int64_t ldc, const int32_t* ids,
+                bool exact_now) {
     constexpr int RQ = 6, NB = 4;          // 24 accumulators: 6 queries x 64 vectors per micro-kernel
     constexpr int64_t TM = 96;             // queries per tile (a multiple of RQ)
     constexpr int64_t CB = 32;             // blocks of 16 vectors scored before selection (512 vectors):
@@ -172,10 +200,18 @@ void scan_bf16(float* A, float* E, int32_t* I, int64_t kp, const int64_t* rows, 
     uint16_t* P = packed.get();
     const int64_t lds = CB * 16;
     std::atomic<bool> no_memory(false);   // OpenMP regions never throw: allocation failures are raised after
+    float norm2_max = 0;                  // of the candidates: bounds the bf16 error (knn_scan_rescore)
 #pragma omp parallel
     {
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < nbp; b++) pack_block(Xc, n, ldc, d, b, P + b * dp * 32);
+#pragma omp for schedule(static) reduction(max : norm2_max)
+        for (int64_t b = 0; b < nbp; b++) {
+            pack_block(Xc, n, ldc, d, b, P + b * dp * 32);
+            for (int64_t v = b * 16; v < std::min(n, b * 16 + 16); v++) {
+                float s2 = 0;
+                for (int64_t i = 0; i < d; i++) s2 += Xc[v * ldc + i] * Xc[v * ldc + i];
+                norm2_max = std::max(norm2_max, s2);
+            }
+        }
         // omp for ends with a barrier: every block is packed below
         float* S = (float*)std::aligned_alloc(64, (size_t)(TM * lds * 4));
         if (!S) no_memory = true;
@@ -193,14 +229,18 @@ void scan_bf16(float* A, float* E, int32_t* I, int64_t kp, const int64_t* rows, 
                 int64_t j0 = c0 * 16, cn = std::min(n, c1 * 16) - j0;
                 for (int64_t t = 0; t < tm; t++) {
                     int64_t row = rows[r0 + t];
-                    add_row_rescored(A + row * kp, E + row * kp, I + row * kp, kp, S + t * lds, cn, ids + j0,
-                                     Qf + row * d, Xc + j0 * ldc, ldc, d);
+                    if (exact_now)
+                        add_row_rescored(A + row * kp, E + row * kp, I + row * kp, kp, S + t * lds, cn, ids + j0,
+                                         Qf + row * d, Xc + j0 * ldc, ldc, d);
+                    else
+                        add_row_approx(A + row * kp, I + row * kp, kp, S + t * lds, cn, ids + j0);
                 }
             }
         }
         std::free(S);
     }
     if (no_memory) throw std::bad_alloc();
+    return std::sqrt(norm2_max);
 }
 
 void scan_fp32(float* A, float* E, int32_t* I, int64_t kp, const int64_t* rows, int64_t m, const float* Qf,
@@ -245,18 +285,53 @@ void to_bf16(const float* X, int64_t n, uint16_t* out) {
     for (int64_t i = 0; i < n; i++) out[i] = bf16_bits(X[i]);
 }
 
-void knn_scan_list(float* A, float* E, int32_t* I, int64_t n_table, int64_t kp, const int64_t* rows, int64_t m,
-                   const float* Qf, const uint16_t* Qb, int64_t d, const float* Xc, int64_t n, int64_t ldc,
-                   const int32_t* ids) {
+float knn_scan_list(float* A, float* E, int32_t* I, int64_t n_table, int64_t kp, const int64_t* rows, int64_t m,
+                    const float* Qf, const uint16_t* Qb, int64_t d, const float* Xc, int64_t n, int64_t ldc,
+                    const int32_t* ids, bool exact_now) {
     check_scan_args(n_table, kp, rows, m, d, n, ldc);
-    if (m == 0 || n == 0) return;
+    if (m == 0 || n == 0) return 0;
     if (Qb) {
         if (d % 2) throw std::invalid_argument("the bf16 scan needs an even dimension d");
         if (!cpu_has_bf16()) throw std::invalid_argument("this CPU has no AVX512-BF16: pass no bf16 queries");
-        scan_bf16(A, E, I, kp, rows, m, Qf, Qb, d, Xc, n, ldc, ids);
-    } else {
-        scan_fp32(A, E, I, kp, rows, m, Qf, d, Xc, n, ldc, ids);
+        return scan_bf16(A, E, I, kp, rows, m, Qf, Qb, d, Xc, n, ldc, ids, exact_now);
     }
+    scan_fp32(A, E, I, kp, rows, m, Qf, d, Xc, n, ldc, ids);
+    return 0;
+}
+
+int64_t knn_scan_rescore(const float* A, float* E, const int32_t* I, int64_t n, int64_t kp, const float* Qf,
+                         int64_t d, const float* base, int64_t nbase, int64_t k, float vmax) {
+    if (k < 1 || k > kp) throw std::invalid_argument("need 1 <= k <= kp");
+    if (!cpu_has_bf16()) throw std::invalid_argument("knn_scan_rescore follows a bf16 scan (AVX512-BF16)");
+    for (int64_t r = 0; r < n; r++)   // checked first: OpenMP loops never throw
+        for (int64_t j = 0; j < kp; j++)
+            if (I[r * kp + j] >= nbase)
+                throw std::invalid_argument("I[" + std::to_string(r) + ", " + std::to_string(j) + "] = " +
+                                            std::to_string(I[r * kp + j]) + " is not a row of base (" +
+                                            std::to_string(nbase) + " rows)");
+    int64_t uncertain = 0;
+#pragma omp parallel for schedule(dynamic, 256) reduction(+ : uncertain)
+    for (int64_t r = 0; r < n; r++) {
+        const float* a = A + r * kp;
+        const int32_t* id = I + r * kp;
+        float* e = E + r * kp;
+        const float* q = Qf + r * d;
+        float qn = dot_exact(q, q, d);
+        // |bf16 score - exact| <= 2^-8 |q| |v| (each factor rounded to 8 bits) + float32 rounding: the
+        // exact k best have approximate scores >= a[k-1] - 2 * that bound
+        float thr = a[k - 1] - (2.0f * std::ldexp(1.0f, -8) * std::sqrt(qn) * vmax + 1e-5f);
+        for (int64_t j = 0; j < kp; j++) {
+            if (id[j] >= 0 && j + 2 < kp && id[j + 2] >= 0)
+                for (int64_t c = 0; c < d; c += 16) __builtin_prefetch(base + (int64_t)id[j + 2] * d + c);
+            if (id[j] < 0 || !(a[j] >= thr)) {
+                e[j] = -std::numeric_limits<float>::infinity();
+                continue;
+            }
+            e[j] = dot_exact(q, base + (int64_t)id[j] * d, d);
+        }
+        if (id[kp - 1] >= 0 && a[kp - 1] >= thr) uncertain++;   // a candidate within the bound may be missing
+    }
+    return uncertain;
 }
 
 void knn_scan_finish(const float* E, const int32_t* I, int64_t n, int64_t kp, float* D, int32_t* Io, int64_t k) {

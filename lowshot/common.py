@@ -48,6 +48,36 @@ def peak_rss_gib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+class OwnMemoryPeak:
+    """Peak of :func:`anon_rss_gib` (the process' own memory, page cache of mapped files left out),
+    sampled every ``interval`` seconds by a daemon thread while running: the kernel keeps only the
+    peak of the whole RSS (ru_maxrss), which counts the mapped inputs' pages too.
+
+    ``with OwnMemoryPeak() as peak: ...`` then ``peak.gib``.
+    """
+
+    def __init__(self, interval=0.05):
+        self.interval = interval
+        self.gib = 0.0
+        self._stop = None
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self.gib = max(self.gib, anon_rss_gib() or 0.0)
+
+    def __enter__(self):
+        import threading
+        self._stop = threading.Event()
+        self.gib = anon_rss_gib() or 0.0
+        threading.Thread(target=self._run, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self.gib = max(self.gib, anon_rss_gib() or 0.0)
+        return False
+
+
 def log(*msg):
     """Print one progress line prefixed with elapsed seconds and resident memory; flushes."""
     print("[%8.2f s, RSS %6.2f GiB]" % (time.time() - _T0, rss_gib()), *msg, flush=True)
@@ -149,8 +179,17 @@ def write_json(path, obj):
             f.write("\n")
 
 
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def run_main(main, argv=None):
-    """Run a script's ``main(argv)``; turn InputError into ``error: ...`` on stderr and exit status 2."""
+    """Run a script's ``main(argv)``; turn InputError into ``error: ...`` on stderr and exit status 2.
+
+    SIGTERM (what Slurm sends at a time limit or a preemption, before SIGKILL) exits through the
+    ``finally`` blocks, so :func:`atomic_output` removes its temporaries (status 143)."""
+    import signal
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         return main(argv)
     except InputError as e:

@@ -26,31 +26,20 @@ from lowshot.common import InputError, atomic_output, log, require_file
 
 METHODS = ("exact", "ivf", "hnsw", "nndescent")
 
-# Background graph, CPU: exact search up to this size, IVF searched list by list above (ivf_knn).
-# Measured by benchmarks/bench_build_graph.py on the first 100k rows of a generated background
-# (generate_ddir.py defaults), 2 cores; "ext" = recall@10 of the stored index for 1000 queries
-# from outside the background (test images through the .vt), as diffusion.py searches them:
-#
-#   method                            total s  index s  table s  recall@10  ext recall@10
-#   exact (IndexFlatIP)                  37.4      0.2     37.0      1.000          1.000
-#   ivf 632 lists, nprobe 76 (default)   13.8      1.8     12.0      0.971          0.971
-#   ivf 632 lists, nprobe 24              6.0      1.4      4.6      0.912          0.914
-#   hnsw M=32 efSearch=64                23.8      9.0     14.5      0.979          0.984
-#   nndescent K=32 iter=10               36.7     34.1      2.5      0.981          0.574
-#
-# At 1M (build_graph.py 1000000, idle machine): ivf (2000 lists, nprobe 24) 143 s, recall@10
-# 0.968 (ext 0.9999); HNSW M=32 efSearch=64 233 s for 0.910 (its table search is per query and
-# misses near ties: efSearch 192 reaches 0.950 in 355 s). The IVF search is faiss' own result
-# (same probed lists, exact products inside), but computed as one BLAS product per list.
-# NN-descent's own graph is good but its index answers external queries poorly (greedy search
-# from random entry points stays in the wrong cluster; 0.07 at 1M on flat-spectrum data), which
-# breaks the labelled/test -> background neighbours of graph completion: never the default.
+# Background graph, CPU: exact search up to this size, IVF above, searched list by list
+# (lowshot/ivf_build.py). The measurements behind these choices are in the README ("Scale" and
+# "Background graph"), from benchmarks/bench_build_graph.py: at 1M on 2 cores the IVF table with
+# bf16 products takes under a minute for recall@10 0.978; HNSW's per-query search misses near
+# ties (0.910 at 1M); NN-descent's own graph is good but its index answers queries from outside
+# the background poorly (recall@10 0.57 at 100k), which breaks graph completion: never the default.
 # Exact costs N^2: below ~50k it takes seconds.
 EXACT_MAX_CPU = 50000
-# IVF on CPU (see ivf_knn), chosen by measurement (README): 2 sqrt(N) lists, enough of them
-# visited to scan about IVF_SCAN vectors per query (24 lists of 2000 at 1M: recall@10 0.968)
-IVF_LISTS_PER_SQRT = 2
-IVF_SCAN = 12000
+# IVF on CPU: 4 sqrt(N) lists, enough of them visited to scan about IVF_SCAN vectors per query.
+# Finer lists find more neighbours for the same scanned pairs (generated F1M, 1000 queries:
+# 2000 lists, 25.5k pairs/query: recall@10 0.968; 4000: 26.9k, 0.985; 8000: 24.2k, 0.992), but
+# k-means costs nlist^2 and the probes N nlist (README "Scale")
+IVF_LISTS_PER_SQRT = 4
+IVF_SCAN = 16000
 # From this many queries, searches of a CPU IVF-Flat index go list by list (ivf_knn)
 IVF_BLAS_MIN_QUERIES = 1000
 # With GPUs, exact search is cheap up to ~1M; above, IVF as in the 2018 original.
@@ -174,7 +163,7 @@ def default_nlist(nbg, ngpu=None):
 
 def default_nprobe(nbg, nlist, ngpu=None):
     """IVF lists visited per query: 256 with GPUs (the original); on CPU enough lists to scan about
-    IVF_SCAN vectors (24 of 2000 lists at 1M, 76 of 632 at 100k, 8 of 6325 at 10M)."""
+    IVF_SCAN vectors (32 of 2000 lists at 1M, 102 of 632 at 100k, 11 of 6325 at 10M)."""
     ngpu = faiss.get_num_gpus() if ngpu is None else ngpu
     if ngpu > 0:
         return min(256, nlist)
@@ -221,6 +210,34 @@ def ivf_lists(index):
     return out
 
 
+def scan_probed(scan, P, nlist, get_list):
+    """Offer every query (row of P) the vectors of the lists it probes, list by list.
+
+    P : (n, nprobe) int32, the lists each query probes, nearest first
+    get_list : c -> (vectors float32 (size, d), ids int32), or (None, None) for an empty list
+
+    Each query's nearest list comes first (a pass over the lists for the queries whose first probe
+    they are, then one for the other probes): a query's table then fills with near candidates, and
+    few of the later candidates beat them (the bf16 scan re-scores each one that does).
+    Returns the pairs scored.
+    """
+    import graph_utils
+
+    pairs = 0
+    for cols in (P[:, :1], P[:, 1:]):
+        if cols.shape[1] == 0:
+            continue
+        byl = graph_utils.transpose(graph_utils.csr_from_knn(np.ascontiguousarray(cols), nlist))
+        for c in range(nlist):
+            q0, q1 = int(byl.indptr[c]), int(byl.indptr[c + 1])
+            if q1 > q0:
+                v, ids = get_list(c)
+                if v is not None and len(v):
+                    scan.add(byl.indices[q0:q1], v, ids)
+                    pairs += (q1 - q0) * len(v)
+    return float(pairs)
+
+
 def ivf_knn(index, x, K, probes=None, bf16=None, bs=SEARCH_BS):
     """K-NN of many queries in an IVF-Flat index, list by list (graph_utils.KnnScan).
 
@@ -259,19 +276,13 @@ def ivf_knn(index, x, K, probes=None, bf16=None, bs=SEARCH_BS):
         if probes.shape[0] != n or probes.shape[1] < nprobe:
             raise ValueError("probes %s: need (%d, >= %d)" % (probes.shape, n, nprobe))
         P = np.ascontiguousarray(probes[:, :nprobe], dtype=np.int32)
-    byl = graph_utils.transpose(graph_utils.csr_from_knn(P, nlist))   # queries by list
-    del P
     lists = ivf_lists(index)
-    sizes = np.array([0 if v is None else len(v) for v, _ in lists], dtype=np.int64)
-    stats = {"time_probes": time.time() - t0, "pairs_scored": float(np.dot(np.diff(byl.indptr), sizes))}
+    stats = {"time_probes": time.time() - t0}
     t0 = time.time()
     if bf16 is None:
         bf16 = graph_utils.cpu_has_bf16() and d % 2 == 0
     scan = graph_utils.KnnScan(x, K + (16 if bf16 else 0), bf16=bf16)
-    for c, (v, ids) in enumerate(lists):
-        q0, q1 = int(byl.indptr[c]), int(byl.indptr[c + 1])
-        if v is not None and q1 > q0:
-            scan.add(byl.indices[q0:q1], v, ids)
+    stats["pairs_scored"] = scan_probed(scan, P, nlist, lists.__getitem__)
     D, I = scan.finish(K)
     stats["time_table"] = time.time() - t0
     return D, I, stats
@@ -483,6 +494,21 @@ def graph_recall(xb, I, nq=1000, at=10, seed=0):
     Ia = np.asarray(I[sample, :at])
     hits = [np.intersect1d(a[a >= 0], g).size for a, g in zip(Ia, Igt)]
     return float(np.mean(hits)) / at
+
+
+def ivf_agreement(index, xb, I, nq=1000, seed=0):
+    """How often a table row equals the stored IVF index's own float32 search (faiss, the same
+    probed lists): the check of the bf16 scan, on a random sample of rows.
+
+    Returns (fraction of rows with the same set of ids, mean fraction of shared ids).
+    """
+    nbg, K = I.shape
+    rs = np.random.RandomState(seed)
+    sample = np.sort(rs.choice(nbg, min(nq, nbg), replace=False))
+    _, Iref = index.search(normalized(xb[sample]), K)
+    shared = [np.intersect1d(a[a >= 0], b[b >= 0]).size / max(1, (b >= 0).sum())
+              for a, b in zip(np.asarray(I[sample]), Iref)]
+    return float(np.mean(np.array(shared) == 1.0)), float(np.mean(shared))
 
 
 def find_background_graph(ddir, nbg, k, graph_paths):

@@ -43,15 +43,20 @@ def offer_blocks(scan, Q, X, nblocks, rs):
     return S
 
 
-@pytest.mark.parametrize("bf16", [False, pytest.param(True, marks=needs_bf16)])
-def test_knn_scan_against_brute_force(bf16):
+@pytest.mark.parametrize("bf16,deferred", [(False, False), pytest.param(True, False, marks=needs_bf16),
+                                           pytest.param(True, True, marks=needs_bf16)])
+def test_knn_scan_against_brute_force(bf16, deferred):
     rs = np.random.RandomState(0)
     d, K = 64, 20
     Q, X = clustered(700, d, 1), clustered(2100, d, 2)
-    scan = graph_utils.KnnScan(Q, K + (16 if bf16 else 0), bf16=bf16)
-    assert scan.bf16 == bf16
+    scan = graph_utils.KnnScan(Q, K + (16 if bf16 else 0), bf16=bf16, deferred=deferred)
+    assert scan.bf16 == bf16 and scan.deferred == deferred
     S = offer_blocks(scan, Q, X, 3, rs)
-    D, I = scan.finish(K)
+    if deferred:
+        with pytest.raises(ValueError, match="needs base"):
+            scan.finish(K)
+    D, I = scan.finish(K, base=X)
+    assert scan.uncertain <= 5
     Iref = np.argsort(-S, axis=1, kind="stable")[:, :K]
     Dref = np.take_along_axis(S, Iref, axis=1)
     # D holds the exact (float32) inner products of the ids in I, decreasing
@@ -180,17 +185,25 @@ def test_killed_build_resumes_to_identical_bytes(tmp_path):
     r = subprocess.run(cmd + ["--prepare"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     shutil.copytree(p["work"], str(tmp_path / "prepared"))
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    t0 = time.time()
-    while time.time() - t0 < 120:
-        if any(f.startswith("chunk") and f.endswith(".D") for f in os.listdir(p["work"])):
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+
+    def chunks_done():
+        return sorted(f for f in os.listdir(p["work"]) if f.startswith("chunk") and f.endswith(".D"))
+
+    def interrupt(sig):
+        before = len(chunks_done())
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        t0 = time.time()
+        while time.time() - t0 < 120 and len(chunks_done()) <= before:
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        return proc.wait()
+
+    # SIGTERM (a Slurm time limit): exits through the cleanup, no temporary left
+    assert interrupt(signal.SIGTERM) == 128 + signal.SIGTERM
+    assert not [f for f in os.listdir(p["work"]) if ".tmp" in f]
+    assert interrupt(signal.SIGKILL) == -signal.SIGKILL
     assert not os.path.exists(p["I"])
-    done = [f for f in os.listdir(p["work"]) if f.startswith("chunk") and f.endswith(".D")]
-    assert 1 <= len(done) < 20
+    assert 2 <= len(chunks_done()) < 20
     # a dead writer's temporary (as SIGKILL leaves them) goes; a live process' one would stay
     from lowshot.common import _host
     dead = os.path.join(p["work"], ".chunk00019.D.tmp%d-%s" % (2**22 + 12345, _host()))
