@@ -62,13 +62,18 @@ DEFAULTS = {
                   "slurm_by_nbg": {}},
     "fusion": {"nbg": None, "weights": [round(0.1 * i, 1) for i in range(11)], "args": [],
                "slurm": {}},
+    "prepare": {"model": "ResNet50", "modelfile": None, "features": {}, "background": None,
+                "pca": {"dout": 256, "max_rows": None}, "graph_shards": 1, "graph_args": [],
+                "slurm": {}, "slurm_by_nbg": {}},
     "local": {"nproc": None, "threads_per_run": None},
     "slurm": {"partition": None, "time": "24:00:00", "mem": "16G", "cpus_per_task": 4, "gpus": 0,
               "throttle": 100, "max_array_size": 1000, "args": [], "poll_s": 30},
 }
 # values that are free-form mappings (not checked key by key)
 _FREE = {("logreg", "slurm"), ("diffusion", "slurm"), ("diffusion", "slurm_by_nbg"),
-         ("diffusion", "nslices"), ("diffusion", "lslice"), ("fusion", "slurm")}
+         ("diffusion", "nslices"), ("diffusion", "lslice"), ("fusion", "slurm"), ("prepare", "features"),
+         ("prepare", "background"), ("prepare", "graph_shards"), ("prepare", "slurm"),
+         ("prepare", "slurm_by_nbg")}
 
 METRICS = ("top5", "top5_novel")
 
@@ -621,6 +626,11 @@ class Phases:
     def phase(self, experiment, number):
         """Run one phase; return the exit status (0 ok, 1 incomplete)."""
         label = "%s phase %d" % (experiment, number)
+        if experiment == "prepare":
+            from lowshot import prepare
+            get_ddir(self.cfg["ddir"])
+            status = self.execute_stages(prepare.stages(self, number), label)
+            return 0 if status in ("ok", "submitted") else 1
         if number in (1, 3):
             # fail here rather than in hundreds of runs
             if not (self.cfg["ddir"] or os.environ.get("DDIR")):
@@ -838,7 +848,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m lowshot.phases", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__)
-    p.add_argument("experiment", choices=["logreg", "diffusion"])
+    p.add_argument("experiment", choices=["prepare", "logreg", "diffusion"])
     p.add_argument("phase", type=int, choices=[1, 2, 3, 4])
     g = p.add_argument_group("configuration")
     # defaults from the environment of run_logreg.bash / run_diffusion.bash (read here, not at import)
