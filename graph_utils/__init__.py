@@ -474,11 +474,11 @@ def to_bf16(X):
 class KnnScan:
     """k-best tables of many queries, filled block by block of candidates (e.g. IVF lists).
 
-    Each query (row of ``Qf``) keeps ``kp >= k`` candidates. With ``bf16`` (the default where the CPU
-    has AVX512-BF16 and d is even) the products are computed in bfloat16, ~5x faster than float32
-    BLAS on Zen 4, and every candidate entering a row is re-scored exactly in float32; :meth:`finish`
-    keeps the k best by exact score. Without it the products are float32 (MKL sgemm) and kp = k gives
-    the float32 search's result.
+    Each query (row of ``Qf``) keeps the ``kp >= k`` best candidates by score, then id (whatever
+    order they come in). With ``bf16`` (the default where the CPU has AVX512-BF16 and d is even) the
+    products are computed in bfloat16, ~5x faster than float32 BLAS on Zen 4, and the kept
+    candidates are re-scored exactly in float32; :meth:`finish` keeps the k best by exact score.
+    Without it the products are float32 (MKL sgemm) and kp = k gives the float32 search's result.
 
     Parameters
     ----------
@@ -490,9 +490,9 @@ class KnnScan:
     deferred : bool
         bf16 only: keep approximate scores during the scan and compute the exact ones in
         :meth:`finish`, which then needs ``base``, one array holding every candidate, the ids given
-        to :meth:`add` being its rows. Fewer exact products (the kept candidates within the bf16
-        error bound of the k-th, instead of every candidate entering a row), but random reads of
-        ``base`` at the end rather than reads of rows still in cache.
+        to :meth:`add` being its rows: only the kept candidates within the bf16 error bound of the
+        k-th are scored, at the end, instead of every candidate entering a row, while its vector is
+        in cache (fewer products, but random reads of ``base``).
     """
 
     def __init__(self, Qf, kp, bf16=None, deferred=False):
@@ -508,11 +508,13 @@ class KnnScan:
         self.vmax = 0.0
         self.uncertain = 0
         self.Qb = to_bf16(self.Qf) if self.bf16 else None
-        if kp < 1:
-            raise ValueError("kp = %d: need at least 1 candidate per query" % kp)
-        self.A = np.full((n, kp), -np.inf, dtype=np.float32)
-        self.E = np.full((n, kp), -np.inf, dtype=np.float32)
-        self.I = np.full((n, kp), -1, dtype=np.int32)
+        if not 1 <= kp <= 512:
+            raise ValueError("kp = %d: need 1 <= kp <= 512 candidates per query" % kp)
+        self.kp = int(kp)
+        cap = 2 * self.kp
+        self._t = (np.full((n, cap), -np.inf, dtype=np.float32), np.full((n, cap), -np.inf, dtype=np.float32),
+                   np.full((n, cap), -1, dtype=np.int32), np.zeros(n, dtype=np.int32),
+                   np.full(n, -np.inf, dtype=np.float32), self.kp)
 
     def add(self, rows, Xc, ids):
         """Offer candidates ``Xc`` (nc, d) float32 with ids (nc,) int32 to queries ``rows``
@@ -520,7 +522,7 @@ class KnnScan:
         rows = _as_1d(rows, np.int64, "rows")
         ids = _as_1d(ids, np.int32, "ids")
         _check_table(Xc, "Xc", (np.float32,))
-        vmax = _gu.knn_scan_list(self.A, self.E, self.I, rows, self.Qf, self.Qb, Xc, ids, not self.deferred)
+        vmax = _gu.knn_scan_list(*self._t, rows, self.Qf, self.Qb, Xc, ids, not self.deferred)
         self.vmax = max(self.vmax, vmax)
 
     def finish(self, k, D=None, I=None, base=None):
@@ -528,13 +530,14 @@ class KnnScan:
         (n, k) (ties: lower id first); -inf / -1 where a query got fewer than k. D, I: outputs to fill.
         base: the candidates' array (deferred scans); ``self.uncertain`` then counts the rows whose
         result is not guaranteed exact (more than kp candidates within the bf16 error bound)."""
-        n = self.E.shape[0]
+        n = self.Qf.shape[0]
+        if self.deferred and base is None:
+            raise ValueError("a deferred scan needs base, the array of the candidates, to finish")
+        _gu.knn_scan_settle(*self._t)
         if self.deferred:
-            if base is None:
-                raise ValueError("a deferred scan needs base, the array of the candidates, to finish")
             _check_table(base, "base", (np.float32,))
-            self.uncertain = int(_gu.knn_scan_rescore(self.A, self.E, self.I, self.Qf, base, k, self.vmax))
+            self.uncertain = int(_gu.knn_scan_rescore(*self._t, self.Qf, base, k, self.vmax))
         D = np.empty((n, k), dtype=np.float32) if D is None else D
         I = np.empty((n, k), dtype=np.int32) if I is None else I
-        _gu.knn_scan_finish(self.E, self.I, D, I)
+        _gu.knn_scan_finish(*self._t, D, I)
         return D, I

@@ -141,30 +141,39 @@ void knn_add_products(float* D, TI* I, int64_t n_table, int64_t k, int64_t ldd, 
                       int64_t m, const float* Xq, int64_t ldq, const float* Xc, int64_t n, int64_t ldc, int64_t d,
                       const TI* ids);
 
-// Many queries against one block of database vectors (an IVF list), into k-best tables of kp slots
-// (knn_scan.cpp). Table row rows[r] (r < m, strictly increasing, in [0, n_table)) has kp slots:
-// A (score the selection ranks by, decreasing; -inf = empty), E (exact float32 inner product), I
-// (id, -1 = empty), each (n_table x kp) C-contiguous. Its query is row rows[r] of Qf (n_table x d,
-// float32) and, for the reduced-precision scan, of Qb (n_table x d bfloat16 bits from to_bf16); the
-// candidates are Xc (n x d, row stride ldc) with ids[j]. With Qb the products are computed in bf16
-// (AVX512-BF16, d even; cpu_has_bf16() must hold) and every candidate entering a row gets its exact
-// score in E; with Qb == nullptr they are float32 (MKL sgemm) and A == E. No id may be offered twice
-// to a row. knn_scan_finish then writes the k <= kp best of each row by E (ties: lower id first) into
-// D, Io (n x k), -inf / -1 where a row has fewer than k.
-// exact_now = false (bf16 only) leaves E alone: knn_scan_rescore then computes it once per kept
-// candidate, ids being rows of one base array (n_base x d) holding every candidate; it scores exactly
-// the candidates whose approximate score is within the bf16 error bound of the k-th (2^-7 |q| vmax,
-// vmax = the largest candidate norm, which knn_scan_list returns), E = -inf for the others, and
-// returns the number of rows whose kp-th candidate is still within that bound (their exact k best
-// are not guaranteed to be among the kp kept).
+// Many queries against one block of database vectors (an IVF list), into k-best tables
+// (knn_scan.cpp). A ScanTable (every array borrowed, C-contiguous) has n rows of cap >= 2 kp slots:
+// A (score the selection ranks by), E (exact float32 inner product), I (id), and per row cnt (slots
+// used) and thr (entry threshold, -inf at first): candidates are appended unsorted and a full row is
+// cut back to its kp best, so the kp kept are the kp best by (A decreasing, id increasing) of all
+// offered, whatever their order. knn_scan_list offers to table row rows[r] (r < m, strictly
+// increasing) the candidates Xc (n x d, row stride ldc) with ids[j]; the row's query is row rows[r]
+// of Qf (n_table x d float32) and, for the reduced-precision scan, of Qb (bf16 bits from to_bf16).
+// With Qb the products are bf16 (AVX512-BF16, d even; cpu_has_bf16() must hold) and E is filled
+// either at once (exact_now) or by knn_scan_rescore; with Qb == nullptr they are float32 (MKL
+// sgemm) and A == E. No id may be offered twice to a row. It returns the largest norm of the Xc rows.
+// knn_scan_settle sorts each row's kp best first (then -inf / -1). knn_scan_rescore (bf16, settled,
+// ids = rows of base (n_base x d)) scores exactly the kept candidates whose approximate score is
+// within the bf16 error bound of the k-th (2^-7 |q| vmax), E = -inf for the others, and returns the
+// number of rows whose kp-th candidate is still within it (their exact k best are then not
+// guaranteed among the kp kept). knn_scan_finish writes the k <= kp best of each settled row by E
+// (ties: lower id first) into D, Io (n x k), -inf / -1 where a row has fewer than k.
+struct ScanTable {
+    float* A;
+    float* E;
+    int32_t* I;
+    int32_t* cnt;
+    float* thr;
+    int64_t n, cap, kp;
+};
 bool cpu_has_bf16();
 void to_bf16(const float* X, int64_t n, uint16_t* out);
-float knn_scan_list(float* A, float* E, int32_t* I, int64_t n_table, int64_t kp, const int64_t* rows, int64_t m,
-                    const float* Qf, const uint16_t* Qb, int64_t d, const float* Xc, int64_t n, int64_t ldc,
-                    const int32_t* ids, bool exact_now);
-int64_t knn_scan_rescore(const float* A, float* E, const int32_t* I, int64_t n, int64_t kp, const float* Qf,
-                         int64_t d, const float* base, int64_t nbase, int64_t k, float vmax);
-void knn_scan_finish(const float* E, const int32_t* I, int64_t n, int64_t kp, float* D, int32_t* Io, int64_t k);
+float knn_scan_list(const ScanTable& t, const int64_t* rows, int64_t m, const float* Qf, const uint16_t* Qb, int64_t d,
+                    const float* Xc, int64_t n, int64_t ldc, const int32_t* ids, bool exact_now);
+void knn_scan_settle(const ScanTable& t);
+int64_t knn_scan_rescore(const ScanTable& t, const float* Qf, int64_t d, const float* base, int64_t nbase, int64_t k,
+                         float vmax);
+void knn_scan_finish(const ScanTable& t, float* D, int32_t* Io, int64_t k);
 
 // Locality-preserving node order of a square matrix with a symmetric pattern (as W0 + W0^T): breadth-first
 // search, each connected component started from its lowest-numbered node, neighbours taken in row order

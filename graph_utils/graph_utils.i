@@ -353,11 +353,21 @@ void to_bf16(PyObject* X, PyObject* out) {
     gu::to_bf16(x.ptr, x.size(), o.ptr);
 }
 
-double knn_scan_list(PyObject* A, PyObject* E, PyObject* I, PyObject* rows, PyObject* Qf, PyObject* Qb,
-                     PyObject* Xc, PyObject* ids, bool exact_now) {
+// the k-best table of KnnScan: A, E (n, cap) float32, I (n, cap) int32, cnt (n,) int32, thr (n,) float32
+gu::ScanTable get_scan_table(PyObject* A, PyObject* E, PyObject* I, PyObject* cnt, PyObject* thr, long long kp) {
     Arr<float> a = get_arr<float>(A, "A", 2, true);
     Arr<float> e = get_arr<float>(E, "E", 2, true);
     Arr<int32_t> i = get_arr<int32_t>(I, "I", 2, true);
+    Arr<int32_t> c = get_arr<int32_t>(cnt, "cnt", 1, true);
+    Arr<float> t = get_arr<float>(thr, "thr", 1, true);
+    if (e.n0 != a.n0 || e.n1 != a.n1 || i.n0 != a.n0 || i.n1 != a.n1 || c.n0 != a.n0 || t.n0 != a.n0)
+        py_raise(PyExc_ValueError, "A, E, I (n, cap), cnt and thr (n,) must agree");
+    return gu::ScanTable{a.ptr, e.ptr, i.ptr, c.ptr, t.ptr, a.n0, a.n1, kp};
+}
+
+double knn_scan_list(PyObject* A, PyObject* E, PyObject* I, PyObject* cnt, PyObject* thr, long long kp,
+                     PyObject* rows, PyObject* Qf, PyObject* Qb, PyObject* Xc, PyObject* ids, bool exact_now) {
+    gu::ScanTable t = get_scan_table(A, E, I, cnt, thr, kp);
     Arr<int64_t> r = get_arr<int64_t>(rows, "rows", 1, false);
     Arr<float> qf = get_arr<float>(Qf, "Qf", 2, false);
     Arr<float> c = get_arr<float>(Xc, "Xc", 2, false, true);
@@ -368,37 +378,36 @@ double knn_scan_list(PyObject* A, PyObject* E, PyObject* I, PyObject* rows, PyOb
         if (b.n0 != qf.n0 || b.n1 != qf.n1) py_raise(PyExc_ValueError, "Qb must have the shape of Qf");
         qb = b.ptr;
     }
-    if (e.n0 != a.n0 || e.n1 != a.n1 || i.n0 != a.n0 || i.n1 != a.n1)
-        py_raise(PyExc_ValueError, "A, E and I must have one shape");
-    if (qf.n0 != a.n0 || qf.n1 != c.n1 || c.n0 != id.n0)
+    if (qf.n0 != t.n || qf.n1 != c.n1 || c.n0 != id.n0)
         py_raise(PyExc_ValueError, "Qf needs one row per table row, Xc one per id, both d columns");
     NoGIL nogil;
-    return gu::knn_scan_list(a.ptr, e.ptr, i.ptr, a.n0, a.n1, r.ptr, r.n0, qf.ptr, qb, qf.n1, c.ptr, c.n0, c.ld, id.ptr,
-                             exact_now);
+    return gu::knn_scan_list(t, r.ptr, r.n0, qf.ptr, qb, qf.n1, c.ptr, c.n0, c.ld, id.ptr, exact_now);
 }
 
-long long knn_scan_rescore(PyObject* A, PyObject* E, PyObject* I, PyObject* Qf, PyObject* base, long long k,
-                           double vmax) {
-    Arr<float> a = get_arr<float>(A, "A", 2, false);
-    Arr<float> e = get_arr<float>(E, "E", 2, true);
-    Arr<int32_t> i = get_arr<int32_t>(I, "I", 2, false);
+void knn_scan_settle(PyObject* A, PyObject* E, PyObject* I, PyObject* cnt, PyObject* thr, long long kp) {
+    gu::ScanTable t = get_scan_table(A, E, I, cnt, thr, kp);
+    NoGIL nogil;
+    gu::knn_scan_settle(t);
+}
+
+long long knn_scan_rescore(PyObject* A, PyObject* E, PyObject* I, PyObject* cnt, PyObject* thr, long long kp,
+                           PyObject* Qf, PyObject* base, long long k, double vmax) {
+    gu::ScanTable t = get_scan_table(A, E, I, cnt, thr, kp);
     Arr<float> qf = get_arr<float>(Qf, "Qf", 2, false);
     Arr<float> b = get_arr<float>(base, "base", 2, false);
-    if (e.n0 != a.n0 || e.n1 != a.n1 || i.n0 != a.n0 || i.n1 != a.n1 || qf.n0 != a.n0 || b.n1 != qf.n1)
-        py_raise(PyExc_ValueError, "A, E, I (n, kp), Qf (n, d) and base (nb, d) must agree");
+    if (qf.n0 != t.n || b.n1 != qf.n1) py_raise(PyExc_ValueError, "Qf (n, d) and base (nb, d) must agree");
     NoGIL nogil;
-    return gu::knn_scan_rescore(a.ptr, e.ptr, i.ptr, a.n0, a.n1, qf.ptr, qf.n1, b.ptr, b.n0, k, (float)vmax);
+    return gu::knn_scan_rescore(t, qf.ptr, qf.n1, b.ptr, b.n0, k, (float)vmax);
 }
 
-void knn_scan_finish(PyObject* E, PyObject* I, PyObject* D, PyObject* Io) {
-    Arr<float> e = get_arr<float>(E, "E", 2, false);
-    Arr<int32_t> i = get_arr<int32_t>(I, "I", 2, false);
+void knn_scan_finish(PyObject* A, PyObject* E, PyObject* I, PyObject* cnt, PyObject* thr, long long kp, PyObject* D,
+                     PyObject* Io) {
+    gu::ScanTable t = get_scan_table(A, E, I, cnt, thr, kp);
     Arr<float> d = get_arr<float>(D, "D", 2, true);
     Arr<int32_t> io = get_arr<int32_t>(Io, "Io", 2, true);
-    if (i.n0 != e.n0 || i.n1 != e.n1 || d.n0 != e.n0 || io.n0 != e.n0 || io.n1 != d.n1)
-        py_raise(PyExc_ValueError, "E, I (n, kp) and D, Io (n, k) must agree");
+    if (d.n0 != t.n || io.n0 != t.n || io.n1 != d.n1) py_raise(PyExc_ValueError, "D, Io must be (n, k)");
     NoGIL nogil;
-    gu::knn_scan_finish(e.ptr, i.ptr, e.n0, e.n1, d.ptr, io.ptr, d.n1);
+    gu::knn_scan_finish(t, d.ptr, io.ptr, d.n1);
 }
 
 void bfs_order(CSR_ARGS(A), PyObject* perm) {
