@@ -70,9 +70,10 @@ def parse_args(argv):
                    help="renumber the nodes breadth-first before diffusing (same result, faster "
                         "products); auto: from %d nodes" % REORDER_MIN_NODES)
     g.add_argument("--niter", type=int, default=3, help="diffusion iterations")
-    g.add_argument("--lslice", type=int, default=0,
-                   help="diffuse classes by blocks of this many columns (0: all at once); same "
-                        "result, peak memory ~2 (n, lslice) float32 matrices instead of (n, C)")
+    g.add_argument("--lslice", type=int, default=None,
+                   help="diffuse classes by blocks of this many columns (0: all at once; default: "
+                        "auto, see lowshot.diffuse.auto_lslice); same result, peak memory ~2 (n, lslice) "
+                        "float32 matrices instead of (n, C)")
     g.add_argument("--class_range", default=None,
                    help="a:b, diffuse only classes [a, b) (job-array slice; needs --store_slice)")
     g = p.add_argument_group("outputs")
@@ -189,6 +190,8 @@ def main(argv=None):
         raise InputError("--nbg %d: must be >= 0" % args.nbg)
     if args.niter < 0:
         raise InputError("--niter %d: must be >= 0" % args.niter)
+    if args.lslice is not None and args.lslice < 0:
+        raise InputError("--lslice %d: must be >= 0 (0: all classes at once)" % args.lslice)
     if args.class_range and not args.store_slice:
         raise InputError("--class_range needs --store_slice (merge the slices with --merge_slices)")
     if args.store_slice and (args.storeL or args.storeLname):
@@ -257,10 +260,11 @@ def main(argv=None):
         times["reorder"] = time.time() - t0
 
     t0 = time.time()
+    lslice = dif.auto_lslice(n, c1 - c0) if args.lslice is None else args.lslice
     log("diffusion of classes %d:%d, %d iterations%s" % (
-        c0, c1, args.niter, ", blocks of %d classes" % args.lslice if args.lslice else ""))
+        c0, c1, args.niter, ", blocks of %d classes" % lslice if 0 < lslice < c1 - c0 else ""))
     scores = dif.diffuse(W, T, y_lab, split.nclass, args.niter, class_range=(c0, c1),
-                         lslice=args.lslice, lab_nodes=lab_nodes)
+                         lslice=lslice, lab_nodes=lab_nodes)
     times["diffusion"] = time.time() - t0
     meta = _meta(args)
 

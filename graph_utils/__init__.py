@@ -418,45 +418,6 @@ def inverse_permutation(perm):
     return inv
 
 
-def _check_add_args(D, I, rows, ids):
-    """Checks of knn_add_products: a writable k-best table (D, I) of one shape; rows and ids as arrays."""
-    _check_table(D, "D", (np.float32,))
-    _check_table(I, "I")
-    if I.shape != D.shape:
-        raise ValueError("I has shape %s, D %s: they must match" % (I.shape, D.shape))
-    if not (D.flags.writeable and I.flags.writeable):
-        raise ValueError("D and I are modified in place and must be writable")
-    return _as_1d(rows, np.int64, "rows"), _as_1d(ids, I.dtype, "ids")
-
-
-def knn_add_products(D, I, rows, Xq, Xc, ids):
-    """Offer the inner products ``S = Xq @ Xc.T`` to some rows of a k-best table, in place.
-
-    S is computed tile by tile (MKL sgemm) and selected while in cache, so no (m, nc) score matrix
-    is ever stored.
-
-    Parameters
-    ----------
-    D : array (n, k), float32, rows contiguous; each row in decreasing order (-inf = empty slot)
-    I : array (n, k), int32 or int64, rows contiguous
-    rows : array (m,), int64, strictly increasing table rows
-    Xq : array (m, d), float32, rows contiguous: the query vector of each of ``rows``
-    Xc : array (nc, d), float32, rows contiguous: the candidate vectors
-    ids : array (nc,), dtype of I: the candidates' ids
-
-    After the call each row ``rows[r]`` of (D, I) holds the k largest of its previous entries and
-    the nc candidates (S[r, j], ids[j]), in decreasing order; equal similarities keep the previous
-    entries first, then candidates in j order. No id may be offered twice to one row (not checked).
-    """
-    rows, ids = _check_add_args(D, I, rows, ids)
-    _check_table(Xq, "Xq", (np.float32,))
-    _check_table(Xc, "Xc", (np.float32,))
-    if Xq.shape[0] != rows.size or Xc.shape[0] != ids.size or Xq.shape[1] != Xc.shape[1]:
-        raise ValueError("Xq %s, Xc %s: expected (len(rows), d) = (%d, d) and (len(ids), d) = (%d, d)" % (
-            Xq.shape, Xc.shape, rows.size, ids.size))
-    _gu.knn_add_products(D, I, rows, Xq, Xc, ids)
-
-
 def cpu_has_bf16():
     """True when this CPU has the AVX512-BF16 dot-product instructions :class:`KnnScan` uses."""
     return bool(_gu.cpu_has_bf16())

@@ -126,21 +126,6 @@ template <class TI>
 void merge_knn_results(float* D, TI* I, int64_t n, int64_t k, int64_t ldd, int64_t ldi, const float* D2,
                        const TI* I2, int64_t k2, int64_t ldd2, int64_t ldi2, int64_t translation);
 
-// Offers candidates to rows of a k-best table (D, I) kept in decreasing similarity order (n_table x k,
-// row strides ldd, ldi): table row rows[r] (r < m) receives the n candidates (S[r, j], ids[j]), j < n,
-// where S = Xq Xc^T are the inner products of m query vectors Xq (m x d, row stride ldq) with n
-// database vectors Xc (n x d, row stride ldc), e.g. one IVF list. A candidate enters when its score
-// beats the row's current k-th similarity; equal scores keep the entries already there first, then
-// candidates in j order. rows must be strictly increasing (each row updated once, so rows can be
-// processed in parallel) and in [0, n_table); no id may be offered twice to one row (the caller's
-// partition guarantees it). The product runs tile by tile (MKL sgemm, one thread per tile) and each
-// tile's scores go to the table while still in cache: no m x n score matrix is stored; once a row is
-// full, a candidate costs one comparison.
-template <class TI>
-void knn_add_products(float* D, TI* I, int64_t n_table, int64_t k, int64_t ldd, int64_t ldi, const int64_t* rows,
-                      int64_t m, const float* Xq, int64_t ldq, const float* Xc, int64_t n, int64_t ldc, int64_t d,
-                      const TI* ids);
-
 // Many queries against one block of database vectors (an IVF list), into k-best tables
 // (knn_scan.cpp). A ScanTable (every array borrowed, C-contiguous) has n rows of cap >= 2 kp slots:
 // A (score the selection ranks by), E (exact float32 inner product), I (id), and per row cnt (slots

@@ -51,7 +51,8 @@ struct Arr {
 };
 
 template <class T>
-Arr<T> get_arr(PyObject* o, const char* name, int ndim, bool writable, bool row_strided = false) {
+Arr<T> get_arr(PyObject* o, const char* name, int ndim, bool writable, bool row_strided = false,
+               bool unaligned_ok = false) {
     if (!PyArray_Check(o)) py_raise(PyExc_TypeError, std::string(name) + " must be a numpy array");
     PyArrayObject* a = (PyArrayObject*)o;
     if (PyArray_TYPE(a) != Npy<T>::type)
@@ -60,7 +61,7 @@ Arr<T> get_arr(PyObject* o, const char* name, int ndim, bool writable, bool row_
     if (PyArray_NDIM(a) != ndim)
         py_raise(PyExc_ValueError, std::string(name) + " must have " + std::to_string(ndim) + " dimension(s), got " +
                                            std::to_string(PyArray_NDIM(a)));
-    if (!PyArray_ISALIGNED(a)) py_raise(PyExc_ValueError, std::string(name) + " is not aligned");
+    if (!PyArray_ISALIGNED(a) && !unaligned_ok) py_raise(PyExc_ValueError, std::string(name) + " is not aligned");
     if (writable && !PyArray_ISWRITEABLE(a)) py_raise(PyExc_ValueError, std::string(name) + " is read-only");
     Arr<T> r;
     r.a = a;
@@ -140,21 +141,6 @@ PyObject* to_python(gu::CSROwned& m) {
         throw;
     }
     return Py_BuildValue("(NNN)", ip, ix, dt);
-}
-
-bool is_int32(PyObject* o) { return PyArray_Check(o) && PyArray_TYPE((PyArrayObject*)o) == NPY_INT32; }
-
-template <class TI>
-void knn_add_products_t(const Arr<float>& d, PyObject* I, const Arr<int64_t>& r, const Arr<float>& q,
-                        const Arr<float>& c, PyObject* ids) {
-    Arr<TI> i = get_arr<TI>(I, "I", 2, true, true);
-    Arr<TI> id = get_arr<TI>(ids, "ids", 1, false);
-    if (i.n0 != d.n0 || i.n1 != d.n1) py_raise(PyExc_ValueError, "I must have the shape of D");
-    if (q.n0 != r.n0 || c.n0 != id.n0 || q.n1 != c.n1)
-        py_raise(PyExc_ValueError, "Xq must have one row per entry of rows, Xc one per entry of ids, same width");
-    NoGIL nogil;
-    gu::knn_add_products<TI>(d.ptr, i.ptr, d.n0, d.n1, d.ld, i.ld, r.ptr, r.n0, q.ptr, q.ld, c.ptr, c.n0, c.ld, q.n1,
-                             id.ptr);
 }
 
 }  // namespace
@@ -334,15 +320,6 @@ void merge_knn_results(PyObject* D, PyObject* I, PyObject* D2, PyObject* I2, lon
     }
 }
 
-void knn_add_products(PyObject* D, PyObject* I, PyObject* rows, PyObject* Xq, PyObject* Xc, PyObject* ids) {
-    Arr<float> d = get_arr<float>(D, "D", 2, true, true);
-    Arr<int64_t> r = get_arr<int64_t>(rows, "rows", 1, false);
-    Arr<float> q = get_arr<float>(Xq, "Xq", 2, false, true);
-    Arr<float> c = get_arr<float>(Xc, "Xc", 2, false, true);
-    if (is_int32(I)) knn_add_products_t<int32_t>(d, I, r, q, c, ids);
-    else knn_add_products_t<int64_t>(d, I, r, q, c, ids);
-}
-
 bool cpu_has_bf16() { return gu::cpu_has_bf16(); }
 
 void to_bf16(PyObject* X, PyObject* out) {
@@ -370,7 +347,9 @@ double knn_scan_list(PyObject* A, PyObject* E, PyObject* I, PyObject* cnt, PyObj
     gu::ScanTable t = get_scan_table(A, E, I, cnt, thr, kp);
     Arr<int64_t> r = get_arr<int64_t>(rows, "rows", 1, false);
     Arr<float> qf = get_arr<float>(Qf, "Qf", 2, false);
-    Arr<float> c = get_arr<float>(Xc, "Xc", 2, false, true);
+    // Xc may be unaligned: the lists of an IVF index memory-mapped by faiss start at odd offsets of
+    // its file; knn_scan reads Xc with unaligned loads (and MKL)
+    Arr<float> c = get_arr<float>(Xc, "Xc", 2, false, true, true);
     Arr<int32_t> id = get_arr<int32_t>(ids, "ids", 1, false);
     const uint16_t* qb = nullptr;
     if (Qb != Py_None) {

@@ -144,7 +144,8 @@ def atomic_output(path):
             os.remove(tmp)
 
 
-def _pid_alive(pid):
+def pid_alive(pid):
+    """True when a process ``pid`` exists on this host (signal 0; one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -162,7 +163,7 @@ def remove_stale_temporaries(folder):
     host = _host()
     for p in glob.glob(os.path.join(glob.escape(folder), ".*.tmp*")):
         m = re.search(r"\.tmp(\d+)-([A-Za-z0-9_-]+)$", p)
-        if m and m.group(2) == host and not _pid_alive(int(m.group(1))):
+        if m and m.group(2) == host and not pid_alive(int(m.group(1))):
             try:
                 os.remove(p)
                 removed.append(p)

@@ -546,10 +546,19 @@ def find_background_graph(ddir, nbg, k, graph_paths):
     return p["index"], tabs[0], tabs[1]
 
 
+def _is_ivf_file(path):
+    """True when a faiss index file holds an IndexIVFFlat (its fourcc: "IwFl", or "IvFl" in old files)."""
+    with open(path, "rb") as f:
+        return f.read(4) in (b"IwFl", b"IvFl")
+
+
 def read_background_index(path, nbg, d, nprobe=None, ef_search=None, search_L=None):
     """Read the stored background index, check it, set search parameters, move it to GPUs if any."""
     try:
-        index = faiss.read_index(path)
+        # IVF on CPU: the lists stay in the file, memory-mapped (page cache, shared by the tasks of a
+        # node, not the process' own memory: 10 GB at F10M)
+        ivf_cpu = faiss.get_num_gpus() == 0 and _is_ivf_file(path)
+        index = faiss.read_index(path, faiss.IO_FLAG_MMAP if ivf_cpu else 0)
     except RuntimeError as e:
         raise InputError("background index %s cannot be read by faiss: %s" % (
             path, (str(e).strip().splitlines() or ["error"])[0]))

@@ -103,6 +103,16 @@ def test_diffuse_dense_and_lslice():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_auto_lslice():
+    # 128 columns, fewer when two (n, lslice) float32 blocks would exceed 4 GiB, multiples of 16
+    assert dif.auto_lslice(10**6, 507) == 128
+    assert dif.auto_lslice(10**7, 507) == 48
+    assert dif.auto_lslice(10**8, 507) == 16
+    assert dif.auto_lslice(500, 7) == 7
+    n = 10**7
+    assert 2 * 4 * n * dif.auto_lslice(n, 507) <= dif.LSLICE_BYTES < 2 * 4 * n * (dif.auto_lslice(n, 507) + 16)
+
+
 def test_merge_slice_tops_ties():
     # ties broken by the lowest class id, across slices
     S = np.array([[1, 3, 3, 0, 3, 3, 3, 2],
@@ -198,6 +208,8 @@ def test_diffusion_bad_inputs(tiny_ddir, tmp_path):
         diffusion.main(args + ["--nbg", "400"])
     with pytest.raises(InputError, match=r"--class_range needs --store_slice"):
         diffusion.main(args + ["--class_range", "0:2"])
+    with pytest.raises(InputError, match=r"--lslice -5: must be >= 0"):
+        diffusion.main(args + ["--lslice", "-5"])
 
 
 def test_fusion_hand_computed(tiny_ddir, tmp_path, capsys):

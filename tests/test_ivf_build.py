@@ -98,7 +98,7 @@ def test_knn_scan_bad_arguments():
         scan.add(np.array([1]), Q[:5], np.arange(4))
     with pytest.raises(ValueError, match="need 1 <= k <= kp"):
         scan.finish(5)
-    with pytest.raises(ValueError, match="at least 1 candidate"):
+    with pytest.raises(ValueError, match="need 1 <= kp <= 512"):
         graph_utils.KnnScan(Q, 0)
     if not graph_utils.cpu_has_bf16():
         with pytest.raises(ValueError, match="AVX512-BF16"):
@@ -116,6 +116,23 @@ def test_probed_lists_are_faiss_quantizer_search(bf16):
     _, Pref = q.search(x, 7)
     assert (P == Pref).all(axis=1).mean() >= 0.995
     assert (P[:, 0] == Pref[:, 0]).mean() >= 0.999
+
+
+@pytest.mark.parametrize("bf16", [False, pytest.param(True, marks=needs_bf16)])
+def test_kmeans_against_faiss(bf16):
+    """Lloyd's iterations with the KnnScan assignment: as good a partition as faiss' k-means."""
+    x = clustered(4000, 32, 11, nclust=25)
+    q = ivf_build.kmeans(x, 40, niter=10, bf16=bf16)
+    assert q.ntotal == 40
+    D, a = q.search(x, 1)
+    km = faiss.Kmeans(32, 40, niter=10, seed=1234)
+    km.train(x)
+    Dref, _ = km.index.search(x, 1)
+    assert D.sum() <= 1.05 * Dref.sum(), (D.sum(), Dref.sum())
+    assert np.bincount(a[:, 0], minlength=40).min() > 0        # no empty list
+    # deterministic
+    q2 = ivf_build.kmeans(x, 40, niter=10, bf16=bf16)
+    assert (faiss.rev_swig_ptr(q.get_xb(), 40 * 32) == faiss.rev_swig_ptr(q2.get_xb(), 40 * 32)).all()
 
 
 def build(root, nbg, *flags):

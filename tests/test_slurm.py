@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from lowshot import phases
+from lowshot.common import pid_alive
 from lowshot.launch import SlurmLauncher
 from test_phases import ROOT, run_phase, standin_runs, tiny_config, tiny_ddir, NBG  # noqa: F401
 
@@ -40,25 +41,15 @@ def _pid(path):
         return None
 
 
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _stop(pid, timeout=5):
     """Wait for ``pid`` to exit, then SIGTERM, then SIGKILL it (only this one process)."""
     for sig in (None, signal.SIGTERM, signal.SIGKILL):
-        if sig is not None and _alive(pid):
+        if sig is not None and pid_alive(pid):
             os.kill(pid, sig)
         t0 = time.time()
-        while _alive(pid) and time.time() - t0 < timeout:
+        while pid_alive(pid) and time.time() - t0 < timeout:
             time.sleep(0.1)
-        if not _alive(pid):
+        if not pid_alive(pid):
             return
 
 
@@ -297,3 +288,24 @@ def test_slurm_phase_with_real_scripts(slurm_cluster, tiny_ddir, tmp_path):
     # phase 2 only reads: it works the same under LAUNCHER=slurm
     run_phase("run_diffusion.bash", 2, config, LAUNCHER="slurm")
     assert (rundir / "chosen_diffusion.yaml").exists()
+
+
+def test_slurm_prepare_phases(slurm_cluster, tmp_path):
+    """run_prepare.bash under a real Slurm: features (one array task per block), PCA, the graph as
+    --prepare, 2 --shard tasks and the merge; the outputs checked as in test_prepare.py."""
+    from test_prepare import check_prepared, prepare_config
+    ddir = str(tmp_path / "ddir")
+    os.makedirs(ddir)
+    config = prepare_config(tmp_path, ddir)
+    cfg = yaml.safe_load(open(config))
+    cfg["slurm"].update(mem="2G", cpus_per_task=1, poll_s=1)
+    yaml.safe_dump(cfg, open(config, "w"))
+    out = run_phase("run_prepare.bash", 1, config, LAUNCHER="slurm")
+    assert "submitted job array" in out and "(5 tasks" in out
+    run_phase("run_prepare.bash", 2, config, LAUNCHER="slurm")
+    out = run_phase("run_prepare.bash", 3, config, LAUNCHER="slurm")
+    assert "(2 tasks" in out       # the shards as one array
+    check_prepared(ddir)
+    slurm_dir = tmp_path / "runs" / "slurm"
+    # one array per step: features, PCA train, PCA apply, graph prepare, graph shards, graph merge
+    assert len([f for f in os.listdir(slurm_dir) if f.endswith(".tasks")]) == 6
