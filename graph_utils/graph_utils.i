@@ -143,6 +143,8 @@ PyObject* to_python(gu::CSROwned& m) {
     return Py_BuildValue("(NNN)", ip, ix, dt);
 }
 
+bool is_int32(PyObject* o) { return PyArray_Check(o) && PyArray_TYPE((PyArrayObject*)o) == NPY_INT32; }
+
 }  // namespace
 
 %}
