@@ -132,7 +132,7 @@ def load_background(ddir, args, d):
     log("reading background index %s" % idx_path)
     index = graph.read_background_index(idx_path, args.nbg, d, nprobe=args.bg_nprobe,
                                         ef_search=args.bg_ef_search, search_L=args.bg_search_L)
-    return {"x": xb, "index": index, "D": Dbg, "I": Ibg}
+    return {"x": xb, "index": index, "D": Dbg, "I": Ibg, "I_path": Ibg.filename}
 
 
 def merge_slices(paths):

@@ -62,9 +62,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_flags(args):
+    """Optimisation flags: positive (lr, maxiter, batchsize) or non-negative (wd, mom < 1), finite."""
+    for name, low, strict in (("lr", 0, True), ("maxiter", 0, True), ("batchsize", 0, True),
+                              ("wd", 0, False), ("mom", 0, False)):
+        v = getattr(args, name)
+        if v is not None and not (np.isfinite(v) and (v > low if strict else v >= low)):
+            raise InputError("--%s %s: must be %s" % (name, v, "> 0" if strict else ">= 0"))
+    if args.mom is not None and args.mom >= 1:
+        raise InputError("--mom %s: must be < 1" % args.mom)
+
+
 def main(argv=None):
     args = parse_args(argv)
     print_args(args)
+    check_flags(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = logreg.pick_device(args.device)

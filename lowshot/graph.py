@@ -725,6 +725,11 @@ def complete_graph(x0, xt, k, bg=None, node_index="auto", node_nprobe=16, bs=SEA
             D_10, I_10 = search0(xb[i0:i1], lambda x: normalized(x, "background"))
             D_11 = np.ascontiguousarray(Dbg[i0:i1, :k])
             I_11 = np.ascontiguousarray(Ibg[i0:i1, :k])
+            if I_11.size and (I_11.min() < -1 or I_11.max() >= nbg):
+                r, c = np.argwhere((I_11 < -1) | (I_11 >= nbg))[0]
+                raise InputError("background graph %s: I[%d, %d] = %d is neither -1 nor a background id "
+                                 "(< %d): the file is damaged, rebuild it with `build_graph.py %d --force`" % (
+                                     bg.get("I_path", "table"), i0 + r, c, I_11[r, c], nbg, nbg))
             _merge(D_10, I_10, D_11, I_11, n0)
             I_nodes[n0 + i0:n0 + i1] = I_10
             if time.time() - tlast > 10:

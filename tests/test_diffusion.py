@@ -212,6 +212,21 @@ def test_diffusion_bad_inputs(tiny_ddir, tmp_path):
         diffusion.main(args + ["--lslice", "-5"])
 
 
+def test_damaged_background_table(tiny_ddir, tmp_path):
+    """A k-NN table holding an id outside the background: one-line error naming the file."""
+    import shutil
+    root = str(tmp_path / "ddir")
+    shutil.copytree(tiny_ddir, root)
+    from lowshot import data
+    p = data.graph_paths(root, 500, 32)        # build_graph.py's default K
+    I = np.fromfile(p["I"], dtype=np.int32).reshape(500, 32)
+    I[56, 3] = 123456843                       # a column the run reads (k = 6)
+    I.tofile(p["I"])
+    with pytest.raises(InputError, match=r"ndis500_k32_I_11.int32: I\[56, 3\] = 123456843 is neither -1 nor a "
+                                         r"background id \(< 500\).*build_graph.py 500 --force"):
+        diffusion.main(common_args(root))
+
+
 def test_fusion_hand_computed(tiny_ddir, tmp_path, capsys):
     root = tiny_ddir
     split = data.load_split(root + "/label_idx.json", "test")

@@ -146,3 +146,11 @@ def test_bad_inputs(toy, tmp_path):
     assert e.value.code == 2
     with pytest.raises(Exception, match="does not exist"):
         logreg_script.main(["--ddir", str(tmp_path / "none"), "--split", split])
+    # flags that must be positive (or non-negative) and finite are refused before any work
+    from lowshot.common import InputError
+    for flag, value, msg in (("--lr", "-1", "--lr -1.0: must be > 0"), ("--lr", "nan", "--lr nan: must be > 0"),
+                             ("--maxiter", "0", "--maxiter 0: must be > 0"),
+                             ("--batchsize", "-4", "--batchsize -4: must be > 0"),
+                             ("--wd", "-0.1", "--wd -0.1: must be >= 0"), ("--mom", "1", "--mom 1.0: must be < 1")):
+        with pytest.raises(InputError, match=msg):
+            logreg_script.main(["--ddir", str(tmp_path / "none"), "--split", split, flag, value])
