@@ -13,7 +13,7 @@ ivf on CPU (the default above 50k) is resumable and splits into array tasks (low
 its work goes to $DDIR/knngraph/ndis{N}_k{K}.work/ (trained lists, then the table by chunks of rows);
 a killed build run again continues from its last completed chunk and ends with the same bytes. On
 a cluster:
-  python build_graph.py N --prepare                # one task: k-means, lists, probes (RAM ~ 6 N d bytes)
+  python build_graph.py N --prepare                # one task: k-means, probes, lists (python -m lowshot.plan N)
   python build_graph.py N --shard $i/$S            # S array tasks, i = 0 .. S-1: the table's chunks
   python build_graph.py N                          # merges (and computes any chunk still missing)
 
@@ -22,8 +22,8 @@ IVF above with GPUs, which faiss uses when it sees any). The index is stored for
 which searches it with the labelled and test images: NN-descent's index does that poorly (recall@10
 0.57 at 100k generated vectors against 0.97 for IVF and 0.98 for HNSW), so it is never the default:
   exact      IndexFlatIP, exact search
-  ivf        IndexIVFFlat; CPU: 2*sqrt(N) lists, each vector's search visits enough lists to scan
-             about 16000 vectors (32 of 2000 at 1M), computed list by list, in bfloat16 with an
+  ivf        IndexIVFFlat; CPU: 4*sqrt(N) lists, each vector's search visits enough lists to scan
+             about 16000 vectors (64 of 4000 at 1M), computed list by list, in bfloat16 with an
              exact float32 re-score where the CPU has AVX512-BF16 (see README "Scale"); GPUs:
              4*sqrt(N) lists, nprobe 256 (the 2018 original)
   hnsw       IndexHNSWFlat, M=32, efSearch=64 (1M: 233 s, recall@10 0.910)
@@ -115,10 +115,9 @@ def main(argv=None):
     if K >= args.N:
         raise InputError("K = %d neighbours need more than N = %d background vectors" % (K, args.N))
     paths = data.graph_paths(ddir, args.N, K)
-    for folder in (os.path.dirname(paths["I"]),):
-        if os.path.isdir(folder):
-            for p in remove_stale_temporaries(folder):
-                log("removed %s (its writer is gone)" % p)
+    if os.path.isdir(os.path.dirname(paths["I"])):
+        for p in remove_stale_temporaries(os.path.dirname(paths["I"])):
+            log("removed %s (its writer is gone)" % p)
     method = args.method or graph.default_method(args.N)
     resumable = method == "ivf" and faiss.get_num_gpus() == 0
     if (args.shard or args.prepare) and not resumable:
@@ -139,7 +138,7 @@ def main(argv=None):
             pass
     log("method %s, K = %d, %d GPUs, %d threads" % (
         method, K, faiss.get_num_gpus(), faiss.omp_get_max_threads()))
-    own = OwnMemoryPeak().__enter__()      # sampled until the process ends
+    own = OwnMemoryPeak()
     t0 = time.time()
     stats = graph.build_background_graph(
         xb, K, paths, method=method, bs=args.bs, nlist=args.nlist, nprobe=args.nprobe, hnsw_M=args.hnsw_M,
@@ -163,9 +162,8 @@ def main(argv=None):
         stats["recall@10"] = graph.graph_recall(xb, Imm, nq=args.recall_nq, at=10)
         log("recall@10 = %.4f" % stats["recall@10"])
         if stats.get("precision") == "bf16":
-            # the table against faiss' own float32 search of the stored index (the index's lists
-            # memory-mapped, not read into RAM)
-            index = faiss.read_index(paths["index"], faiss.IO_FLAG_MMAP)
+            # the table against faiss' own float32 search of the stored index
+            index = graph.read_background_index(paths["index"], args.N, xb.shape[1])
             same, shared = graph.ivf_agreement(index, xb, Imm, nq=args.recall_nq)
             del index
             stats["rows_equal_to_float32_search"] = same

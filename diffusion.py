@@ -174,7 +174,7 @@ def main(argv=None):
     args = parse_args(argv)
     print_args(args)
     t_start = time.time()
-    own = OwnMemoryPeak().__enter__()      # sampled until the process ends
+    own = OwnMemoryPeak()
     if args.merge_slices:
         meta, accs = merge_slices(args.merge_slices)
         _print_accs(accs)

@@ -3,8 +3,8 @@
 // re-score of the kept candidates. See graph_utils.h for the contract.
 //
 // Why: the background graph's table is ~1e10-1e12 (query, vector) products of 256-d unit vectors.
-// MKL's sgemm runs at ~105 GFLOP/s per Zen 4 core; the bf16 dot-product instruction at ~500
-// (measured). bf16 keeps 8 bits of mantissa, so a product of unit vectors is off by ~1e-4: the scan
+// MKL's sgemm runs at ~105 GFLOP/s per Zen 4 core; the bf16 dot-product instruction at ~500 (a
+// micro-benchmark, not kept; the whole 1M table: README "Scale"). bf16 keeps 8 bits of mantissa, so a product of unit vectors is off by ~1e-4: the scan
 // keeps kp > k candidates by approximate score, and the k best by exact score are kept at the end.
 //
 // Selection: a row holds up to cap = 2 kp candidates, unsorted, and a threshold. A candidate at or
@@ -27,7 +27,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <memory>
 #include <stdexcept>
 #include <string>
 
@@ -232,7 +231,7 @@ float scan_bf16(const ScanTable& t, const int64_t* rows, int64_t m, const float*
                                            // the tile's scores (TM x 512 floats) stay in L2
     const int64_t dp = d / 2;
     const int64_t nb = (n + 15) / 16, nbp = (nb + NB - 1) / NB * NB;
-    // queries per tile: 96, fewer when the list has few queries, so that both... every thread works
+    // queries per tile: 96, fewer when the list has few queries, so that every thread gets tiles
     const int64_t nthreads = omp_get_max_threads();
     const int64_t TM = std::max<int64_t>(RQ, std::min<int64_t>(96, (m + 2 * nthreads - 1) / (2 * nthreads) / RQ * RQ + RQ));
     uint16_t* P = (uint16_t*)scratch(0, (size_t)(nbp * dp * 64 + 64));   // the calling thread's

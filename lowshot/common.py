@@ -53,29 +53,24 @@ class OwnMemoryPeak:
     sampled every ``interval`` seconds by a daemon thread while running: the kernel keeps only the
     peak of the whole RSS (ru_maxrss), which counts the mapped inputs' pages too.
 
-    ``with OwnMemoryPeak() as peak: ...`` then ``peak.gib``.
+    Sampled from its creation until the process ends: ``own = OwnMemoryPeak()`` ... ``own.gib``.
     """
 
     def __init__(self, interval=0.05):
+        import threading
         self.interval = interval
-        self.gib = 0.0
-        self._stop = None
+        self._peak = anon_rss_gib() or 0.0
+        threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self):
-        while not self._stop.wait(self.interval):
-            self.gib = max(self.gib, anon_rss_gib() or 0.0)
+        while True:
+            time.sleep(self.interval)
+            self._peak = max(self._peak, anon_rss_gib() or 0.0)
 
-    def __enter__(self):
-        import threading
-        self._stop = threading.Event()
-        self.gib = anon_rss_gib() or 0.0
-        threading.Thread(target=self._run, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self.gib = max(self.gib, anon_rss_gib() or 0.0)
-        return False
+    @property
+    def gib(self):
+        """The peak so far, GiB."""
+        return max(self._peak, anon_rss_gib() or 0.0)
 
 
 def log(*msg):

@@ -15,6 +15,9 @@ so ``I_10`` lists, for each labelled image, background neighbours. Graph nodes a
 first (``0 .. n0-1``) then background (``n0 .. n0+nbg-1``).
 
 Nothing is read at import time; GPU code is used when ``faiss.get_num_gpus() > 0``, CPU otherwise.
+
+Over 400 lines: k-NN search primitives, the background graph and its completion, which
+the refactor issue splits apart; the resumable CPU build already lives in lowshot/ivf_build.py.
 """
 import os
 import time
@@ -28,18 +31,21 @@ METHODS = ("exact", "ivf", "hnsw", "nndescent")
 
 # Background graph, CPU: exact search up to this size, IVF above, searched list by list
 # (lowshot/ivf_build.py). The measurements behind these choices are in the README ("Scale" and
-# "Background graph"), from benchmarks/bench_build_graph.py: at 1M on 2 cores the IVF table with
-# bf16 products takes under a minute for recall@10 0.978; HNSW's per-query search misses near
+# "Background graph"), from benchmarks/bench_build_graph.py: at 1M on 2 cores the IVF graph with
+# bf16 products takes about a minute for recall@10 0.988; HNSW's per-query search misses near
 # ties (0.910 at 1M); NN-descent's own graph is good but its index answers queries from outside
 # the background poorly (recall@10 0.57 at 100k), which breaks graph completion: never the default.
 # Exact costs N^2: below ~50k it takes seconds.
 EXACT_MAX_CPU = 50000
 # IVF on CPU: 4 sqrt(N) lists, enough of them visited to scan about IVF_SCAN vectors per query.
-# Finer lists find more neighbours for the same scanned pairs (generated F1M, 1000 queries:
-# 2000 lists, 25.5k pairs/query: recall@10 0.968; 4000: 26.9k, 0.985; 8000: 24.2k, 0.992), but
-# k-means costs nlist^2 and the probes N nlist (README "Scale")
+# Finer lists find more neighbours for the same scanned pairs (generated F1M, 1000 queries,
+# benchmarks/bench_ivf_recall.py --nlists 2000,4000,8000 --scan 12000: 25.5k pairs/query, recall@10
+# 0.968; 26.9k, 0.985; 24.2k, 0.992), but k-means costs nlist^2 and the probes N nlist
 IVF_LISTS_PER_SQRT = 4
 IVF_SCAN = 16000
+# bf16 scans keep K + BF16_EXTRA candidates per query before the exact re-score; build_graph.py
+# measures how often a row equals faiss' float32 search (README "Scale": 100% at 1M, 99.9% at 10M)
+BF16_EXTRA = 16
 # From this many queries, searches of a CPU IVF-Flat index go list by list (ivf_knn)
 IVF_BLAS_MIN_QUERIES = 1000
 # With GPUs, exact search is cheap up to ~1M; above, IVF as in the 2018 original.
@@ -238,13 +244,13 @@ def scan_probed(scan, P, nlist, get_list):
     return float(pairs)
 
 
-def ivf_knn(index, x, K, probes=None, bf16=None, bs=SEARCH_BS):
+def ivf_knn(index, x, K, bf16=None, bs=SEARCH_BS):
     """K-NN of many queries in an IVF-Flat index, list by list (graph_utils.KnnScan).
 
     Row i is ``index.search(x_i, K)`` at ``index.nprobe``: the same probed lists, searched
     exhaustively. All queries that probe list c are scored against list c's vectors in one product,
     so each list is read once for all its queries. The product is bfloat16 where the CPU has
-    AVX512-BF16 (K + 16 candidates kept per query and re-scored exactly in float32; the result
+    AVX512-BF16 (K + BF16_EXTRA candidates kept per query and re-scored exactly in float32; the result
     equals the float32 search but for near-ties), float32 BLAS elsewhere (``bf16=False``: exactly
     the float32 search, ties to the lower id).
 
@@ -253,8 +259,6 @@ def ivf_knn(index, x, K, probes=None, bf16=None, bs=SEARCH_BS):
     index : faiss.IndexIVFFlat (CPU), ids < 2^31
     x : ndarray float32 (n, d), normalised queries
     K : int
-    probes : array int (n, >= nprobe) or None
-        The lists each query probes, nearest first; None: searched in the quantizer here.
     bf16 : bool or None (None: where the CPU has it and d is even)
 
     Returns
@@ -268,20 +272,15 @@ def ivf_knn(index, x, K, probes=None, bf16=None, bs=SEARCH_BS):
     x = np.ascontiguousarray(x, dtype=np.float32)
     nlist, nprobe = index.nlist, min(index.nprobe, index.nlist)
     t0 = time.time()
-    if probes is None:
-        P = np.empty((n, nprobe), dtype=np.int32)
-        for i0, i1 in _blocks(n, bs):
-            P[i0:i1] = index.quantizer.search(x[i0:i1], nprobe)[1]
-    else:
-        if probes.shape[0] != n or probes.shape[1] < nprobe:
-            raise ValueError("probes %s: need (%d, >= %d)" % (probes.shape, n, nprobe))
-        P = np.ascontiguousarray(probes[:, :nprobe], dtype=np.int32)
+    P = np.empty((n, nprobe), dtype=np.int32)     # the lists each query probes, nearest first
+    for i0, i1 in _blocks(n, bs):
+        P[i0:i1] = index.quantizer.search(x[i0:i1], nprobe)[1]
     lists = ivf_lists(index)
     stats = {"time_probes": time.time() - t0}
     t0 = time.time()
     if bf16 is None:
         bf16 = graph_utils.cpu_has_bf16() and d % 2 == 0
-    scan = graph_utils.KnnScan(x, K + (16 if bf16 else 0), bf16=bf16)
+    scan = graph_utils.KnnScan(x, K + (BF16_EXTRA if bf16 else 0), bf16=bf16)
     stats["pairs_scored"] = scan_probed(scan, P, nlist, lists.__getitem__)
     D, I = scan.finish(K)
     stats["time_table"] = time.time() - t0

@@ -8,7 +8,7 @@ float32 re-score of the candidates where the CPU has AVX512-BF16, float32 BLAS e
 Three steps, the work kept in ``knngraph/ndis{N}_k{K}.work/`` (``data.graph_paths(...)["work"]``):
 
 =========  =====================================================================================
-prepare    k-means (:func:`lowshot.graph.train_ivf`), then every vector's probed lists, nearest
+prepare    k-means (:func:`kmeans`), then every vector's probed lists, nearest
            first (its own list is the first). Writes ``quantizer.index``, ``lists.float32`` (N x d
            normalised vectors in list order), ``list_ids.int32`` (N), ``list_offsets.int64``
            (nlist + 1), ``probes.int32`` (N x nprobe), then ``plan.json`` (the step is done).
@@ -26,7 +26,7 @@ host are removed at start.
 Bytes per step (N vectors of d floats, nprobe probed lists, K neighbours, 4-byte values):
 prepare reads the raw rows twice (sample, then all) and writes 4 N d + 4 N nprobe; a chunk of C
 rows reads its C raw rows and every list (4 N d, from the page cache when it fits), holds
-C (4 d + 2 d + 12 kp) bytes and writes 8 C K; merge reads and writes 8 N K + 4 N d.
+C (4 d + 2 d + 24 kp) bytes and writes 8 C K; merge reads and writes 8 N K + 4 N d.
 """
 import json
 import os
@@ -42,12 +42,9 @@ from lowshot import graph
 
 PLAN_VERSION = 1
 # Rows per chunk: the unit of resumption and of sharding. A chunk reads every list once (N d floats),
-# so few large chunks read less; each holds (6 d + 12 kp) bytes per row in RAM (2.3 GB at 1M rows).
+# so few large chunks read less; each holds ~(6 d + 24 kp) bytes per row in RAM (3 GiB at 1M rows).
 CHUNK_ROWS_MIN = 2**17
 CHUNK_ROWS_MAX = 2**20
-# bf16 scan: candidates kept per row before the exact re-score (K + this many); build_graph.py
-# measures how often a row equals faiss' float32 search (README "Scale")
-BF16_EXTRA = 16
 # k-means: training vectors per list and iterations (the lists' quality barely moves the recall:
 # 32 or 64 vectors per list, 10 or 20 iterations gave the same recall@10 at 1M)
 KMEANS_POINTS = 32
@@ -76,10 +73,6 @@ def _input_signature(xb):
         return {"path": None}
     st = os.stat(path)
     return {"path": os.path.abspath(path), "size": st.st_size, "mtime": int(st.st_mtime)}
-
-
-def _block_rows(n, bs):
-    return [(i0, min(n, i0 + bs)) for i0 in range(0, n, bs)]
 
 
 def read_plan(work):
@@ -172,7 +165,7 @@ def prepare(xb, K, work, nlist, nprobe, bf16, chunk_rows, bs=graph.SEARCH_BS):
         probes = np.memmap(tmp, dtype=np.int32, mode="w+", shape=(nbg, nprobe))
         sizes = np.zeros(nlist, dtype=np.int64)
         tp0 = tlast = time.time()
-        for i0, i1 in _block_rows(nbg, 4 * bs):
+        for i0, i1 in graph._blocks(nbg, 4 * bs):
             x = graph.normalized(xb[i0:i1], "background rows %d:%d" % (i0, i1))
             p = probed_lists(quantizer, x, nprobe, bf16)
             probes[i0:i1] = p
@@ -192,7 +185,7 @@ def prepare(xb, K, work, nlist, nprobe, bf16, chunk_rows, bs=graph.SEARCH_BS):
     order = np.argsort(np.asarray(probes[:, 0]), kind="stable").astype(np.int64)
     with atomic_output(f["lists"]) as tl, atomic_output(f["list_ids"]) as ti:
         with open(tl, "wb") as fl:
-            for o0, o1 in _block_rows(nbg, 4 * bs):
+            for o0, o1 in graph._blocks(nbg, 4 * bs):
                 src = order[o0:o1]
                 srt = np.argsort(src)
                 x = np.empty((o1 - o0, d), dtype=np.float32)
@@ -205,7 +198,7 @@ def prepare(xb, K, work, nlist, nprobe, bf16, chunk_rows, bs=graph.SEARCH_BS):
     with atomic_output(f["quantizer"]) as tmp:
         faiss.write_index(quantizer, tmp)
     plan = {"version": PLAN_VERSION, "nbg": nbg, "d": d, "K": K, "nlist": int(nlist), "nprobe": nprobe,
-            "precision": "bf16" if bf16 else "float32", "kp": K + (BF16_EXTRA if bf16 else 0),
+            "precision": "bf16" if bf16 else "float32", "kp": K + (graph.BF16_EXTRA if bf16 else 0),
             "chunk_rows": int(chunk_rows), "nchunks": int(-(-nbg // chunk_rows)),
             "input": _input_signature(xb), "time_prepare": round(time.time() - t0, 2),
             "pairs": float(np.dot(np.bincount(probes.ravel(), minlength=nlist), sizes))}
@@ -300,7 +293,7 @@ def merge(work, plan, paths):
     ids = np.fromfile(f["list_ids"], dtype=np.int32).astype(np.int64)
     offsets = np.fromfile(f["list_offsets"], dtype=np.int64)
     lst = np.repeat(np.arange(len(offsets) - 1, dtype=np.int64), np.diff(offsets))
-    for i0, i1 in _block_rows(nbg, 2**20):
+    for i0, i1 in graph._blocks(nbg, 2**20):
         add_preassigned(index, np.ascontiguousarray(L[i0:i1]), lst[i0:i1], ids[i0:i1])
     index.nprobe = plan["nprobe"]
     del L

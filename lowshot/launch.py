@@ -13,6 +13,8 @@ records the expected parameters) is never started again.
   for the array to leave the queue and reports what is missing.
 
 Nothing here reads the environment or touches files at import time.
+
+Over 400 lines: the local and the Slurm launcher, two classes sharing the Run protocol.
 """
 import json
 import math

@@ -30,6 +30,9 @@ result exists, so re-running a phase only fills the gaps. Files under the run di
 
 Nothing here reads the environment or touches files at import time (the command-line entry
 ``python -m lowshot.phases`` is only defined inside :func:`main`).
+
+Over 400 lines: config schema, run grid, execution, choices and reports; the refactor issue
+splits them along those seams (lowshot/prepare.py holds the data-preparation phases).
 """
 import copy
 import json

@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 
-from lowshot import graph, ivf_build
+from lowshot import diffuse, graph, ivf_build
 
 GiB = 2.0**30
 
@@ -43,12 +43,11 @@ def ivf_shape(N, d=256, K=32):
     nlist = graph.default_nlist(N, ngpu=0)
     nprobe = graph.default_nprobe(N, nlist, ngpu=0)
     return {"N": N, "d": d, "K": K, "nlist": nlist, "nprobe": nprobe,
-            "kp": K + ivf_build.BF16_EXTRA, "chunk_rows": ivf_build.default_chunk_rows(N)}
+            "kp": K + graph.BF16_EXTRA, "chunk_rows": ivf_build.default_chunk_rows(N)}
 
 
 def work(N, d=256, K=32, k=30, nclass=507, lslice=None):
     """The counts each formula scales with (flops, bytes, pairs, rows), for N background vectors."""
-    from lowshot import diffuse
     s = ivf_shape(N, d, K)
     ntrain = min(N, 64 * s["nlist"])
     # scored pairs: N queries x nprobe lists x the mean list size a query meets; lists met by many
