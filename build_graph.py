@@ -90,7 +90,7 @@ def parse_args(argv):
     g.add_argument("--nlist", type=int, default=None,
                    help="ivf: lists (default %d*sqrt(N) on CPU, 4*sqrt(N) with GPUs)" % graph.IVF_LISTS_PER_SQRT)
     g.add_argument("--nprobe", type=int, default=None,
-                   help="ivf: lists visited (default: enough to scan %d vectors on CPU, 256 with GPUs)"
+                   help="ivf: lists visited (default: enough to scan %d vectors on CPU, times (N/1M)^(1/6) above 1M; 256 with GPUs)"
                    % graph.IVF_SCAN)
     g.add_argument("--hnsw_M", type=int, default=32, help="hnsw: links per vector")
     g.add_argument("--ef_search", type=int, default=64, help="hnsw: efSearch")

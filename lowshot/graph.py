@@ -40,9 +40,13 @@ EXACT_MAX_CPU = 50000
 # IVF on CPU: 4 sqrt(N) lists, enough of them visited to scan about IVF_SCAN vectors per query.
 # Finer lists find more neighbours for the same scanned pairs (generated F1M, 1000 queries,
 # benchmarks/bench_ivf_recall.py --nlists 2000,4000,8000 --scan 12000: 25.5k pairs/query, recall@10
-# 0.968; 26.9k, 0.985; 24.2k, 0.992), but k-means costs nlist^2 and the probes N nlist
+# 0.968; 26.9k, 0.985; 24.2k, 0.992), but k-means costs nlist^2 and the probes N nlist.
+# The same nominal scan finds fewer neighbours in a larger set (recall@10 0.985 at 1M, 0.940 at 10M
+# with 16000), so above 1M it grows as N^(1/6): 23.5k at 10M, where recall@10 reaches 0.95
+# (benchmarks/bench_ivf_recall.py --nprobes 21,28,35 at 10M: 0.940, 0.950, 0.958)
 IVF_LISTS_PER_SQRT = 4
 IVF_SCAN = 16000
+IVF_SCAN_GROWTH = 1 / 6
 # bf16 scans keep K + BF16_EXTRA candidates per query before the exact re-score; build_graph.py
 # measures how often a row equals faiss' float32 search (README "Scale": 100% at 1M, 99.9% at 10M)
 BF16_EXTRA = 16
@@ -169,11 +173,13 @@ def default_nlist(nbg, ngpu=None):
 
 def default_nprobe(nbg, nlist, ngpu=None):
     """IVF lists visited per query: 256 with GPUs (the original); on CPU enough lists to scan about
-    IVF_SCAN vectors (32 of 2000 lists at 1M, 102 of 632 at 100k, 11 of 6325 at 10M)."""
+    IVF_SCAN vectors, times (N / 1M)^IVF_SCAN_GROWTH above 1M (at the default number of lists: 203
+    of 1265 at 100k, 64 of 4000 at 1M, 30 of 12649 at 10M, 14 of 40000 at 100M)."""
     ngpu = faiss.get_num_gpus() if ngpu is None else ngpu
     if ngpu > 0:
         return min(256, nlist)
-    return int(min(nlist, max(1, np.ceil(IVF_SCAN * nlist / float(nbg) - 1e-9))))
+    scan = IVF_SCAN * max(1.0, nbg / 1e6) ** IVF_SCAN_GROWTH
+    return int(min(nlist, max(1, np.ceil(scan * nlist / float(nbg) - 1e-9))))
 
 
 def train_ivf(xb, nlist, what="background", seed=1234):

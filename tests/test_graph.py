@@ -106,11 +106,12 @@ def test_build_approx_recall(tmp_path, method):
 
 
 def test_default_ivf_parameters():
-    # CPU: 2 sqrt(N) lists, enough visited to scan ~IVF_SCAN vectors; GPUs: the 2018 original
+    # CPU: 4 sqrt(N) lists, enough visited to scan ~IVF_SCAN vectors; GPUs: the 2018 original
     assert [graph.default_nlist(n, ngpu=0) for n in (100, 10**5, 10**6)] == [40, 1265, 4000]
     assert graph.default_nprobe(10**6, 4000, ngpu=0) == 64
     assert graph.default_nprobe(10**5, 1265, ngpu=0) == 203
-    assert graph.default_nprobe(10**7, 12649, ngpu=0) == 21
+    assert graph.default_nprobe(10**7, 12649, ngpu=0) == 30      # the scan grows as N^(1/6)
+    assert graph.default_nprobe(10**8, 40000, ngpu=0) == 14
     assert graph.default_nprobe(3000, 110, ngpu=0) == 110          # small: every list
     assert graph.default_nlist(10**6, ngpu=1) == 4000
     assert graph.default_nprobe(10**6, 4000, ngpu=1) == 256

@@ -25,12 +25,12 @@ def test_plan_scales_with_shards_and_prints(capsys):
     # the table's total work does not depend on the sharding; each task gets its share of chunks
     assert s64["graph shard"]["core_h"] == pytest.approx(s1["graph shard"]["core_h"])
     assert s64["graph shard"]["task_h"] < s1["graph shard"]["task_h"] / 30
-    assert p64["nchunks"] == 96 and p64["nlist"] == 40000 and p64["nprobe"] == 7
+    assert p64["nchunks"] == 96 and p64["nlist"] == 40000 and p64["nprobe"] == 14
     # disk: the lists (4 N d bytes) and the tables (8 N K bytes)
     assert s1["graph merge"]["disk_gib"] == pytest.approx((4 * 10**8 * 256 + 8 * 10**8 * 32) / 2**30)
     assert plan.main(["100000000", "--shards", "64"]) == 0
     out = capsys.readouterr().out
-    assert "| graph shard | 64 |" in out and "nprobe 7" in out
+    assert "| graph shard | 64 |" in out and "nprobe 14" in out
     assert plan.main(["1000000", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["N"] == 10**6
     assert plan.main(["--check"]) == 0
