@@ -11,6 +11,9 @@ Writes  --result R.json   the JSON result line (also printed last on stdout)
         --storeLname P    test scores after each iteration t of --storeLiters, P_iter{t}.npy
         --store_slice S.npz  with --class_range a:b: per iteration, each test image's top-5 classes
                           of the slice (scores float32 and ids int64, (niter+1, n_test, 5))
+        $DDIR/cache/completion/   the exact searches into the base-class images, the same for every
+                          run of a split and background: computed by the first run, read by the
+                          next ones (--completion_cache; safe to delete)
 
 Graph: nodes = labelled images (then, with --indomain, the other training images of the novel
 classes, unlabelled), then the nbg background images; each node is linked to its k most similar
@@ -29,9 +32,10 @@ import json
 import os
 import time
 
+import faiss
 import numpy as np
 
-from lowshot import data, evaluate, graph
+from lowshot import completion, data, evaluate, graph
 from lowshot import diffuse as dif
 from lowshot.common import (InputError, get_ddir, log, peak_rss_gib, print_args, print_result,
                             require_file, run_main, write_json, atomic_output, OwnMemoryPeak)
@@ -56,11 +60,17 @@ def parse_args(argv):
                    help="background images (first rows of the raw file; 0: none)")
     g.add_argument("--indomain", action="store_true",
                    help="the novel classes' other training images become unlabelled nodes")
-    g.add_argument("--node_index", default="auto", choices=["auto", "exact", "ivf", "hnsw"],
-                   help="index over the labelled (+in-domain) set for background->labelled search; "
-                        "auto: exact up to nbg * nlabelled = %.0e pairs (or with GPUs), IVF above"
-                        % graph.NODE_EXACT_PAIRS)
+    g.add_argument("--node_index", default="exact", choices=["exact", "ivf", "hnsw"],
+                   help="search from the background into the labelled (+in-domain) set: exact (default, "
+                        "as the 2018 code), or an approximate faiss index (its recall@10 is logged)")
     g.add_argument("--node_nprobe", type=int, default=16, help="nprobe of that IVF index")
+    g.add_argument("--completion_cache", default="on", choices=["on", "off"],
+                   help="on: the exact searches into the base-class images, the same for every run of a "
+                        "split and background, are computed once and kept in $DDIR/cache/completion "
+                        "(shared by concurrent runs; safe to delete)")
+    g.add_argument("--recall_nq", type=int, default=None,
+                   help="sampled queries for the recall@10 of approximate searches against exact search "
+                        "(default: 2e8 / N, between 100 and 1000; 0: not measured)")
     g.add_argument("--bg_nprobe", type=int, default=None, help="override nprobe of an IVF background index")
     g.add_argument("--bg_ef_search", type=int, default=None, help="override efSearch of an HNSW background index")
     g.add_argument("--bg_search_L", type=int, default=None,
@@ -132,7 +142,8 @@ def load_background(ddir, args, d):
     log("reading background index %s" % idx_path)
     index = graph.read_background_index(idx_path, args.nbg, d, nprobe=args.bg_nprobe,
                                         ef_search=args.bg_ef_search, search_L=args.bg_search_L)
-    return {"x": xb, "index": index, "D": Dbg, "I": Ibg, "I_path": Ibg.filename}
+    exact = isinstance(faiss.downcast_index(index), faiss.IndexFlat)
+    return {"x": xb, "index": index, "D": Dbg, "I": Ibg, "I_path": Ibg.filename, "exact_index": exact}
 
 
 def merge_slices(paths):
@@ -219,6 +230,11 @@ def main(argv=None):
     log("PCA %d -> %d and L2 normalisation of %d labelled%s and %d test vectors" % (
         vt.d_in, vt.d_out, len(d.Xl), "" if d.Xu is None else " + %d in-domain" % len(d.Xu),
         len(d.Xte)))
+    # the base-class images come first (data.select_labelled), the same rows for every run of the
+    # split: the completion cache holds the searches into them
+    nbase = int(np.argmax(split.is_novel[d.yl])) if split.is_novel[d.yl].any() else len(d.yl)
+    if split.is_novel[d.yl[:nbase]].any() or not split.is_novel[d.yl[nbase:]].all():
+        raise AssertionError("labelled rows are not base classes then novel classes")
     x0 = d.Xl if d.Xu is None else np.vstack([d.Xl, d.Xu])
     x0 = graph.normalized(vt.apply(np.ascontiguousarray(x0)), "PCA'd labelled vectors")
     xt = graph.normalized(vt.apply(d.Xte), "PCA'd test vectors")
@@ -237,8 +253,10 @@ def main(argv=None):
         times["load_bg"] = time.time() - t0
 
     t0 = time.time()
-    I_nodes, I_test, ginfo = graph.complete_graph(x0, xt, args.k, bg, node_index=args.node_index,
-                                                  node_nprobe=args.node_nprobe)
+    cache_root = os.path.join(ddir, "cache") if args.completion_cache == "on" else None
+    I_nodes, I_test, ginfo = completion.complete_graph(
+        x0, xt, args.k, bg, node_index=args.node_index, node_nprobe=args.node_nprobe, nbase=nbase,
+        cache_root=cache_root, recall_nq=args.recall_nq)
     n = I_nodes.shape[0]
     del bg, x0, xt
     times["graph_completion"] = time.time() - t0
@@ -292,7 +310,10 @@ def main(argv=None):
                 with open(tmp, "wb") as f:
                     np.save(f, scores[t])
             log("wrote %s" % fname)
-    res["graph"] = {"nodes": n, "W_nnz": int(W.nnz), "node_index": ginfo["node_index"]}
+    res["graph"] = {"nodes": n, "W_nnz": int(W.nnz)}
+    res["graph"].update({key: ginfo[key] for key in ("node_index", "bg_index_recall@10", "node_index_recall@10",
+                                                     "cache", "cache_built", "rows_beyond_bf16_bound")
+                         if key in ginfo})
     res["times"] = {k: round(v, 2) for k, v in times.items()}
     res["time_total"] = round(time.time() - t_start, 2)
     res["peak_rss_gib"] = round(peak_rss_gib(), 3)    # counts the pages of the mapped background and graph

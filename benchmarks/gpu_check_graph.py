@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lowshot import graph  # noqa: E402
+from lowshot import completion, graph  # noqa: E402
 
 
 def recall(I, Iref, at=10):
@@ -59,7 +59,7 @@ def main():
     xt = graph.normalized(rs.randn(100, d).astype(np.float32))
     Dt = np.fromfile(os.path.join(tmp, "exact.D"), dtype=np.float32).reshape(n, K)
     It = np.fromfile(os.path.join(tmp, "exact.I"), dtype=np.int32).reshape(n, K)
-    I_nodes, I_test, _ = graph.complete_graph(x0, xt, 30, {"x": x, "index": index, "D": Dt, "I": It})
+    I_nodes, I_test, _ = completion.complete_graph(x0, xt, 30, {"x": x, "index": index, "D": Dt, "I": It})
     allx = np.vstack([x0, xn])
     ref = faiss.IndexFlatIP(d)
     ref.add(allx)

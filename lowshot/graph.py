@@ -1,5 +1,6 @@
-"""k-NN graphs: the background graph (``build_graph.py``) and its completion with the labelled and
-test images (``diffusion.py``).
+"""k-NN search primitives and the background graph (``build_graph.py``); its completion with the
+labelled and test images (``diffusion.py``) is in lowshot/completion.py, the resumable CPU IVF
+build in lowshot/ivf_build.py.
 
 All vectors are L2-normalised and compared by inner product (cosine similarity). Similarity tables
 ``D`` (float32) and neighbour tables ``I`` (int32, -1 = no neighbour) follow faiss; their suffixes
@@ -16,8 +17,8 @@ first (``0 .. n0-1``) then background (``n0 .. n0+nbg-1``).
 
 Nothing is read at import time; GPU code is used when ``faiss.get_num_gpus() > 0``, CPU otherwise.
 
-Over 400 lines: k-NN search primitives, the background graph and its completion, which
-the refactor issue splits apart; the resumable CPU build already lives in lowshot/ivf_build.py.
+Over 400 lines: the search primitives and the background graph (build, find, read) share the
+index helpers; the measurements behind the defaults are kept next to them.
 """
 import os
 import time
@@ -58,11 +59,6 @@ EXACT_MAX_GPU = 10**6
 # Rows searched at a time: bounds the temporaries (a block of queries, its (bs, K) results).
 SEARCH_BS = 16384
 
-# Index over the in-RAM node set (labelled images) used for background -> labelled search.
-# Exact search costs nbg * n0 * d flops: on 2 cores, F1M with 10k labelled images spends 176 s
-# in it (exact) against ~45 s with IVF nprobe=16 (README); the default switches to IVF above
-# this many (query, vector) pairs (about 10 s exact on 2 cores). GPUs: always exact.
-NODE_EXACT_PAIRS = 2 * 10**9
 
 
 def graph_K(k):
@@ -584,162 +580,3 @@ def read_background_index(path, nbg, d, nprobe=None, ef_search=None, search_L=No
     if isinstance(index, (faiss.IndexFlat, faiss.IndexIVF)) and faiss.get_num_gpus() > 0:
         index = to_gpus(index, shard=True)
     return index
-
-
-############################################################################################
-# Graph completion (diffusion.py)
-############################################################################################
-
-
-def make_node_index(x0, method="auto", nprobe=16, hnsw_M=32, ef_search=64, nqueries=0):
-    """Index over the in-RAM node set (labelled images, normalised) for searches *into* that set.
-
-    Parameters
-    ----------
-    x0 : ndarray float32 (n0, d), normalised
-    method : {"auto", "exact", "ivf", "hnsw"}
-        auto: exact when ``nqueries * n0 <= NODE_EXACT_PAIRS`` or with GPUs, IVF otherwise
-        (background -> labelled search costs nbg * n0 * d flops when exact).
-    nqueries : int
-        Number of queries the index will serve (nbg for the background pass).
-    nprobe : int
-        IVF lists visited; the IVF has 4*sqrt(n0) lists.
-
-    Returns
-    -------
-    index : faiss.Index (on the GPUs when there are some)
-    desc : str, what was built (for the log)
-    """
-    n0, d = x0.shape
-    if method == "auto":
-        method = "exact" if (nqueries * n0 <= NODE_EXACT_PAIRS or faiss.get_num_gpus() > 0) else "ivf"
-    if method == "exact":
-        index = faiss.IndexFlatIP(d)
-        index.add(x0)
-        desc = "exact (IndexFlatIP)"
-    elif method == "ivf":
-        nlist = max(1, min(n0 // 39, int(4 * np.sqrt(n0))))
-        quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.own_fields = True
-        quantizer.this.disown()
-        index.cp.niter = 10
-        index.train(x0)
-        index.add(x0)
-        index.nprobe = min(nprobe, nlist)
-        desc = "IVF%d,Flat nprobe=%d" % (nlist, index.nprobe)
-    elif method == "hnsw":
-        index = faiss.IndexHNSWFlat(d, hnsw_M, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efSearch = ef_search
-        index.add(x0)
-        desc = "HNSW%d efSearch=%d" % (hnsw_M, ef_search)
-    else:
-        raise InputError("unknown labelled-set index %r (expected auto, exact, ivf or hnsw)" % method)
-    if method in ("exact", "ivf") and faiss.get_num_gpus() > 0:
-        index = to_gpus(index, shard=False)
-    return index, desc
-
-
-def _merge(D, I, D2, I2, translation):
-    import graph_utils
-    graph_utils.merge_knn_results(D, I, D2, I2, translation)
-
-
-def complete_graph(x0, xt, k, bg=None, node_index="auto", node_nprobe=16, bs=SEARCH_BS):
-    """The k-NN graph over the nodes (set 0, then background) and the test images' graph neighbours.
-
-    Each node gets its k most similar nodes among set 0 U background; each test image its k most
-    similar nodes. Searches: 0->0, 1->0 and 2->0 in an index over set 0 (:func:`make_node_index`),
-    0->1 and 2->1 in the stored background index, 1->1 from the stored table (0->0 and 2->0 are
-    exact up to NODE_EXACT_PAIRS); for every row the
-    two candidate lists are merged keeping the k largest similarities (set-0 candidates first on
-    ties).
-
-    Parameters
-    ----------
-    x0 : ndarray float32 (n0, d), normalised node vectors held in RAM (labelled first)
-    xt : ndarray float32 (nt, d), normalised test vectors
-    k : int
-    bg : dict or None
-        Background: ``x`` raw rows (nbg, d) memmap, ``index`` faiss index of the normalised rows,
-        ``D`` / ``I`` stored (nbg, K >= k) tables (memmaps). None: no background. The index is
-        popped from the dict once searched, so its memory is freed before the background pass
-        when the caller holds no other reference.
-    node_index, node_nprobe : see :func:`make_node_index`
-
-    Returns
-    -------
-    I_nodes : ndarray int32 (n0 + nbg, k), node ids; -1 where fewer than k were found
-    I_test : ndarray int32 (nt, k), node ids
-    info : dict, timings and the node index used
-    """
-    n0, d = x0.shape
-    nbg = 0 if bg is None else bg["x"].shape[0]
-    n = n0 + nbg
-    if k >= n:
-        raise InputError("k = %d but the graph has only %d nodes (%d labelled/in-domain + %d "
-                         "background): need k < number of nodes" % (k, n, n0, nbg))
-    if bg is not None and bg["I"].shape[1] < k:
-        raise InputError("background graph has K = %d < k = %d" % (bg["I"].shape[1], k))
-    info = {}
-    t0 = time.time()
-    log("index over %d node vectors (set 0)" % n0)
-    index0, info["node_index"] = make_node_index(x0, node_index, nprobe=node_nprobe, nqueries=nbg)
-    # 0->0 and 2->0 are few queries: exact unless that alone is costly; the approximate index
-    # is for the nbg background queries
-    exact_small = (n0 + xt.shape[0]) * n0 <= NODE_EXACT_PAIRS
-    index0_small = index0
-    if exact_small and not info["node_index"].startswith("exact"):
-        index0_small = faiss.IndexFlatIP(d)
-        index0_small.add(x0)
-    k0 = min(k, n0)
-    log("node index: %s; searching 0->0 and 2->0 (%s)" % (
-        info["node_index"], "exact" if exact_small else "same index"))
-
-    def search0(x, preproc=None, index=index0):
-        D, I = knn_search(index, x, k0, bs, preproc)
-        if k0 < k:   # fewer set-0 nodes than k: pad so merges see k columns
-            D = np.hstack([D, np.full((D.shape[0], k - k0), -np.inf, dtype=np.float32)])
-            I = np.hstack([I, np.full((I.shape[0], k - k0), -1, dtype=np.int32)])
-        return np.ascontiguousarray(D), np.ascontiguousarray(I)
-
-    D_00, I_00 = search0(x0, index=index0_small)
-    D_20, I_20 = search0(xt, index=index0_small)
-    del index0_small
-    info["time_search_0"] = time.time() - t0
-    I_nodes = np.empty((n, k), dtype=np.int32)
-    if bg is not None:
-        t0 = time.time()
-        log("searching 0->1 and 2->1 in the background index")
-        index1 = bg.pop("index")
-        D_01, I_01 = knn_search(index1, x0, k, bs)
-        D_21, I_21 = knn_search(index1, xt, k, bs)
-        del index1    # its vectors (nbg * d floats) are not needed for the background pass
-        _merge(D_00, I_00, D_01, I_01, n0)
-        _merge(D_20, I_20, D_21, I_21, n0)
-        del D_01, I_01, D_21, I_21
-        info["time_search_01"] = time.time() - t0
-    I_nodes[:n0] = I_00
-    del D_00, I_00
-    if bg is not None:
-        t0 = time.time()
-        log("searching 1->0 for %d background vectors, merging with the stored 1->1 table" % nbg)
-        xb, Dbg, Ibg = bg["x"], bg["D"], bg["I"]
-        tlast = time.time()
-        for i0, i1 in _blocks(nbg, bs):
-            D_10, I_10 = search0(xb[i0:i1], lambda x: normalized(x, "background"))
-            D_11 = np.ascontiguousarray(Dbg[i0:i1, :k])
-            I_11 = np.ascontiguousarray(Ibg[i0:i1, :k])
-            if I_11.size and (I_11.min() < -1 or I_11.max() >= nbg):
-                r, c = np.argwhere((I_11 < -1) | (I_11 >= nbg))[0]
-                raise InputError("background graph %s: I[%d, %d] = %d is neither -1 nor a background id "
-                                 "(< %d): the file is damaged, rebuild it with `build_graph.py %d --force`" % (
-                                     bg.get("I_path", "table"), i0 + r, c, I_11[r, c], nbg, nbg))
-            _merge(D_10, I_10, D_11, I_11, n0)
-            I_nodes[n0 + i0:n0 + i1] = I_10
-            if time.time() - tlast > 10:
-                tlast = time.time()
-                log("  background rows %d / %d (%.0f rows/s)" % (
-                    i1, nbg, i1 / (tlast - t0)))
-        info["time_search_10"] = time.time() - t0
-    return I_nodes, I_20, info

@@ -1,5 +1,6 @@
 """Graph completion, diffusion, slicing and fusion against brute force / dense numpy references."""
 import json
+import os
 
 import faiss
 import numpy as np
@@ -8,12 +9,13 @@ import pytest
 import build_graph
 import diffusion
 import fusion
-from lowshot import data, evaluate, graph
+from lowshot import completion, data, evaluate, graph
 from lowshot import diffuse as dif
 from lowshot.common import InputError
 from lowshot.generate import generate_ddir
 
 K_GRAPH = 6
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def unit(x):
@@ -61,18 +63,102 @@ def test_complete_graph_brute_force():
     index.add(xbn)
     Dbg, Ibg = index.search(xbn, 8)
     for node_index in ("exact", "ivf"):
-        bg = {"x": xb, "index": index, "D": Dbg, "I": Ibg.astype(np.int32)}
-        I_nodes, I_test, info = graph.complete_graph(unit(x0), unit(xt), k, bg, node_index=node_index,
-                                                     bs=64)
+        bg = {"x": xb, "index": index, "D": Dbg, "I": Ibg.astype(np.int32), "exact_index": True}
+        I_nodes, I_test, info = completion.complete_graph(unit(x0), unit(xt), k, bg, node_index=node_index,
+                                                          bs=64)
         assert "index" not in bg   # released once searched
         allx = np.vstack([unit(x0), xbn])
         np.testing.assert_array_equal(I_nodes, brute_union_knn(allx, allx, k))
         np.testing.assert_array_equal(I_test, brute_union_knn(unit(xt), allx, k))
+        if node_index == "ivf":     # approximate: its recall is measured (here every list is probed)
+            assert info["node_index_recall@10"] == 1.0
     # without background: a graph over the labelled set only
-    I_nodes, I_test, _ = graph.complete_graph(unit(x0), unit(xt), k)
+    I_nodes, I_test, _ = completion.complete_graph(unit(x0), unit(xt), k)
     np.testing.assert_array_equal(I_nodes, brute_union_knn(unit(x0), unit(x0), k))
     with pytest.raises(InputError, match="k = 40 but the graph has only 40 nodes"):
-        graph.complete_graph(unit(x0), unit(xt), 40)
+        completion.complete_graph(unit(x0), unit(xt), 40)
+
+
+def _bg_files(tmp_path, xb, K=8):
+    """The background as diffusion.py reads it: a raw memmap and an exact index with its table."""
+    path = str(tmp_path / "bg.raw")
+    xb.tofile(path)
+    x = np.memmap(path, dtype=np.float32, mode="r", shape=xb.shape)
+    index = faiss.IndexFlatIP(xb.shape[1])
+    index.add(unit(xb))
+    D, I = index.search(unit(xb), K)
+    return lambda: {"x": x, "index": index, "D": D, "I": I.astype(np.int32), "exact_index": True}
+
+
+def test_completion_cache_equals_brute_force(tmp_path, capsys):
+    """The searches into the base-class rows come from the cache: built by the first run, read by
+    the next ones (other novel rows), never served for other inputs, rebuilt when damaged; the
+    graph equals brute force every time."""
+    rs = np.random.RandomState(3)
+    d, nB, nR, nbg, nt, k = 16, 70, 12, 500, 30, 7
+    xB, xb = unit(rs.randn(nB, d)), rs.randn(nbg, d).astype(np.float32)
+    xt = unit(rs.randn(nt, d))
+    bg = _bg_files(tmp_path, xb)
+    root = str(tmp_path / "cache")
+
+    def run(x0, xt, **kw):
+        I_nodes, I_test, info = completion.complete_graph(x0, xt, k, bg(), nbase=nB, cache_root=root, bs=128, **kw)
+        allx = np.vstack([x0, unit(xb)])
+        np.testing.assert_array_equal(I_nodes, brute_union_knn(allx, allx, k))
+        np.testing.assert_array_equal(I_test, brute_union_knn(xt, allx, k))
+        return info
+
+    x0 = np.vstack([xB, unit(rs.randn(nR, d))])
+    info = run(x0, xt)
+    assert info["cache_built"] and os.path.isdir(info["cache"])
+    assert sorted(os.listdir(os.path.dirname(info["cache"]))) == sorted(
+        [os.path.basename(info["cache"]), os.path.basename(info["cache"]) + ".lock"])
+    # another run of the split (other labelled novel images, in-domain rows): the same cache
+    x0b = np.vstack([xB, unit(rs.randn(3 * nR, d))])
+    assert run(x0b, xt)["cache_built"] is False
+    # without the cache: the same graph
+    I1 = completion.complete_graph(x0b, xt, k, bg(), nbase=nB, cache_root=None)[0]
+    np.testing.assert_array_equal(I1, completion.complete_graph(x0b, xt, k, bg(), nbase=nB, cache_root=root)[0])
+    # other inputs (test vectors, base rows) get their own folder
+    info2 = run(x0, unit(rs.randn(nt, d)))
+    assert info2["cache_built"] and info2["cache"] != info["cache"]
+    # a damaged file is detected and the cache computed again
+    with open(os.path.join(info["cache"], "1.I"), "r+b") as f:
+        f.truncate(100)
+    assert run(x0, xt)["cache_built"]
+    # a dead build's temporary folder is removed by the next build
+    dead = os.path.join(root, "completion", "." + os.path.basename(info["cache"]) + ".tmp999999-host")
+    os.makedirs(dead)
+    import shutil
+    shutil.rmtree(info["cache"])
+    capsys.readouterr()
+    assert run(x0, xt)["cache_built"] and not os.path.exists(dead)
+    assert "removed %s" % dead in capsys.readouterr().out
+
+
+def test_completion_cache_concurrent_builders(tmp_path):
+    """Two processes needing the same cache at once: one computes it, the other waits and reads it."""
+    import subprocess
+    import sys
+    rs = np.random.RandomState(4)
+    np.save(str(tmp_path / "xB.npy"), unit(rs.randn(3000, 32)))
+    np.save(str(tmp_path / "xt.npy"), unit(rs.randn(500, 32)))
+    rs.randn(20000, 32).astype(np.float32).tofile(str(tmp_path / "bg.raw"))
+    script = (
+        "import json, sys, numpy as np\n"
+        "from lowshot import completion\n"
+        "t = str(sys.argv[1])\n"
+        "x = np.memmap(t + '/bg.raw', dtype=np.float32, mode='r', shape=(20000, 32))\n"
+        "tables, info = completion.base_searches(t + '/cache', np.load(t + '/xB.npy'), np.load(t + '/xt.npy'), x)\n"
+        "print(json.dumps([info['cache_built'], int(np.asarray(tables['1'][1]).sum())]))\n")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    outs = [p.communicate() for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    res = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+    assert sorted(r[0] for r in res) == [False, True]
+    assert res[0][1] == res[1][1]
 
 
 def test_diffuse_dense_and_lslice():

@@ -1,0 +1,453 @@
+"""Graph completion (``diffusion.py``): the k-NN graph over the nodes (labelled images, then the
+background) and the test images' neighbours among them, with the 2018 code's exact searches into
+the labelled set.
+
+Sets (lowshot.graph's numbering): 0 the labelled images held in RAM -- the base-class images
+(``B``, the first ``nbase`` rows: all the images of the base classes, the same for every run of a
+split) then the run's own rows (``R``: its labelled novel-class images, then in-domain ones);
+1 the background; 2 the test images. Searches:
+
+======  ================================================================================
+* -> 0  exact: graph_utils.KnnScan (bfloat16 products on AVX512-BF16 CPUs, the candidates
+        re-scored in float32; float32 BLAS elsewhere). The part into B (1->B, 2->B, B->B) does
+        not depend on the run: it is computed once and kept under ``$DDIR/cache/completion``
+        (:func:`base_searches`); a run then searches only R and merges.
+0, 2->1 the stored background index (an IVF or HNSW index is approximate: its recall@10 is
+        measured on a sample, :func:`bg_index_recall`)
+1 -> 1  the stored background table
+======  ================================================================================
+
+Each row keeps the k largest similarities of its candidate lists (the set-0 one first on ties).
+``--node_index ivf|hnsw`` replaces the exact 1->0 search by an index over set 0 (faster without a
+cache, approximate: recall logged).
+"""
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+
+import faiss
+import numpy as np
+
+from lowshot.common import InputError, anon_rss_gib, log, write_json
+from lowshot.graph import BF16_EXTRA, SEARCH_BS, _blocks, exact_knn, knn_search, normalized, to_gpus
+
+# Candidate rows per call of KnnScan.add: 8192 x d bf16 (4 MB at d = 256) stay in the L3 cache
+# while a block of queries is scored against them
+DB_SLICE = 8192
+# Neighbours kept in the cache: a run with k <= CACHE_K reads the first k (the order is exact
+# similarity then id, so the first k of the CACHE_K best are the k best)
+CACHE_K = 32
+CACHE_VERSION = 1
+# Sampled queries for the recall of an approximate search: RECALL_PAIRS / N, between 100 and 1000
+# (each costs N products and the sample reads all N rows: ~0.5 s at 1M, ~4 s at 10M)
+RECALL_PAIRS = 2 * 10**8
+
+
+def recall_sample_size(n, nq=None):
+    return max(100, min(1000, RECALL_PAIRS // max(1, n))) if nq is None else nq
+
+
+def exact_search(xq, X, k, preproc=None, bs=SEARCH_BS, out=None, progress=None):
+    """The k most similar rows of X for every row of xq (inner product), exactly.
+
+    Parameters
+    ----------
+    xq : array (nq, d), possibly a memmap of raw rows (then ``preproc`` normalises each block)
+    X : ndarray float32 (n, d), C-contiguous, normalised
+    out : (D, I) or None, (nq, k) float32 / int32 outputs (memmaps allowed)
+    progress : str or None, logs rows done, rate, ETA and memory every 10 s under this name
+
+    Returns
+    -------
+    D float32 (nq, k) decreasing (ties: lower id first), I int32 (nq, k) row ids of X (-inf / -1
+    past X's rows), uncertain (rows whose k-th neighbour is not guaranteed by the bfloat16 error
+    bound: more than k + BF16_EXTRA candidates within it; 0 with float32 products)
+    """
+    import graph_utils
+
+    nq = xq.shape[0]
+    n = X.shape[0]
+    D, I = out if out is not None else (np.empty((nq, k), dtype=np.float32), np.empty((nq, k), dtype=np.int32))
+    if n == 0:
+        D[:] = -np.inf
+        I[:] = -1
+        return D, I, 0
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    bf16 = graph_utils.cpu_has_bf16() and X.shape[1] % 2 == 0
+    ids = np.arange(n, dtype=np.int32)
+    uncertain = 0
+    t0 = tlast = time.time()
+    for i0, i1 in _blocks(nq, bs):
+        q = preproc(xq[i0:i1]) if preproc else np.ascontiguousarray(xq[i0:i1], dtype=np.float32)
+        scan = graph_utils.KnnScan(q, min(512, k + BF16_EXTRA) if bf16 else k, bf16=bf16, deferred=True)
+        rows = np.arange(i1 - i0)
+        for j0, j1 in _blocks(n, DB_SLICE):
+            scan.add(rows, X[j0:j1], ids[j0:j1])
+        D[i0:i1], I[i0:i1] = scan.finish(k, base=X if bf16 else None)
+        uncertain += scan.uncertain
+        if progress and time.time() - tlast > 10:
+            tlast = time.time()
+            log("  %s: %d / %d rows, %.0f rows/s, %.0f s left, own memory %.2f GiB" % (
+                progress, i1, nq, i1 / (tlast - t0), (tlast - t0) * (nq - i1) / i1, anon_rss_gib() or 0))
+    return D, I, uncertain
+
+
+def merge_into(D, I, D2, I2, offset):
+    """Rows of (D, I) become the k best of (D, I) U (D2, I2 + offset), in place (graph_utils'
+    merge: the first table's candidate first on ties)."""
+    import graph_utils
+    graph_utils.merge_knn_results(D, I, D2, I2, offset)
+
+
+############################################################################################
+# The run-independent searches into the base-class images, cached
+############################################################################################
+
+
+def _digest(a):
+    h = hashlib.blake2b(digest_size=16)
+    h.update(np.ascontiguousarray(a).view(np.uint8).data)
+    return h.hexdigest()
+
+
+def background_signature(x):
+    """The background file's identity: path, size, modification time and 64 sampled rows."""
+    path = getattr(x, "filename", None)
+    sig = {"rows": int(x.shape[0]), "d": int(x.shape[1])}
+    if path is not None:
+        st = os.stat(path)
+        sig.update(path=os.path.abspath(path), size=st.st_size, mtime_ns=st.st_mtime_ns)
+    rows = np.unique(np.linspace(0, x.shape[0] - 1, 64).astype(np.int64))
+    sig["sample"] = _digest(np.asarray(x[rows], dtype=np.float32))
+    return sig
+
+
+def cache_dir(root, xB, xt, bg_x, kc):
+    """Where the searches into xB are kept, and the signature of their inputs: the base-class
+    and test vectors as the run computed them (after PCA and normalisation: a changed feature
+    file, split or PCA changes them) and the background file. The folder's name holds a hash of
+    the signature, so changed inputs never meet an old cache."""
+    sig = {"version": CACHE_VERSION, "kc": int(kc), "base": [int(xB.shape[0]), _digest(xB)],
+           "test": [int(xt.shape[0]), _digest(xt)],
+           "background": None if bg_x is None else background_signature(bg_x)}
+    h = hashlib.blake2b(json.dumps(sig, sort_keys=True).encode(), digest_size=8).hexdigest()
+    nbg = 0 if bg_x is None else bg_x.shape[0]
+    return os.path.join(root, "completion", "nbase%d_nbg%d_k%d_%s" % (xB.shape[0], nbg, kc, h)), sig
+
+
+def _open_cache(path, sig):
+    """The cached tables, or None when the folder is missing, incomplete or for other inputs."""
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if meta.get("signature") != sig:
+        return None
+    kc = sig["kc"]
+    tables = {}
+    for name, rows in meta["rows"].items():
+        files = [os.path.join(path, "%s.%s" % (name, ext)) for ext in ("D", "I")]
+        if not all(os.path.isfile(f) and os.path.getsize(f) == rows * kc * 4 for f in files):
+            return None
+        tables[name] = (np.memmap(files[0], dtype=np.float32, mode="r", shape=(rows, kc)),
+                        np.memmap(files[1], dtype=np.int32, mode="r", shape=(rows, kc)))
+    return tables
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _build_cache(path, sig, xB, xt, bg_x, kc):
+    """Compute the three searches into a temporary folder next to ``path`` and rename it."""
+    tmp = os.path.join(os.path.dirname(path), ".%s.tmp%d-%s" % (os.path.basename(path), os.getpid(),
+                                                                 socket.gethostname()))
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    t0 = time.time()
+    rows = {"B": xB.shape[0], "T": xt.shape[0], "1": 0 if bg_x is None else bg_x.shape[0]}
+    uncertain = 0
+    try:
+        for name, xq, pre in (("B", xB, None), ("T", xt, None), ("1", bg_x, lambda x: normalized(x, "background"))):
+            if xq is None:
+                continue
+            log("completion cache: %s -> base-class images (%d x %d)" % (
+                {"B": "base", "T": "test", "1": "background"}[name], xq.shape[0], xB.shape[0]))
+            out = tuple(np.memmap(os.path.join(tmp, "%s.%s" % (name, ext)), dtype=dt, mode="w+",
+                                  shape=(xq.shape[0], kc)) for ext, dt in (("D", np.float32), ("I", np.int32)))
+            uncertain += exact_search(xq, xB, kc, preproc=pre, out=out, progress="cache " + name)[2]
+            for a in out:
+                a.flush()
+                _fsync(a.filename)
+            del out
+        write_json(os.path.join(tmp, "meta.json"), {"signature": sig, "rows": {k: v for k, v in rows.items() if v},
+                                                    "seconds": round(time.time() - t0, 2),
+                                                    "uncertain_rows": int(uncertain)})
+        try:
+            os.rename(tmp, path)
+        except OSError:      # another process published it first (same inputs, same bytes)
+            shutil.rmtree(tmp, ignore_errors=True)
+        _fsync(os.path.dirname(path))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log("completion cache written: %s (%.1f s)" % (path, time.time() - t0))
+
+
+def base_searches(root, xB, xt, bg_x, kc=CACHE_K):
+    """The k nearest base-class images (exact) of the base-class, test and background vectors,
+    from the cache under ``root`` or computed there first.
+
+    Concurrent runs (Slurm array tasks) share it: one computes it under a lock while the others
+    wait, then all read it; it is written to a temporary folder renamed into place, so a killed run
+    leaves nothing half-written (its temporary folder is removed by the next build).
+
+    Returns ({"B": (D, I), "T": (D, I), "1": (D, I)} read-only memmaps of (rows, kc), info dict).
+    """
+    path, sig = cache_dir(root, xB, xt, bg_x, kc)
+    tables = _open_cache(path, sig)
+    info = {"cache": path, "cache_built": False}
+    if tables is None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".lock", "a+") as lock:
+            try:                                   # POSIX lock: also across NFS clients
+                fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                log("completion cache %s is being computed by another run: waiting for it" % path)
+                fcntl.lockf(lock, fcntl.LOCK_EX)
+            try:
+                tables = _open_cache(path, sig)
+                if tables is None:
+                    _remove_dead_temporaries(path)
+                    if os.path.exists(path):       # incomplete or damaged: replaced
+                        log("completion cache %s is incomplete: computed again" % path)
+                        shutil.rmtree(path)
+                    _build_cache(path, sig, xB, xt, bg_x, kc)
+                    info["cache_built"] = True
+                    tables = _open_cache(path, sig)
+            finally:
+                fcntl.lockf(lock, fcntl.LOCK_UN)
+        if tables is None:
+            raise InputError("completion cache %s could not be read back after writing it" % path)
+    else:
+        log("completion cache: %s" % path)
+    return tables, info
+
+
+def _remove_dead_temporaries(path):
+    """Temporary folders of builds that died (we hold the lock: no build is alive)."""
+    parent, base = os.path.dirname(path), os.path.basename(path)
+    for f in os.listdir(parent):
+        if f.startswith(".%s.tmp" % base):
+            shutil.rmtree(os.path.join(parent, f), ignore_errors=True)
+            log("removed %s, left by a build that did not finish" % os.path.join(parent, f))
+
+
+############################################################################################
+# Approximate indexes and their recall
+############################################################################################
+
+
+def make_node_index(x0, method, nprobe=16, hnsw_M=32, ef_search=64):
+    """An approximate index over set 0 for the background -> set 0 search (``--node_index ivf`` or
+    ``hnsw``; IVF: 4 sqrt(n0) lists). Returns (index, description)."""
+    n0, d = x0.shape
+    if method == "ivf":
+        nlist = max(1, min(n0 // 39, int(4 * np.sqrt(n0))))
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.own_fields = True
+        quantizer.this.disown()
+        index.cp.niter = 10
+        index.train(x0)
+        index.add(x0)
+        index.nprobe = min(nprobe, nlist)
+        desc = "IVF%d,Flat nprobe=%d" % (nlist, index.nprobe)
+    elif method == "hnsw":
+        index = faiss.IndexHNSWFlat(d, hnsw_M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = ef_search
+        index.add(x0)
+        desc = "HNSW%d efSearch=%d" % (hnsw_M, ef_search)
+    else:
+        raise InputError("unknown labelled-set index %r (expected exact, ivf or hnsw)" % method)
+    if method == "ivf" and faiss.get_num_gpus() > 0:
+        index = to_gpus(index, shard=False)
+    return index, desc
+
+
+def recall_at(Iapprox, Iexact, at=10):
+    """Mean over rows of |approximate top-at ∩ exact top-at| / at (-1 entries never count)."""
+    at = min(at, Iexact.shape[1])
+    hits = [np.intersect1d(a[a >= 0], g[g >= 0]).size for a, g in zip(Iapprox[:, :at], Iexact[:, :at])]
+    return float(np.mean(hits)) / at if hits else float("nan")
+
+
+def bg_index_recall(index, bg_x, xq, nq=None, seed=0):
+    """recall@10 of the stored background index for queries from outside the background (a sample
+    of the labelled and test vectors ``xq``) against exact search of the raw rows. nq: sampled
+    queries (default :func:`recall_sample_size`: 200 at 1M, 100 from 2M)."""
+    nbg = bg_x.shape[0]
+    nq = recall_sample_size(nbg, nq)
+    rs = np.random.RandomState(seed)
+    sample = np.sort(rs.choice(xq.shape[0], min(nq, xq.shape[0]), replace=False))
+    q = np.ascontiguousarray(xq[sample])
+    _, Igt = exact_knn(q, bg_x, 10)
+    _, Ia = knn_search(index, q, 10)
+    return recall_at(Ia, Igt), len(sample)
+
+
+############################################################################################
+# The completion
+############################################################################################
+
+
+def complete_graph(x0, xt, k, bg=None, node_index="exact", node_nprobe=16, nbase=0, cache_root=None,
+                   bs=SEARCH_BS, recall_nq=None):
+    """The k-NN graph over the nodes (set 0, then background) and the test images' graph neighbours.
+
+    Parameters
+    ----------
+    x0 : ndarray float32 (n0, d), normalised node vectors held in RAM: the ``nbase`` base-class
+        images first (the same for every run of a split), then the run's own rows
+    xt : ndarray float32 (nt, d), normalised test vectors
+    k : int
+    bg : dict or None
+        Background: ``x`` raw rows (nbg, d) memmap, ``index`` faiss index of the normalised rows,
+        ``D`` / ``I`` stored (nbg, K >= k) tables (memmaps); ``exact_index`` True when the index is
+        exact (no recall to measure). The index is popped from the dict once searched, so its
+        memory is freed before the background pass when the caller holds no other reference.
+        None: no background.
+    node_index : "exact" (default) or an approximate index over set 0 for the 1 -> 0 search
+        ("ivf", "hnsw", :func:`make_node_index`)
+    nbase, cache_root : with nbase > 0, cache_root and exact search, the searches into x0[:nbase]
+        come from :func:`base_searches`
+    recall_nq : sampled queries for the recall of approximate searches (None: default, 0: skip)
+
+    Returns
+    -------
+    I_nodes : ndarray int32 (n0 + nbg, k), node ids; -1 where fewer than k were found
+    I_test : ndarray int32 (nt, k), node ids
+    info : dict, timings, the searches used, recalls of approximate ones, the cache used
+    """
+    n0, d = x0.shape
+    nbg = 0 if bg is None else bg["x"].shape[0]
+    n = n0 + nbg
+    if k >= n:
+        raise InputError("k = %d but the graph has only %d nodes (%d labelled/in-domain + %d "
+                         "background): need k < number of nodes" % (k, n, n0, nbg))
+    if bg is not None and bg["I"].shape[1] < k:
+        raise InputError("background graph has K = %d < k = %d" % (bg["I"].shape[1], k))
+    if node_index == "auto":
+        node_index = "exact"
+    info = {"node_index": "exact" if node_index == "exact" else None}
+    t0 = time.time()
+    use_cache = node_index == "exact" and cache_root is not None and nbase > 0 and k <= CACHE_K
+    if not use_cache:
+        nbase = 0
+    xB, xR = x0[:nbase], np.ascontiguousarray(x0[nbase:])
+    cached = None
+    if use_cache:
+        cached, cinfo = base_searches(cache_root, xB, xt, None if bg is None else bg["x"])
+        info.update(cinfo)
+    info["time_cache"] = time.time() - t0
+    uncertain = [0]
+
+    def into0(xq, name, preproc=None, i0=0, i1=None):
+        """k best of set 0 for rows i0:i1 of xq: cached B part merged with an exact search of R."""
+        i1 = xq.shape[0] if i1 is None else i1
+        q = preproc(xq[i0:i1]) if preproc else xq[i0:i1]
+        D, I, u = exact_search(q, xR, k)
+        uncertain[0] += u
+        if cached is not None:
+            DB = np.ascontiguousarray(cached[name][0][i0:i1, :k])
+            IB = np.ascontiguousarray(cached[name][1][i0:i1, :k])
+            merge_into(DB, IB, D, I, nbase)
+            return DB, IB
+        return D, I
+
+    t0 = time.time()
+    log("searching 0->0 and 2->0 exactly (%d labelled%s, %d test)" % (
+        n0, ", %d of them cached" % nbase if nbase else "", xt.shape[0]))
+    D_00 = np.empty((n0, k), dtype=np.float32)
+    I_00 = np.empty((n0, k), dtype=np.int32)
+    if nbase:
+        D_00[:nbase], I_00[:nbase] = into0(x0, "B", i1=nbase)
+    DRR, IRR, u = exact_search(xR, xR, k)            # R's rows: R candidates (ids from nbase)
+    uncertain[0] += u
+    if nbase:                                          # and B candidates
+        DRB, IRB, u = exact_search(xR, xB, k)
+        uncertain[0] += u
+        merge_into(DRB, IRB, DRR, IRR, nbase)
+        DRR, IRR = DRB, IRB
+    else:
+        IRR[IRR >= 0] += nbase
+    D_00[nbase:], I_00[nbase:] = DRR, IRR
+    D_20, I_20 = into0(xt, "T")
+    info["time_search_0"] = time.time() - t0
+    I_nodes = np.empty((n, k), dtype=np.int32)
+    if bg is not None:
+        t0 = time.time()
+        log("searching 0->1 and 2->1 in the background index")
+        index1 = bg.pop("index")
+        D_01, I_01 = knn_search(index1, x0, k, bs)
+        D_21, I_21 = knn_search(index1, xt, k, bs)
+        if not bg.get("exact_index") and recall_nq != 0:
+            r, nq = bg_index_recall(index1, bg["x"], np.vstack([x0, xt]), recall_nq)
+            info["bg_index_recall@10"] = round(r, 4)
+            log("background index recall@10 = %.4f (%d sampled labelled and test vectors, exact "
+                "search of the raw rows)" % (r, nq))
+        del index1    # its vectors (nbg * d floats) are not needed for the background pass
+        merge_into(D_00, I_00, D_01, I_01, n0)
+        merge_into(D_20, I_20, D_21, I_21, n0)
+        del D_01, I_01, D_21, I_21
+        info["time_search_01"] = time.time() - t0
+    I_nodes[:n0] = I_00
+    del D_00, I_00
+    if bg is not None:
+        t0 = time.time()
+        xb, Dbg, Ibg = bg["x"], bg["D"], bg["I"]
+        index0 = None
+        if node_index != "exact":
+            index0, info["node_index"] = make_node_index(x0, node_index, nprobe=node_nprobe)
+        log("searching 1->0 for %d background vectors (%s), merging with the stored 1->1 table" % (
+            nbg, info["node_index"] + (", base-class part cached" if cached is not None else "")))
+        tlast = time.time()
+        for i0, i1 in _blocks(nbg, bs):
+            if index0 is None:
+                D_10, I_10 = into0(xb, "1", lambda x: normalized(x, "background"), i0, i1)
+            else:
+                D_10, I_10 = knn_search(index0, xb[i0:i1], k, bs, lambda x: normalized(x, "background"))
+            D_11 = np.ascontiguousarray(Dbg[i0:i1, :k])
+            I_11 = np.ascontiguousarray(Ibg[i0:i1, :k])
+            if I_11.size and (I_11.min() < -1 or I_11.max() >= nbg):
+                r, c = np.argwhere((I_11 < -1) | (I_11 >= nbg))[0]
+                raise InputError("background graph %s: I[%d, %d] = %d is neither -1 nor a background id "
+                                 "(< %d): the file is damaged, rebuild it with `build_graph.py %d --force`" % (
+                                     bg.get("I_path", "table"), i0 + r, c, I_11[r, c], nbg, nbg))
+            merge_into(D_10, I_10, D_11, I_11, n0)
+            I_nodes[n0 + i0:n0 + i1] = I_10
+            if time.time() - tlast > 10:
+                tlast = time.time()
+                log("  background rows %d / %d (%.0f rows/s, %.0f s left)" % (
+                    i1, nbg, i1 / (tlast - t0), (tlast - t0) * (nbg - i1) / i1))
+        if index0 is not None and recall_nq != 0:
+            nq = recall_sample_size(n0, recall_nq)
+            rows = np.sort(np.random.RandomState(0).choice(nbg, min(nq, nbg), replace=False))
+            q = normalized(xb[rows], "background")
+            _, Ia = knn_search(index0, q, 10)
+            _, Igt, _ = exact_search(q, x0, 10)
+            info["node_index_recall@10"] = round(recall_at(Ia, Igt), 4)
+            log("node index recall@10 = %.4f (%d sampled background vectors, exact search of set 0)" % (
+                info["node_index_recall@10"], len(rows)))
+        info["time_search_10"] = time.time() - t0
+    info["rows_beyond_bf16_bound"] = uncertain[0]
+    return I_nodes, I_20, info
