@@ -454,9 +454,13 @@ class KnnScan:
         to :meth:`add` being its rows: only the kept candidates within the bf16 error bound of the
         k-th are scored, at the end, instead of every candidate entering a row, while its vector is
         in cache (fewer products, but random reads of ``base``).
+    floor : array float32 (n,) or None
+        Per query, candidates scoring below it (by the scan's own, approximate with bf16, score)
+        are never kept: when only candidates above a known k-th score matter (a merge with another
+        table), most are rejected by one comparison. Rows may end with fewer than k candidates.
     """
 
-    def __init__(self, Qf, kp, bf16=None, deferred=False):
+    def __init__(self, Qf, kp, bf16=None, deferred=False, floor=None):
         _check_table(Qf, "Qf", (np.float32,))
         self.Qf = np.ascontiguousarray(Qf)
         n, d = self.Qf.shape
@@ -476,6 +480,11 @@ class KnnScan:
         self._t = (np.full((n, cap), -np.inf, dtype=np.float32), np.full((n, cap), -np.inf, dtype=np.float32),
                    np.full((n, cap), -1, dtype=np.int32), np.zeros(n, dtype=np.int32),
                    np.full(n, -np.inf, dtype=np.float32), self.kp)
+        if floor is not None:        # the rows' entry thresholds start there
+            floor = np.asarray(floor, dtype=np.float32)
+            if floor.shape != (n,) or np.isnan(floor).any():
+                raise ValueError("floor must hold one score per query (%d), not NaN" % n)
+            self._t[4][:] = floor
 
     def add(self, rows, Xc, ids):
         """Offer candidates ``Xc`` (nc, d) float32 with ids (nc,) int32 to queries ``rows``

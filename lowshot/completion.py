@@ -17,7 +17,9 @@ split) then the run's own rows (``R``: its labelled novel-class images, then in-
 1 -> 1  the stored background table
 ======  ================================================================================
 
-Each row keeps the k largest similarities of its candidate lists (the set-0 one first on ties).
+Each row keeps the k largest similarities of its candidate lists; on equal similarities a
+background candidate comes before a labelled one (the 2018 merge's strict >), and within set 0 the
+lower id first.
 ``--node_index ivf|hnsw`` replaces the exact 1->0 search by an index over set 0 (faster without a
 cache, approximate: recall logged).
 """
@@ -51,7 +53,7 @@ def recall_sample_size(n, nq=None):
     return max(100, min(1000, RECALL_PAIRS // max(1, n))) if nq is None else nq
 
 
-def exact_search(xq, X, k, preproc=None, bs=SEARCH_BS, out=None, progress=None):
+def exact_search(xq, X, k, preproc=None, bs=SEARCH_BS, out=None, progress=None, floor=None):
     """The k most similar rows of X for every row of xq (inner product), exactly.
 
     Parameters
@@ -60,6 +62,8 @@ def exact_search(xq, X, k, preproc=None, bs=SEARCH_BS, out=None, progress=None):
     X : ndarray float32 (n, d), C-contiguous, normalised
     out : (D, I) or None, (nq, k) float32 / int32 outputs (memmaps allowed)
     progress : str or None, logs rows done, rate, ETA and memory every 10 s under this name
+    floor : array (nq,) or None: only rows of X with a similarity >= floor matter (the k-th of a
+        table the result will be merged with); the others may be left out (-inf / -1)
 
     Returns
     -------
@@ -79,11 +83,17 @@ def exact_search(xq, X, k, preproc=None, bs=SEARCH_BS, out=None, progress=None):
     X = np.ascontiguousarray(X, dtype=np.float32)
     bf16 = graph_utils.cpu_has_bf16() and X.shape[1] % 2 == 0
     ids = np.arange(n, dtype=np.int32)
+    # worst-case bf16 error of a score: 2^-8 |q| |x| (and float32 rounding), as in KnnScan
+    xmax = float(np.sqrt(np.einsum("ij,ij->i", X, X).max()))
     uncertain = 0
     t0 = tlast = time.time()
     for i0, i1 in _blocks(nq, bs):
         q = preproc(xq[i0:i1]) if preproc else np.ascontiguousarray(xq[i0:i1], dtype=np.float32)
-        scan = graph_utils.KnnScan(q, min(512, k + BF16_EXTRA) if bf16 else k, bf16=bf16, deferred=True)
+        fl = None
+        if floor is not None:
+            qn = np.sqrt(np.einsum("ij,ij->i", q, q))
+            fl = np.asarray(floor[i0:i1], dtype=np.float32) - ((2.0**-7 if bf16 else 2.0**-20) * qn * xmax + 1e-5)
+        scan = graph_utils.KnnScan(q, min(512, k + BF16_EXTRA) if bf16 else k, bf16=bf16, deferred=True, floor=fl)
         rows = np.arange(i1 - i0)
         for j0, j1 in _blocks(n, DB_SLICE):
             scan.add(rows, X[j0:j1], ids[j0:j1])
@@ -101,6 +111,16 @@ def merge_into(D, I, D2, I2, offset):
     merge: the first table's candidate first on ties)."""
     import graph_utils
     graph_utils.merge_knn_results(D, I, D2, I2, offset)
+
+
+def _bg_first(D1, I1, n0, D0=None, I0=None):
+    """The k best of background candidates (ids + n0 as node ids) and set-0 candidates (D0, I0,
+    node ids), the background one first on equal similarities as in the 2018 merge (strict >)."""
+    D = np.array(D1, dtype=np.float32)
+    I = np.where(I1 >= 0, I1 + n0, -1).astype(np.int32)
+    if D0 is not None:
+        merge_into(D, I, D0, I0, 0)
+    return D, I
 
 
 ############################################################################################
@@ -361,18 +381,20 @@ def complete_graph(x0, xt, k, bg=None, node_index="exact", node_nprobe=16, nbase
     info["time_cache"] = time.time() - t0
     uncertain = [0]
 
-    def into0(xq, name, preproc=None, i0=0, i1=None):
+    def into0(xq, name, i0=0, i1=None):
         """k best of set 0 for rows i0:i1 of xq: cached B part merged with an exact search of R."""
         i1 = xq.shape[0] if i1 is None else i1
-        q = preproc(xq[i0:i1]) if preproc else xq[i0:i1]
-        D, I, u = exact_search(q, xR, k)
+        D, I, u = exact_search(xq[i0:i1], xR, k)
         uncertain[0] += u
         if cached is not None:
-            DB = np.ascontiguousarray(cached[name][0][i0:i1, :k])
-            IB = np.ascontiguousarray(cached[name][1][i0:i1, :k])
+            DB, IB = cached_rows(name, i0, i1)
             merge_into(DB, IB, D, I, nbase)
             return DB, IB
         return D, I
+
+    def cached_rows(name, i0, i1):
+        return (np.array(cached[name][0][i0:i1, :k], dtype=np.float32, order="C"),     # copies: merged
+                np.array(cached[name][1][i0:i1, :k], dtype=np.int32, order="C"))       # into in place
 
     t0 = time.time()
     log("searching 0->0 and 2->0 exactly (%d labelled%s, %d test)" % (
@@ -406,8 +428,8 @@ def complete_graph(x0, xt, k, bg=None, node_index="exact", node_nprobe=16, nbase
             log("background index recall@10 = %.4f (%d sampled labelled and test vectors, exact "
                 "search of the raw rows)" % (r, nq))
         del index1    # its vectors (nbg * d floats) are not needed for the background pass
-        merge_into(D_00, I_00, D_01, I_01, n0)
-        merge_into(D_20, I_20, D_21, I_21, n0)
+        (D_00, I_00), (D_20, I_20) = (_bg_first(D_01, I_01, n0, D_00, I_00),
+                                      _bg_first(D_21, I_21, n0, D_20, I_20))
         del D_01, I_01, D_21, I_21
         info["time_search_01"] = time.time() - t0
     I_nodes[:n0] = I_00
@@ -422,10 +444,6 @@ def complete_graph(x0, xt, k, bg=None, node_index="exact", node_nprobe=16, nbase
             nbg, info["node_index"] + (", base-class part cached" if cached is not None else "")))
         tlast = time.time()
         for i0, i1 in _blocks(nbg, bs):
-            if index0 is None:
-                D_10, I_10 = into0(xb, "1", lambda x: normalized(x, "background"), i0, i1)
-            else:
-                D_10, I_10 = knn_search(index0, xb[i0:i1], k, bs, lambda x: normalized(x, "background"))
             D_11 = np.ascontiguousarray(Dbg[i0:i1, :k])
             I_11 = np.ascontiguousarray(Ibg[i0:i1, :k])
             if I_11.size and (I_11.min() < -1 or I_11.max() >= nbg):
@@ -433,7 +451,17 @@ def complete_graph(x0, xt, k, bg=None, node_index="exact", node_nprobe=16, nbase
                 raise InputError("background graph %s: I[%d, %d] = %d is neither -1 nor a background id "
                                  "(< %d): the file is damaged, rebuild it with `build_graph.py %d --force`" % (
                                      bg.get("I_path", "table"), i0 + r, c, I_11[r, c], nbg, nbg))
-            merge_into(D_10, I_10, D_11, I_11, n0)
+            q = normalized(xb[i0:i1], "background")
+            if index0 is not None:
+                D_10, I_10 = _bg_first(D_11, I_11, n0, *knn_search(index0, q, k, bs))
+            else:
+                # the background table and the cached base-class part first: a row of R can only
+                # enter above their k-th similarity, so nearly all are rejected at one comparison
+                D_10, I_10 = _bg_first(D_11, I_11, n0, *(cached_rows("1", i0, i1) if cached is not None
+                                                         else (None, None)))
+                D_1R, I_1R, u = exact_search(q, xR, k, floor=D_10[:, k - 1])
+                uncertain[0] += u
+                merge_into(D_10, I_10, D_1R, I_1R, nbase)
             I_nodes[n0 + i0:n0 + i1] = I_10
             if time.time() - tlast > 10:
                 tlast = time.time()

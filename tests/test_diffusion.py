@@ -136,6 +136,20 @@ def test_completion_cache_equals_brute_force(tmp_path, capsys):
     assert "removed %s" % dead in capsys.readouterr().out
 
 
+def test_equal_similarities_keep_the_background_candidate(tmp_path):
+    """As the 2018 merge (strict >): a labelled and a background candidate with the same similarity
+    at the k-th place, the background one stays (products exact in every precision here)."""
+    e = np.eye(4, dtype=np.float32)
+    x0 = np.vstack([e[0], e[3]])                       # labelled: e1 (node 0), e4 (node 1)
+    xb = np.vstack([e[0], e[1], -e[0], -e[1], -e[2]])  # background: e1 (node 2), e2 (node 3), ...
+    xt = np.array([[0.5, 0.75, 0, 0]], dtype=np.float32)  # 0.75 with e2, then 0.5 with both e1
+    bg = _bg_files(tmp_path, xb, K=4)
+    for nbase, root in ((0, None), (1, str(tmp_path / "cache"))):
+        I_nodes, I_test, _ = completion.complete_graph(x0, xt, 2, bg(), nbase=nbase, cache_root=root)
+        assert I_test.tolist() == [[3, 2]]
+        assert I_nodes[0].tolist() == [2, 0]            # labelled e1: the background e1 first
+
+
 def test_completion_cache_concurrent_builders(tmp_path):
     """Two processes needing the same cache at once: one computes it, the other waits and reads it."""
     import subprocess

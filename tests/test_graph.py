@@ -43,6 +43,18 @@ def test_graph_K():
     assert [graph.graph_K(k) for k in (1, 2, 3, 30, 32, 33)] == [1, 2, 4, 32, 32, 64]
 
 
+def test_exact_knn_is_brute_force():
+    """The recall reference: raw rows streamed in blocks, equal to numpy in float64."""
+    rs = np.random.RandomState(5)
+    xb = rs.randn(5000, 32).astype(np.float32)
+    xq = rs.randn(300, 32).astype(np.float32)
+    xqn = xq / np.linalg.norm(xq, axis=1, keepdims=True)
+    D, I = graph.exact_knn(xqn, xb, 12, bs=700)
+    Dref, Iref = brute_knn(xq, xb, 12)
+    np.testing.assert_array_equal(I, Iref)
+    np.testing.assert_allclose(D, Dref, atol=1e-5)
+
+
 def test_build_exact_equals_brute_force(tmp_path, capsys):
     nbg, K = 700, 16
     x = make_bg_ddir(tmp_path, nbg)
