@@ -13,7 +13,9 @@ page cache of the memory-mapped inputs is listed apart ("mapped"): it speeds the
 kernel can drop it, and tasks on one machine share it.
 
 Stages: ``graph prepare`` (k-means, probes, lists: one task), ``graph shard`` (S tasks of the
-table), ``graph merge`` (one task), ``diffusion`` (one run of diffusion.py, e.g. one seed).
+table), ``graph merge`` (one task), ``completion cache`` (the first diffusion.py run of a split and
+background size: the exact searches into the base-class images, ``nbase`` of them, 196 x 1280 for
+ImageNet's test split), ``diffusion`` (one later run of diffusion.py, e.g. one seed).
 """
 import argparse
 import json
@@ -28,14 +30,21 @@ GiB = 2.0**30
 # own_peak_gib), then build_graph.py N (time_table, time_merge, own_gib_chunk, merge_own_gib =
 # own_peak_gib: the merge holds the index), diffusion.py (time_total, own_peak_gib). Seconds are wall
 # times of 2 busy cores.
+# cache_s: the first diffusion.py run of a split computing the completion cache (its graph
+# completion time, with nbase base-class images and ntest test images); diffusion_s: a later run.
 MEASURED = {
-    1000000: {"prepare_s": 25.0, "table_s": 36.4, "merge_s": 1.5, "pairs": 4.37e10,
+    1000000: {"prepare_s": 23.3, "table_s": 37.6, "merge_s": 1.4, "pairs": 4.37e10,
               "prepare_own_gib": 0.632, "chunk_own_gib": 0.394, "merge_own_gib": 1.164,
-              "diffusion_s": 21.0, "diffusion_own_gib": 1.618},
-    10000000: {"prepare_s": 240.6, "table_s": 467.9, "merge_s": 17.5, "pairs": 6.01e11,
-               "prepare_own_gib": 1.841, "chunk_own_gib": 3.033, "merge_own_gib": 10.952,
-               "diffusion_s": 200.9, "diffusion_own_gib": 9.393},
+              "cache_s": 13.6, "nbase": 9800, "ntest": 25350,
+              "diffusion_s": 13.7, "diffusion_own_gib": 1.62},
+    10000000: {"prepare_s": 231.2, "table_s": 600.2, "merge_s": 14.8, "pairs": 8.52e11,
+               "prepare_own_gib": 1.841, "chunk_own_gib": 3.033, "merge_own_gib": 10.951,
+               "cache_s": 138.6, "nbase": 9800, "ntest": 25350,
+               "diffusion_s": 138.1, "diffusion_own_gib": 9.409},
 }
+# the paper's test split: 196 base classes of ~1280 ImageNet training images, 25350 test images
+PAPER_NBASE = 196 * 1280
+PAPER_NTEST = 25350
 CORES_MEASURED = 2
 
 
@@ -46,7 +55,7 @@ def ivf_shape(N, d=256, K=32):
             "kp": K + graph.BF16_EXTRA, "chunk_rows": ivf_build.default_chunk_rows(N)}
 
 
-def work(N, d=256, K=32, k=30, nclass=507, lslice=None):
+def work(N, d=256, K=32, k=30, nclass=507, lslice=None, nbase=PAPER_NBASE, ntest=PAPER_NTEST):
     """The counts each formula scales with (flops, bytes, pairs, rows), for N background vectors."""
     s = ivf_shape(N, d, K)
     ntrain = min(N, 64 * s["nlist"])
@@ -65,7 +74,10 @@ def work(N, d=256, K=32, k=30, nclass=507, lslice=None):
                 merge_bytes=4 * N * d + 8 * N * K,
                 diffusion_bytes=N * (4 * k + 8 * W_nnz / N + 2 * 4 * L_cols),
                 # graph completion, W and the products are each linear in the nodes
-                diffusion_work=float(N))
+                diffusion_work=float(N),
+                # the completion cache: background, base and test images against the base images
+                cache_pairs=float(N + nbase + ntest) * nbase,
+                cache_disk=8.0 * 32 * (N + nbase + ntest))
 
 
 # quantity -> (work key it is proportional to, measurement key)
@@ -76,9 +88,15 @@ FORMULAS = {
     "prepare_own_gib": ("prepare_bytes", "prepare_own_gib"),
     "chunk_own_gib": ("chunk_bytes", "chunk_own_gib"),
     "merge_own_gib": ("merge_bytes", "merge_own_gib"),
+    "cache_s": ("cache_pairs", "cache_s"),
     "diffusion_s": ("diffusion_work", "diffusion_s"),
     "diffusion_own_gib": ("diffusion_bytes", "diffusion_own_gib"),
 }
+
+
+def _work_of(N, m):
+    """work() for a measurement (its own labelled and test set sizes where it records them)."""
+    return work(N, **{key: m[key] for key in ("nbase", "ntest") if key in m})
 
 
 def fit(measured=None):
@@ -86,7 +104,7 @@ def fit(measured=None):
     measured = MEASURED if measured is None else measured
     coef = {}
     for q, (wkey, mkey) in FORMULAS.items():
-        pts = [(work(N)[wkey], m[mkey]) for N, m in measured.items() if m.get(mkey)]
+        pts = [(_work_of(N, m)[wkey], m[mkey]) for N, m in measured.items() if m.get(mkey)]
         if not pts:
             continue
         # d/dc sum (c x/y - 1)^2 = 0  ->  c = sum(x/y) / sum((x/y)^2)
@@ -95,11 +113,12 @@ def fit(measured=None):
     return coef
 
 
-def plan(N, shards=1, d=256, K=32, k=30, nclass=507, lslice=None, cores=CORES_MEASURED, coef=None):
+def plan(N, shards=1, d=256, K=32, k=30, nclass=507, lslice=None, cores=CORES_MEASURED, coef=None,
+         nbase=PAPER_NBASE):
     """Per stage: tasks, own RAM per task (GiB), mapped inputs (GiB), disk written (GiB),
     core-hours in all, and hours per task on ``cores`` cores."""
     coef = fit() if coef is None else coef
-    w = work(N, d, K, k, nclass, lslice)
+    w = work(N, d, K, k, nclass, lslice, nbase)
     nchunks = -(-N // w["chunk_rows"])
     chunks_per_task = -(-nchunks // shards)
 
@@ -108,6 +127,7 @@ def plan(N, shards=1, d=256, K=32, k=30, nclass=507, lslice=None, cores=CORES_ME
     core_s = {"prepare": c("prepare_s") * w["prepare_flops"] * CORES_MEASURED,
               "shard": c("table_s") * w["pairs"] * CORES_MEASURED,
               "merge": c("merge_s") * w["merge_bytes"],
+              "cache": c("cache_s") * w["cache_pairs"] * CORES_MEASURED,
               "diffusion": c("diffusion_s") * w["diffusion_work"] * CORES_MEASURED}
     rows = [
         {"stage": "graph prepare", "tasks": 1, "own_gib": c("prepare_own_gib") * w["prepare_bytes"],
@@ -120,6 +140,11 @@ def plan(N, shards=1, d=256, K=32, k=30, nclass=507, lslice=None, cores=CORES_ME
         {"stage": "graph merge", "tasks": 1, "own_gib": c("merge_own_gib") * w["merge_bytes"],
          "mapped_gib": 0.0, "disk_gib": (4 * N * d + 8 * N * K) / GiB,
          "core_h": core_s["merge"] / 3600, "task_h": core_s["merge"] / 3600},
+        # own memory: the base-class vectors and a block of results (a count, not fitted)
+        {"stage": "completion cache (once per split)", "tasks": 1,
+         "own_gib": (6.0 * nbase * d + 2**26) / GiB,
+         "mapped_gib": (4 * N * d) / GiB, "disk_gib": w["cache_disk"] / GiB,
+         "core_h": core_s["cache"] / 3600, "task_h": core_s["cache"] / 3600 / cores},
         {"stage": "diffusion (one run)", "tasks": 1, "own_gib": c("diffusion_own_gib") * w["diffusion_bytes"],
          "mapped_gib": (4 * N * d + 8 * N * K) / GiB, "disk_gib": 0.0,
          "core_h": core_s["diffusion"] / 3600, "task_h": core_s["diffusion"] / 3600 / cores},
@@ -145,7 +170,7 @@ def check():
     coef = fit()
     lines = ["| N | quantity | measured | predicted | predicted / measured |", "|---|---|---|---|---|"]
     for N, m in sorted(MEASURED.items()):
-        w = work(N)
+        w = _work_of(N, m)
         for q, (wkey, mkey) in FORMULAS.items():
             if m.get(mkey) and q in coef:
                 pred = coef[q] * w[wkey]
