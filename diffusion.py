@@ -8,7 +8,11 @@ Reads   $DDIR/features/train.hdf5, val.hdf5     labelled and test images (all_fe
         --split (default data/label_idx.json)    base/novel classes, 1-based
 Writes  --result R.json   the JSON result line (also printed last on stdout)
         --storeL F.npy    test scores after the last iteration, (n_test, C) float32
-        --storeLname P    test scores after each iteration t of --storeLiters, P_iter{t}.npy
+        --storeLname F    the test scores of every iteration, a pickled list of niter+1 (n_test, C)
+                          float32 arrays (as the 2018 code)
+        --storeLiters PAT the full node matrix L (n_nodes, classes of the block) float32 after each
+                          step s = 0..niter-1, in PAT % (s, first class, end class) (.npy, as the
+                          2018 code; nodes in graph order: labelled, in-domain, background)
         --store_slice S.npz  with --class_range a:b: per iteration, each test image's top-5 classes
                           of the slice (scores float32 and ids int64, (niter+1, n_test, 5))
         $DDIR/cache/completion/   the exact searches into the base-class images, the same for every
@@ -30,6 +34,8 @@ Examples:
 import argparse
 import json
 import os
+import pickle
+import re
 import time
 
 import faiss
@@ -89,20 +95,15 @@ def parse_args(argv):
     g = p.add_argument_group("outputs")
     g.add_argument("--result", default=None, help="write the result JSON here")
     g.add_argument("--storeL", default=None, help="test scores after the last iteration (.npy)")
-    g.add_argument("--storeLname", default=None, help="prefix: test scores at --storeLiters")
-    g.add_argument("--storeLiters", default=None,
-                   help="comma-separated iterations stored with --storeLname (default: all)")
+    g.add_argument("--storeLname", default=None,
+                   help="pickle of the test scores of every iteration (list of niter+1 arrays), as 2018")
+    g.add_argument("--storeLiters", default=None, metavar="PATTERN",
+                   help="printf pattern with three integers (step, first class, end class): the full node "
+                        "matrix L after each step, .npy, as 2018 (e.g. L_%%d_%%d_%%d.npy)")
     g.add_argument("--store_slice", default=None, help="with --class_range: the slice's top-5 (.npz)")
     g.add_argument("--merge_slices", nargs="+", default=None, metavar="S.npz",
                    help="merge --store_slice files into the result of one full run (no other input)")
     return p.parse_args(argv)
-
-
-def _int_list(s, flag):
-    try:
-        return [int(v) for v in s.split(",") if v.strip()]
-    except ValueError:
-        raise InputError("%s %r: expected comma-separated integers" % (flag, s))
 
 
 def _class_range(s, nclass):
@@ -117,6 +118,22 @@ def _class_range(s, nclass):
     if a >= nclass:
         raise InputError("--class_range %s: the split has only %d classes" % (s, nclass))
     return a, min(b, nclass)
+
+
+def _check_pattern(pat):
+    """--storeLiters takes the 2018 code's printf pattern of three integers."""
+    if re.fullmatch(r"[0-9,\s]+", pat):
+        raise InputError("--storeLiters %r: this flag takes the 2018 code's printf pattern for the full node "
+                         "matrix L (step, first class, end class, e.g. L_%%d_%%d_%%d.npy); the test scores of "
+                         "every iteration go to --storeLname (one pickle), the last ones to --storeL" % pat)
+    try:
+        name = pat % (0, 0, 1)
+    except (TypeError, ValueError) as e:
+        raise InputError("--storeLiters %r: expected a printf pattern with three integers (step, first "
+                         "class, end class), e.g. L_%%d_%%d_%%d.npy (%s)" % (pat, e))
+    if name == pat % (1, 0, 1):
+        raise InputError("--storeLiters %r: the pattern must use the step (its first integer), or every "
+                         "step overwrites the same file" % pat)
 
 
 def _meta(args):
@@ -207,13 +224,8 @@ def main(argv=None):
         raise InputError("--class_range needs --store_slice (merge the slices with --merge_slices)")
     if args.store_slice and (args.storeL or args.storeLname):
         raise InputError("--storeL/--storeLname store full score matrices: not with --class_range")
-    store_iters = []
-    if args.storeLname:
-        store_iters = (_int_list(args.storeLiters, "--storeLiters") if args.storeLiters
-                       else list(range(args.niter + 1)))
-        for t in store_iters:
-            if not 0 <= t <= args.niter:
-                raise InputError("--storeLiters %d: iterations are 0..%d" % (t, args.niter))
+    if args.storeLiters:
+        _check_pattern(args.storeLiters)
     ddir = get_ddir(args.ddir)
     paths = data.feature_paths(ddir)
     if args.nbg > 0:   # fail before the feature loading when the background or graph is missing
@@ -270,19 +282,30 @@ def main(argv=None):
     del I_test
     log("W: %d nnz (%.1f per row); T: %d x %d" % (W.nnz, W.nnz / n, T.shape[0], T.shape[1]))
     times["make_W"] = time.time() - t0
-    lab_nodes = None
+    lab_nodes = new_id = None
     if args.reorder == "on" or (args.reorder == "auto" and n >= REORDER_MIN_NODES):
         t0 = time.time()
         log("renumbering the %d nodes breadth-first (locality of the products)" % n)
-        W, T, lab_nodes = dif.reorder(W, T, len(y_lab))
+        W, T, new_id = dif.reorder(W, T)
+        lab_nodes = new_id[:len(y_lab)]
         times["reorder"] = time.time() - t0
+
+    def store_L(t, b0, b1, L):
+        """--storeLiters: L after step t - 1 (the 2018 numbering), rows in graph order."""
+        if t == 0:
+            return
+        fname = args.storeLiters % (t - 1, b0, b1)
+        with atomic_output(fname) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, L if new_id is None else L[new_id])
+        log("wrote %s" % fname)
 
     t0 = time.time()
     lslice = dif.auto_lslice(n, c1 - c0) if args.lslice is None else args.lslice
     log("diffusion of classes %d:%d, %d iterations%s" % (
         c0, c1, args.niter, ", blocks of %d classes" % lslice if 0 < lslice < c1 - c0 else ""))
     scores = dif.diffuse(W, T, y_lab, split.nclass, args.niter, class_range=(c0, c1),
-                         lslice=lslice, lab_nodes=lab_nodes)
+                         lslice=lslice, lab_nodes=lab_nodes, on_iter=store_L if args.storeLiters else None)
     times["diffusion"] = time.time() - t0
     meta = _meta(args)
 
@@ -304,12 +327,11 @@ def main(argv=None):
                 with open(tmp, "wb") as f:
                     np.save(f, scores[-1])
             log("wrote %s" % args.storeL)
-        for t in store_iters:
-            fname = "%s_iter%d.npy" % (args.storeLname, t)
-            with atomic_output(fname) as tmp:
+        if args.storeLname:
+            with atomic_output(args.storeLname) as tmp:
                 with open(tmp, "wb") as f:
-                    np.save(f, scores[t])
-            log("wrote %s" % fname)
+                    pickle.dump([np.ascontiguousarray(S) for S in scores], f, 2)
+            log("wrote %s" % args.storeLname)
     res["graph"] = {"nodes": n, "W_nnz": int(W.nnz)}
     res["graph"].update({key: ginfo[key] for key in ("node_index", "bg_index_recall@10", "node_index_recall@10",
                                                      "cache", "cache_built", "rows_beyond_bf16_bound")

@@ -1,6 +1,8 @@
 """Late fusion of logistic-regression and diffusion scores ("combined" column of the paper's table).
 
-Reads   --logreg_scores A.npy     (n_test, C) float32 softmax probabilities (logreg.py --storeL)
+Reads   --logreg_scores A.npy     (n_test, C) float32 softmax probabilities (logreg.py --storeL),
+                                  or log-probabilities (the 2018 logreg.py's --storeL: all <= 0,
+                                  exponentiated; the log says which was read)
         --diffusion_scores B.npy  (n_test, C) float32 diffusion scores (diffusion.py --storeL)
         $DDIR/features/val.hdf5   test labels (rows of the split's classes, file order)
         --split                   class split (default data/label_idx.json)
@@ -49,7 +51,7 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def _load_scores(path, nt, C):
+def _load_scores(path, nt, C, log_probs_ok=False):
     require_file(path, "score file")
     try:
         S = np.load(path, mmap_mode="r")
@@ -62,8 +64,15 @@ def _load_scores(path, nt, C):
     if not np.isfinite(S).all():
         raise InputError("score file %s holds NaN or inf" % path)
     if (S < 0).any():
-        raise InputError("score file %s holds negative scores: expected probabilities or "
-                         "diffusion mass" % path)
+        if log_probs_ok and not (S > 0).any():
+            log("%s: log-probabilities (all scores <= 0, as the 2018 logreg.py --storeL wrote them): "
+                "exponentiated" % path)
+            return np.exp(S)
+        raise InputError("score file %s holds negative scores: expected %s" % (
+            path, "probabilities (logreg.py --storeL) or log-probabilities, all <= 0 (the 2018 logreg.py)"
+            if log_probs_ok else "diffusion mass (diffusion.py --storeL), >= 0"))
+    if log_probs_ok:
+        log("%s: probabilities" % path)
     return S
 
 
@@ -84,7 +93,7 @@ def main(argv=None):
     val = data.feature_paths(ddir)["val"]
     y, _ = data.load_labels(val, split)
     log("%d test images of %s, %d classes" % (y.size, val, split.nclass))
-    P = _load_scores(args.logreg_scores, y.size, split.nclass)
+    P = _load_scores(args.logreg_scores, y.size, split.nclass, log_probs_ok=True)
     S = _load_scores(args.diffusion_scores, y.size, split.nclass)
     top5, top5_novel = [], []
     for w in weights:

@@ -44,7 +44,7 @@ def label_matrix(y_lab, n, c0, c1, lab_nodes=None, out=None):
     return L
 
 
-def reorder(W, T, nl):
+def reorder(W, T):
     """Renumber the nodes breadth-first so that neighbours get close ids (faster products).
 
     The sparse x dense product gathers rows of L at W's column ids: with close ids they come from
@@ -54,16 +54,16 @@ def reorder(W, T, nl):
     Parameters
     ----------
     W : graph_utils.CSR (n, n); T : graph_utils.CSR (nt, n)
-    nl : int, the labelled nodes are 0..nl-1 before renumbering
 
     Returns
     -------
-    W, T renumbered, and lab_nodes (nl,) int64: the new ids of the labelled nodes.
+    W, T renumbered, and new_id (n,) int64: the new id of each node (``new_id[:nl]``: of the
+    labelled nodes; ``M[new_id]`` puts the rows of a node matrix M back in the original order).
     """
     import graph_utils
     perm = graph_utils.locality_order(W)
     new_id = graph_utils.inverse_permutation(perm)
-    return graph_utils.permute(W, perm), graph_utils.permute_columns(T, perm), new_id[:nl]
+    return graph_utils.permute(W, perm), graph_utils.permute_columns(T, perm), new_id
 
 
 # Columns of L diffused at a time by default: 128 (rows of 512 bytes: at F1M, 3 iterations over 507

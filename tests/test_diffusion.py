@@ -197,7 +197,8 @@ def test_diffuse_dense_and_lslice():
     for a, b in zip(full, part):
         np.testing.assert_array_equal(a[:, 2:6], b)
     # breadth-first renumbering: same scores (sums in another order), labelled nodes moved
-    W2, T2, lab_nodes = dif.reorder(W, T, nl)
+    W2, T2, new_id = dif.reorder(W, T)
+    lab_nodes = new_id[:nl]
     assert sorted(set(lab_nodes.tolist())) == sorted(lab_nodes.tolist()) and len(lab_nodes) == nl
     for a, b in zip(dif.diffuse(W2, T2, y_lab, C, niter, lab_nodes=lab_nodes), ref):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
@@ -244,8 +245,8 @@ def common_args(root, *extra):
 def test_diffusion_end_to_end(tiny_ddir, tmp_path, capsys):
     root = tiny_ddir
     res = run_json(diffusion.main, common_args(root, "--storeL", str(tmp_path / "L.npy"),
-                                               "--storeLname", str(tmp_path / "h"),
-                                               "--storeLiters", "0,2",
+                                               "--storeLname", str(tmp_path / "h.pkl"),
+                                               "--storeLiters", str(tmp_path / "L_%d_%d_%d.npy"),
                                                "--result", str(tmp_path / "r.json")), capsys)
     assert json.load(open(tmp_path / "r.json")) == res
     # independent reference: brute-force graph over labelled U background, dense diffusion
@@ -258,18 +259,35 @@ def test_diffusion_end_to_end(tiny_ddir, tmp_path, capsys):
     ref = dense_diffusion(brute_union_knn(allx, allx, K_GRAPH), brute_union_knn(xt, allx, K_GRAPH),
                           d.yl, d.split.nclass, 3)
     np.testing.assert_allclose(np.load(tmp_path / "L.npy"), ref[-1], rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(np.load(tmp_path / "h_iter2.npy"), ref[2], rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(np.load(tmp_path / "h_iter0.npy"), ref[0], rtol=1e-5, atol=1e-7)
+    # --storeLname: the 2018 pickle of every iteration's test scores
+    import pickle
+    hist = pickle.load(open(tmp_path / "h.pkl", "rb"))
+    assert len(hist) == 4
+    for S, R in zip(hist, ref):
+        np.testing.assert_allclose(S, R, rtol=1e-5, atol=1e-7)
+    # --storeLiters: the full node matrix after each step s, file pattern % (s, first class, end class);
+    # the test images' scores are the sums of its rows over their neighbours
+    T = np.zeros((len(xt), len(allx)))
+    for i, row in enumerate(brute_union_knn(xt, allx, K_GRAPH)):
+        T[i, row] = 1
+    C = d.split.nclass
+    for step in range(3):
+        L = np.load(tmp_path / ("L_%d_0_%d.npy" % (step, C)))
+        assert L.shape == (len(allx), C)
+        np.testing.assert_allclose(T @ L, ref[step + 1], rtol=1e-4, atol=1e-6)
     assert [it["iter"] for it in res["iters"]] == [0, 1, 2, 3]
     for it, S in zip(res["iters"], ref):
         assert (it["top5"], it["top5_novel"]) == evaluate.top5(S, d.yte, d.split.is_novel)
     assert (res["top5"], res["top5_novel"]) == (res["iters"][-1]["top5"], res["iters"][-1]["top5_novel"])
     assert res["top5"] > res["iters"][0]["top5"]   # diffusion reaches test images
 
-    # renumbering the nodes (automatic only on large graphs) gives the same scores
-    run_json(diffusion.main, common_args(root, "--reorder", "on", "--storeL", str(tmp_path / "Lr.npy")),
-             capsys)
+    # renumbering the nodes (automatic only on large graphs) gives the same scores, and --storeLiters
+    # stores L in graph order whatever the renumbering
+    run_json(diffusion.main, common_args(root, "--reorder", "on", "--storeL", str(tmp_path / "Lr.npy"),
+                                         "--storeLiters", str(tmp_path / "Lr_%d_%d_%d.npy")), capsys)
     np.testing.assert_allclose(np.load(tmp_path / "Lr.npy"), ref[-1], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.load(tmp_path / ("Lr_2_0_%d.npy" % C)), np.load(tmp_path / ("L_2_0_%d.npy" % C)),
+                               rtol=1e-5, atol=1e-9)
 
     # --lslice gives the same scores
     run_json(diffusion.main, common_args(root, "--lslice", "4", "--storeL", str(tmp_path / "L4.npy")),
@@ -310,6 +328,13 @@ def test_diffusion_bad_inputs(tiny_ddir, tmp_path):
         diffusion.main(args + ["--class_range", "0:2"])
     with pytest.raises(InputError, match=r"--lslice -5: must be >= 0"):
         diffusion.main(args + ["--lslice", "-5"])
+    # --storeLiters keeps its 2018 meaning: the comma list of earlier versions is refused
+    with pytest.raises(InputError, match=r"--storeLiters '0,2': this flag takes the 2018 code's printf"):
+        diffusion.main(args + ["--storeLiters", "0,2"])
+    with pytest.raises(InputError, match=r"expected a printf pattern with three integers"):
+        diffusion.main(args + ["--storeLiters", str(tmp_path / "L_%d.npy")])
+    with pytest.raises(InputError, match=r"must use the step"):
+        diffusion.main(args + ["--storeLiters", str(tmp_path / "L_%0.0s%d_%d.npy")])
 
 
 def test_damaged_background_table(tiny_ddir, tmp_path):
@@ -360,3 +385,21 @@ def test_fusion_hand_computed(tiny_ddir, tmp_path, capsys):
         fusion.main(["--ddir", root, "--split", root + "/label_idx.json", "--mode", "test",
                      "--logreg_scores", str(tmp_path / "bad.npy"),
                      "--diffusion_scores", str(tmp_path / "s.npy")])
+    # a 2018 logreg score file holds log-probabilities: read as such, the same fusion
+    np.save(tmp_path / "logp.npy", np.log(P))
+    capsys.readouterr()
+    res2 = run_json(fusion.main, ["--ddir", root, "--split", root + "/label_idx.json", "--mode", "test",
+                                  "--logreg_scores", str(tmp_path / "logp.npy"),
+                                  "--diffusion_scores", str(tmp_path / "s.npy"),
+                                  "--weights", "0,0.25,1"], capsys)
+    for a, b in zip(res2["top5"], res["top5"]):
+        assert a == b                              # exp(log(p)) = p up to rounding: the same ranks
+    mixed = np.log(P)
+    mixed[0, 0] = 1
+    np.save(tmp_path / "mixed.npy", mixed)
+    with pytest.raises(InputError, match="mixed.npy holds negative scores: expected probabilities"):
+        fusion.main(["--ddir", root, "--split", root + "/label_idx.json", "--mode", "test",
+                     "--logreg_scores", str(tmp_path / "mixed.npy"), "--diffusion_scores", str(tmp_path / "s.npy")])
+    with pytest.raises(InputError, match="logp.npy holds negative scores: expected diffusion mass"):
+        fusion.main(["--ddir", root, "--split", root + "/label_idx.json", "--mode", "test",
+                     "--logreg_scores", str(tmp_path / "p.npy"), "--diffusion_scores", str(tmp_path / "logp.npy")])
