@@ -85,7 +85,9 @@ def parse_args(argv):
     g.add_argument("--reorder", default="auto", choices=["auto", "on", "off"],
                    help="renumber the nodes breadth-first before diffusing (same result, faster "
                         "products); auto: from %d nodes" % REORDER_MIN_NODES)
-    g.add_argument("--niter", type=int, default=3, help="diffusion iterations")
+    g.add_argument("--niter", type=int, default=None,
+                   help="diffusion iterations (default: the value the 2018 code validated for this --nbg, "
+                        "--nlabeled and k = 30: 3 for F1M at n = 1, 2, 5, 4 for F10M...; 3 elsewhere)")
     g.add_argument("--lslice", type=int, default=None,
                    help="diffuse classes by blocks of this many columns (0: all at once; default: "
                         "auto, see lowshot.diffuse.auto_lslice); same result, peak memory ~2 (n, lslice) "
@@ -216,6 +218,9 @@ def main(argv=None):
         raise InputError("--k %d: need at least 1 neighbour" % args.k)
     if args.nbg < 0:
         raise InputError("--nbg %d: must be >= 0" % args.nbg)
+    if args.niter is None:
+        args.niter, how = dif.default_niter(args.nbg, args.nlabeled, args.k)
+        log("--niter %d: %s" % (args.niter, how))
     if args.niter < 0:
         raise InputError("--niter %d: must be >= 0" % args.niter)
     if args.lslice is not None and args.lslice < 0:

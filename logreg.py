@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Logistic-regression baseline of the low-shot benchmark (paper, Table 2 "logistic regression").
+"""Logistic-regression baseline of the low-shot benchmark (paper, Table 3 "logistic regression").
 
 Reads   $DDIR/features/train.hdf5   (all_feats (rows, D) float32, all_labels, count): labelled images
         $DDIR/features/val.hdf5     the test images

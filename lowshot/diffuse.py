@@ -16,6 +16,29 @@ import numpy as np
 from lowshot.common import InputError, log
 
 
+# Diffusion iterations validated by the 2018 code (run_diffusion.bash, stage 3) for k = 30: background
+# size -> {labelled images per novel class n: iterations}. diffusion.py uses them when --niter is not
+# given; elsewhere DEFAULT_NITER.
+VALIDATED_NITER = {
+    0: {1: 3, 2: 3, 5: 1, 10: 1, 20: 1},
+    10**5: {1: 0, 2: 3, 5: 0, 10: 0, 20: 0},
+    10**6: {1: 3, 2: 3, 5: 3, 10: 2, 20: 2},
+    10**7: {1: 4, 2: 4, 5: 4, 10: 3, 20: 3},
+    10**8: {1: 7, 2: 6, 5: 5, 10: 5, 20: 4},
+}
+VALIDATED_K = 30
+DEFAULT_NITER = 3
+
+
+def default_niter(nbg, nlabeled, k):
+    """(iterations, where they come from) for a run without --niter."""
+    it = VALIDATED_NITER.get(nbg, {}).get(nlabeled) if k == VALIDATED_K else None
+    if it is not None:
+        return it, "validated by the 2018 code for nbg = %d, n = %d, k = %d" % (nbg, nlabeled, k)
+    return DEFAULT_NITER, ("no validated value for nbg = %d, n = %d, k = %d (the 2018 code validated k = %d, "
+                           "nbg 0/100k/1M/10M/100M, n 1/2/5/10/20): the default" % (nbg, nlabeled, k, VALIDATED_K))
+
+
 def label_matrix(y_lab, n, c0, c1, lab_nodes=None, out=None):
     """L0 restricted to classes [c0, c1): (n, c1-c0) float32, columns summing to 1 (or 0).
 

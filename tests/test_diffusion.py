@@ -403,3 +403,18 @@ def test_fusion_hand_computed(tiny_ddir, tmp_path, capsys):
     with pytest.raises(InputError, match="logp.npy holds negative scores: expected diffusion mass"):
         fusion.main(["--ddir", root, "--split", root + "/label_idx.json", "--mode", "test",
                      "--logreg_scores", str(tmp_path / "p.npy"), "--diffusion_scores", str(tmp_path / "logp.npy")])
+
+
+def test_default_niter_is_the_2018_validated_table(tiny_ddir, capsys):
+    """Without --niter: the iterations the 2018 run_diffusion.bash validated (k = 30), else 3."""
+    assert dif.default_niter(10**6, 2, 30)[0] == 3 and dif.default_niter(10**6, 20, 30)[0] == 2
+    assert dif.default_niter(10**7, 2, 30)[0] == 4 and dif.default_niter(10**7, 10, 30)[0] == 3
+    assert dif.default_niter(10**8, 1, 30)[0] == 7 and dif.default_niter(10**8, 20, 30)[0] == 4
+    assert dif.default_niter(0, 5, 30)[0] == 1 and dif.default_niter(10**5, 2, 30)[0] == 3
+    assert dif.default_niter(10**6, 2, 20) == (3, dif.default_niter(10**6, 2, 20)[1])   # other k: 3
+    assert "no validated value" in dif.default_niter(500, 2, 30)[1]
+    args = common_args(tiny_ddir)
+    i = args.index("--niter")
+    del args[i:i + 2]
+    res = run_json(diffusion.main, args, capsys)
+    assert res["niter"] == 3
