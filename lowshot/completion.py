@@ -445,12 +445,13 @@ def complete_graph(x0, xt, k, bg=None, node_index="exact", node_nprobe=16, nbase
         tlast = time.time()
         for i0, i1 in _blocks(nbg, bs):
             D_11 = np.ascontiguousarray(Dbg[i0:i1, :k])
-            I_11 = np.ascontiguousarray(Ibg[i0:i1, :k])
+            I_11 = np.asarray(Ibg[i0:i1, :k])          # int32, or int64 in a 2018 .npy table
             if I_11.size and (I_11.min() < -1 or I_11.max() >= nbg):
                 r, c = np.argwhere((I_11 < -1) | (I_11 >= nbg))[0]
                 raise InputError("background graph %s: I[%d, %d] = %d is neither -1 nor a background id "
                                  "(< %d): the file is damaged, rebuild it with `build_graph.py %d --force`" % (
                                      bg.get("I_path", "table"), i0 + r, c, I_11[r, c], nbg, nbg))
+            I_11 = np.ascontiguousarray(I_11, dtype=np.int32)
             q = normalized(xb[i0:i1], "background")
             if index0 is not None:
                 D_10, I_10 = _bg_first(D_11, I_11, n0, *knn_search(index0, q, k, bs))

@@ -535,24 +535,43 @@ def find_background_graph(ddir, nbg, k, graph_paths):
     """
     K = graph_K(k)
     cmd = "python build_graph.py %d --ddir %s" % (nbg, ddir)
-    while K <= 1024:
+    found = None
+    while K <= 1024 and found is None:
         p = graph_paths(ddir, nbg, K)
-        if os.path.isfile(p["I"]) and os.path.isfile(p["D"]):
-            break
-        K *= 2
-    else:
+        found = next((f for f in _table_names(p, K) if os.path.isfile(f[0]) and os.path.isfile(f[1])), None)
+        K = K if found else 2 * K
+    if found is None:
         p = graph_paths(ddir, nbg, graph_K(k))
         raise InputError("background graph %s (or a larger K) does not exist: make it with `%s`"
                          % (p["I"], cmd))
     require_file(p["index"], "background index (make it with `%s`)" % cmd)
     tabs = []
-    for key, dt in (("D", np.float32), ("I", np.int32)):
-        size = os.path.getsize(p[key])
+    for path, dts in ((found[1], (np.float32,)), (found[0], (np.int32, np.int64))):
+        if path.endswith(".npy"):
+            try:
+                t = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise InputError("background graph %s is not a .npy array: %s" % (path, e))
+            if t.ndim != 2 or t.shape[0] != nbg or t.shape[1] < K or t.dtype not in dts:
+                raise InputError("background graph %s holds %s %s, expected (nbg, >= K) = (%d, >= %d) %s "
+                                 "(rebuild it with `%s`)" % (path, t.dtype, t.shape, nbg, K,
+                                                             " or ".join(np.dtype(d).name for d in dts), cmd))
+            tabs.append(t)
+            continue
+        size = os.path.getsize(path)
         if size != nbg * K * 4:
             raise InputError("background graph %s has %d bytes, expected nbg*K*4 = %d*%d*4 = %d "
-                             "(rebuild it with `%s`)" % (p[key], size, nbg, K, nbg * K * 4, cmd))
-        tabs.append(np.memmap(p[key], dtype=dt, mode="r", shape=(nbg, K)))
+                             "(rebuild it with `%s`)" % (path, size, nbg, K, nbg * K * 4, cmd))
+        tabs.append(np.memmap(path, dtype=dts[0], mode="r", shape=(nbg, K)))
     return p["index"], tabs[0], tabs[1]
+
+
+def _table_names(p, K):
+    """The (I, D) file names a stored table may have, in the 2018 code's order: ``_I_11.npy`` /
+    ``_D_11.npy``, then ``.int{K}`` / ``.float{K}`` (its raw files: the published
+    ``ndis{N}_k32_I_11.int32``), then this project's ``.int32`` / ``.float32`` for any K."""
+    bi, bd = p["I"][:-len(".int32")], p["D"][:-len(".float32")]
+    return [(bi + ".npy", bd + ".npy"), (bi + ".int%d" % K, bd + ".float%d" % K), (p["I"], p["D"])]
 
 
 def _is_ivf_file(path):

@@ -418,3 +418,31 @@ def test_default_niter_is_the_2018_validated_table(tiny_ddir, capsys):
     del args[i:i + 2]
     res = run_json(diffusion.main, args, capsys)
     assert res["niter"] == 3
+
+
+def test_graph_files_named_as_the_2018_code(tiny_ddir, tmp_path, capsys):
+    """The background table under the 2018 code's other names (.npy, .int{K} / .float{K}) is read
+    as the project's own, with the same result."""
+    import shutil
+    ref = run_json(diffusion.main, common_args(tiny_ddir), capsys)
+    root = str(tmp_path / "ddir")
+    shutil.copytree(tiny_ddir, root)
+    shutil.rmtree(os.path.join(root, "cache"), ignore_errors=True)
+    p32, p = data.graph_paths(root, 500, 32), data.graph_paths(root, 500, 8)
+    I = np.fromfile(p32["I"], dtype=np.int32).reshape(500, 32)[:, :8].copy()   # the 8 nearest
+    D = np.fromfile(p32["D"], dtype=np.float32).reshape(500, 32)[:, :8].copy()
+    os.remove(p32["I"])
+    os.remove(p32["D"])
+    I.tofile(p["I"][:-len("int32")] + "int8")          # the 2018 raw names for K = 8
+    D.tofile(p["D"][:-len("float32")] + "float8")
+    res = run_json(diffusion.main, common_args(root), capsys)
+    assert res["iters"] == ref["iters"]
+    for f in (p["I"][:-len("int32")] + "int8", p["D"][:-len("float32")] + "float8"):
+        os.remove(f)
+    np.save(p["I"][:-len("int32")] + "npy", I.astype(np.int64))   # np.save'd, ids int64
+    np.save(p["D"][:-len("float32")] + "npy", D)
+    res = run_json(diffusion.main, common_args(root), capsys)
+    assert res["iters"] == ref["iters"]
+    np.save(p["D"][:-len("float32")] + "npy", D[:100])
+    with pytest.raises(InputError, match=r"_D_11.npy holds float32 \(100, 8\), expected"):
+        diffusion.main(common_args(root))
