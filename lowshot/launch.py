@@ -16,6 +16,7 @@ Nothing here reads the environment or touches files at import time.
 
 Over 400 lines: the local and the Slurm launcher, two classes sharing the Run protocol.
 """
+import fcntl
 import json
 import math
 import os
@@ -177,10 +178,15 @@ class LocalLauncher:
         self.poll_s = poll_s
 
     def execute(self, runs, label):
-        """Run ``runs`` (all not done); return the list of runs that failed (no complete outputs)."""
+        """Run ``runs`` (all not done); return the list of runs that failed (no complete outputs).
+
+        Each run holds a lock (``flock`` on ``<log>.lock``, inherited by its process) while it
+        runs: a second invocation of the same phase does not start it again but waits for it and
+        counts its outcome."""
         todo = list(runs)
         total = len(todo)
         running = {}
+        elsewhere = []          # runs another invocation is running
         ndone, failed = 0, []
         env = dict(os.environ, **thread_env(self.threads))
         last_print = [0.0, None]
@@ -198,16 +204,26 @@ class LocalLauncher:
             while todo or running:
                 while todo and len(running) < self.nproc:
                     run = todo.pop(0)
+                    lock = run_lock(run)
+                    if lock is None:
+                        elsewhere.append(run)
+                        continue
+                    if run.is_done():           # finished by another invocation meanwhile
+                        os.close(lock)
+                        ndone += 1
+                        continue
                     run.clear()
                     with open(run.log, "w") as logf:
                         p = subprocess.Popen(run.cmd, cwd=self.cwd, env=env, stdout=logf,
-                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-                    running[p] = run
+                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                             pass_fds=(lock,))
+                    running[p] = (run, lock)
                 progress(force=new_failure)
                 new_failure = False
                 time.sleep(self.poll_s)
                 for p in [p for p in running if p.poll() is not None]:
-                    run = running.pop(p)
+                    run, lock = running.pop(p)
+                    os.close(lock)
                     if p.returncode == 0 and run.is_done():
                         ndone += 1
                     else:
@@ -215,14 +231,45 @@ class LocalLauncher:
                         new_failure = True
                         log("%s: FAILED %s (exit status %d): %s  [log: %s]" % (
                             label, run.name, p.returncode, last_line(run.log), run.log))
+            if elsewhere:
+                log("%s: %d runs are running in another invocation: waiting for them" % (label, len(elsewhere)))
+            while elsewhere:
+                time.sleep(self.poll_s)
+                for run in list(elsewhere):
+                    lock = run_lock(run)
+                    if lock is None:
+                        continue
+                    os.close(lock)
+                    elsewhere.remove(run)
+                    if run.is_done():
+                        ndone += 1
+                    else:
+                        failed.append(run)
+                        log("%s: FAILED %s (run by another invocation): %s  [log: %s]" % (
+                            label, run.name, last_line(run.log), run.log))
+                progress()
         except BaseException:
-            for p, run in running.items():
+            for p in running:
                 p.terminate()
             for p in running:
                 p.wait()
             raise
         progress(force=True)
         return failed
+
+
+def run_lock(run):
+    """An exclusive ``flock`` on ``<run.log>.lock`` (a file descriptor), or None when another
+    process holds it. flock locks belong to the open file: the run's process inherits it and holds
+    it as long as it lives, even if its launcher dies."""
+    os.makedirs(os.path.dirname(os.path.abspath(run.log)), exist_ok=True)
+    fd = os.open(run.log + ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 class SlurmLauncher:

@@ -104,6 +104,37 @@ def test_local_skips_existing_and_redoes_crashed(tmp_path):
         assert (os.path.getmtime(r.log) != mtimes[r.name]) == (r.name == "r2")
 
 
+def test_two_invocations_run_each_command_once(tmp_path):
+    """`bash run_logreg.bash 1` twice at once (local launcher): each run starts once; the second
+    invocation waits for the runs the first one holds and counts their outcome."""
+    slow = (
+        "import json, os, sys, time\n"
+        "res, starts = sys.argv[1], sys.argv[2]\n"
+        "with open(starts, 'a') as f: f.write('%s\\n' % os.path.basename(res))\n"
+        "time.sleep(1.0)\n"
+        "json.dump({'pid': os.getpid()}, open(res + '.tmp', 'w'))\n"
+        "os.replace(res + '.tmp', res)\n")
+    driver = (
+        "import json, os, sys\n"
+        "from lowshot.launch import LocalLauncher, Run\n"
+        "d, slow = sys.argv[1], sys.argv[2]\n"
+        "runs = [Run('r%d' % i, [sys.executable, '-c', slow, os.path.join(d, 'r%d.json' % i), os.path.join(d, 'starts')],\n"
+        "            [os.path.join(d, 'r%d.json' % i)], os.path.join(d, 'r%d.log' % i)) for i in range(6)]\n"
+        "runs = [r for r in runs if not r.is_done()]\n"
+        "failed = LocalLauncher(os.getcwd(), nproc=2, progress_s=0, poll_s=0.02).execute(runs, 't')\n"
+        "print(json.dumps([r.name for r in failed]))\n")
+    d = str(tmp_path)
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    procs = [subprocess.Popen([sys.executable, "-c", driver, d, slow], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert [json.loads(o.strip().splitlines()[-1]) for o, _ in outs] == [[], []]
+    starts = open(os.path.join(d, "starts")).read().split()
+    assert sorted(starts) == ["r%d.json" % i for i in range(6)]      # each run started once
+    assert any("running in another invocation" in o for o, _ in outs)
+
+
 def test_shell_line_round_trips_through_bash(tmp_path):
     odd = "a b'c\"d$e\nf\\g\th"
     r = Run("odd", [sys.executable, "-c", "import sys; open(sys.argv[2], 'w').write(sys.argv[1])",
