@@ -23,7 +23,8 @@ which searches it with the labelled and test images: NN-descent's index does tha
 0.57 at 100k generated vectors against 0.97 for IVF and 0.98 for HNSW), so it is never the default:
   exact      IndexFlatIP, exact search
   ivf        IndexIVFFlat; CPU: 4*sqrt(N) lists, each vector's search visits enough lists to scan
-             about 16000 vectors (64 of 4000 at 1M), computed list by list, in bfloat16 with an
+             about 16000 vectors at 1M, times (N/1M)^(1/6) above (64 of 4000 lists at 1M, 30 of
+             12649 at 10M), computed list by list, in bfloat16 with an
              exact float32 re-score where the CPU has AVX512-BF16 (see README "Scale"); GPUs:
              4*sqrt(N) lists, nprobe 256 (the 2018 original)
   hnsw       IndexHNSWFlat, M=32, efSearch=64 (1M: 233 s, recall@10 0.910)
