@@ -371,7 +371,12 @@ def test_end_to_end_small_config(tiny_ddir, tmp_path):
     assert lr_chosen["val_top5"] == pytest.approx(vals[best])
     test = json.load(open(ph.path("logreg", "test", "nl1.seed1.json")))
     assert (test["lr"], test["maxiter"], test["mode"]) == (lr_chosen["lr"], lr_chosen["maxiter"], "test")
-    assert os.path.exists(ph.path("logreg", "val_scores", "nl1.seed1.npy"))
+    # the stored validation probabilities are what the fusion read: its weight-0 point is logreg alone
+    from lowshot import data, evaluate
+    split = data.load_split(os.path.join(tiny_ddir, "label_idx.json"), "val")
+    y, _ = data.load_labels(data.feature_paths(tiny_ddir)["val"], split)
+    P = np.load(ph.path("logreg", "val_scores", "nl1.seed1.npy"))
+    assert P.shape == (y.size, split.nclass) and np.allclose(P.sum(axis=1), 1, atol=1e-4)
     dif = yaml.safe_load(open(ph.chosen_path("diffusion")))["diffusion"][1]["nbg%d" % NBG]
     val = json.load(open(ph.path("diffusion", "val", "nl1.nbg%d.seed1.json" % NBG)))
     top = [it["top5"] for it in val["iters"]]
@@ -380,6 +385,7 @@ def test_end_to_end_small_config(tiny_ddir, tmp_path):
         == dif["niter"]
     fus = yaml.safe_load(open(ph.chosen_path("fusion")))["fusion"][1]["nbg%d" % NBG]
     fval = json.load(open(ph.path("fusion", "val", "nl1.nbg%d.seed1.json" % NBG)))
+    assert fval["weights"][0] == 0 and fval["top5"][0] == evaluate.top5(P, y, split.is_novel)[0]
     assert fus["weight"] == fval["weights"][int(np.argmax(fval["top5"]))]
     # phase 4: the printed table holds the numbers of the test JSONs
     summary = json.load(open(ph.path("results", "diffusion.json")))["columns"]
@@ -391,7 +397,9 @@ def test_end_to_end_small_config(tiny_ddir, tmp_path):
         v = 100 * (r["top5"][0] if isinstance(r["top5"], list) else r["top5"])
         assert col["cells"]["1"]["top5"] == pytest.approx(v)
         assert "%.2f ± 0.00" % v in out
-    assert os.path.exists(ph.path("results", "diffusion.png"))
+    import matplotlib.image
+    png = matplotlib.image.imread(ph.path("results", "diffusion.png"))
+    assert png.ndim == 3 and min(png.shape[:2]) > 200 and png[..., :3].std() > 0.01   # a drawn figure
     # a second pass has nothing to do
     out = run_phase("run_diffusion.bash", 3, config)
     assert "0 to run" in out and "1 to run" not in out

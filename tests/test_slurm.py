@@ -17,6 +17,7 @@ import sys
 import time
 
 import pytest
+import numpy as np
 import yaml
 
 from lowshot import phases
@@ -287,7 +288,9 @@ def test_slurm_phase_with_real_scripts(slurm_cluster, tiny_ddir, tmp_path):
     assert json.load(open(val / names[1]))["iters"] == res[1]["iters"]
     # phase 2 only reads: it works the same under LAUNCHER=slurm
     run_phase("run_diffusion.bash", 2, config, LAUNCHER="slurm")
-    assert (rundir / "chosen_diffusion.yaml").exists()
+    chosen = yaml.safe_load(open(rundir / "chosen_diffusion.yaml"))["diffusion"][1]["nbg%d" % NBG]
+    mean = np.mean([[it["top5"] for it in r["iters"]] for r in res], axis=0)
+    assert chosen["niter"] == int(np.argmax(mean)) and chosen["val_top5"] == pytest.approx(mean.max())
 
 
 def test_slurm_prepare_phases(slurm_cluster, tmp_path):
