@@ -196,7 +196,7 @@ def merge_slices(paths):
     if at != C:
         raise InputError("slice files cover classes 0:%d of %d: a slice is missing" % (at, C))
     top = dif.merge_slice_tops(parts)
-    accs = [dif.top5_from_ids(top[t], y, is_novel) for t in range(top.shape[0])]
+    accs = [evaluate.top5_from_ids(top[t], y, is_novel) for t in range(top.shape[0])]
     return meta, accs
 
 
@@ -233,17 +233,20 @@ def main(argv=None):
         _check_pattern(args.storeLiters)
     ddir = get_ddir(args.ddir)
     paths = data.feature_paths(ddir)
-    if args.nbg > 0:   # fail before the feature loading when the background or graph is missing
-        data.open_background(ddir, args.nbg)
-        graph.find_background_graph(ddir, args.nbg, args.k, data.graph_paths)
-
     times = {}
+    vt = data.load_pca(paths["pca"])     # read once; its input dimension is checked on the features
+    bg = None
+    if args.nbg > 0:   # opened before the features are read: a missing background or graph fails fast
+        t0 = time.time()
+        bg = load_background(ddir, args, vt.d_out)
+        times["load_bg"] = time.time() - t0
+
     t0 = time.time()
     d = data.load_lowshot(ddir, args.split, args.mode, args.nlabeled, args.seed,
                           indomain=args.indomain, log=log)
     split = d.split
     c0, c1 = _class_range(args.class_range, split.nclass)
-    vt = data.load_pca(paths["pca"], d.D)
+    data.check_pca_input(vt, d.D, paths["pca"])
     log("PCA %d -> %d and L2 normalisation of %d labelled%s and %d test vectors" % (
         vt.d_in, vt.d_out, len(d.Xl), "" if d.Xu is None else " + %d in-domain" % len(d.Xu),
         len(d.Xte)))
@@ -263,12 +266,6 @@ def main(argv=None):
         raise InputError("k = %d but the graph has only %d nodes (%d labelled/in-domain + %d "
                          "background): need k < number of nodes" % (
                              args.k, len(x0) + args.nbg, len(x0), args.nbg))
-    bg = None
-    if args.nbg > 0:
-        t0 = time.time()
-        bg = load_background(ddir, args, vt.d_out)
-        times["load_bg"] = time.time() - t0
-
     t0 = time.time()
     cache_root = os.path.join(ddir, "cache") if args.completion_cache == "on" else None
     I_nodes, I_test, ginfo = completion.complete_graph(

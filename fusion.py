@@ -43,8 +43,8 @@ def parse_args(argv):
     g = p.add_argument_group("fusion")
     g.add_argument("--logreg_scores", required=True, help="(n_test, C) .npy from logreg.py --storeL")
     g.add_argument("--diffusion_scores", required=True, help="(n_test, C) .npy from diffusion.py --storeL")
-    g.add_argument("--weights", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1",
-                   help="comma-separated diffusion weights w in [0, 1]")
+    g.add_argument("--weights", default=",".join("%g" % w for w in dif.FUSION_WEIGHTS),
+                   help="comma-separated diffusion weights w in [0, 1] (default: %(default)s)")
     g.add_argument("--weight", type=float, default=None, help="a single weight (overrides --weights)")
     g = p.add_argument_group("outputs")
     g.add_argument("--result", default=None, help="write the result JSON here")

@@ -25,7 +25,6 @@ Example (paper, test split, n=2 seed 1: top-5 0.700, 0.565 on novel classes):
   python logreg.py --mode test --nlabeled 2 --seed 1 --storeL $DDIR/logs/logreg_test/L.nl2.seed1.npy
 """
 import argparse
-import os
 
 import numpy as np
 import torch

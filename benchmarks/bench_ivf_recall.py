@@ -20,7 +20,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lowshot import data, graph  # noqa: E402

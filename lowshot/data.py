@@ -460,10 +460,16 @@ def load_pca(path, D=None):
     except RuntimeError as e:
         raise InputError("PCA transform %s cannot be read by faiss: %s" % (
             path, str(e).strip().splitlines()[0] if str(e).strip() else "error"))
-    if D is not None and vt.d_in != D:
+    if D is not None:
+        check_pca_input(vt, D, path)
+    return vt
+
+
+def check_pca_input(vt, D, path):
+    """The PCA transform read from ``path`` applies to features of dimension D."""
+    if vt.d_in != D:
         raise InputError("PCA transform %s maps %d -> %d dims but the features have D = %d" % (
             path, vt.d_in, vt.d_out, D))
-    return vt
 
 
 def open_background(ddir_or_path, nbg=None, d=None):

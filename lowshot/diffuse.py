@@ -213,19 +213,13 @@ def merge_slice_tops(parts, k=SLICE_TOPK):
     return np.take_along_axis(ids, order, axis=-1)
 
 
-def top5_from_ids(top_ids, y, is_novel_class):
-    """(acc_all, acc_novel) given each test image's top-5 class ids (nt, 5)."""
-    y = np.asarray(y, dtype=np.int64)
-    ok = (top_ids == y[:, None]).any(axis=1)
-    nov = np.asarray(is_novel_class, dtype=bool)[y]
-    acc_all = float(ok.mean()) if ok.size else float("nan")
-    acc_novel = float(ok[nov].mean()) if nov.any() else float("nan")
-    return acc_all, acc_novel
-
-
 ############################################################################################
 # Late fusion
 ############################################################################################
+
+
+# Diffusion weights tried by default on validation (fusion.py --weights, the phases' fusion.weights)
+FUSION_WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))
 
 
 def l1_rows(S):

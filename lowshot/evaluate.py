@@ -72,8 +72,19 @@ def top5(scores, y, is_novel_class):
     is_novel_class = np.asarray(is_novel_class, dtype=bool)
     scores = np.asarray(scores)
     _check(scores, y, nclass=is_novel_class.size)
-    ok = rank_of_true(scores, y) < 5
-    nov = is_novel_class[np.asarray(y, dtype=np.int64)]
+    return _accuracies(rank_of_true(scores, y) < 5, y, is_novel_class)
+
+
+def top5_from_ids(top_ids, y, is_novel_class):
+    """(acc_all, acc_novel) given each test image's top-5 class ids (n_test, 5), best first (e.g.
+    merged from class slices, lowshot.diffuse.merge_slice_tops)."""
+    y = np.asarray(y, dtype=np.int64)
+    return _accuracies((np.asarray(top_ids) == y[:, None]).any(axis=1), y, is_novel_class)
+
+
+def _accuracies(ok, y, is_novel_class):
+    """Mean of ``ok`` (one bool per test image) over all images and over novel-class ones."""
+    nov = np.asarray(is_novel_class, dtype=bool)[np.asarray(y, dtype=np.int64)]
     acc_all = float(ok.mean()) if ok.size else float("nan")
     acc_novel = float(ok[nov].mean()) if nov.any() else float("nan")
     return acc_all, acc_novel

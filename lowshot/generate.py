@@ -38,7 +38,6 @@ Files written under ``out`` (names and layouts of the published ``$DDIR``):
   generated in D dims block by block, mapped through the .vt, appended; never held in memory.
 - ``generate.json``: the parameters (written last: its presence means the directory is complete).
 """
-import json
 import os
 import time
 

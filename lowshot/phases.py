@@ -43,6 +43,7 @@ import numpy as np
 import yaml
 
 from lowshot import data
+from lowshot import diffuse as dif
 from lowshot.common import (InputError, atomic_output, get_ddir, log, require_file, run_main,
                             write_json)
 from lowshot.launch import Run, available_cores, make_launcher
@@ -63,7 +64,7 @@ DEFAULTS = {
     "diffusion": {"nbg": [0, 1000000, 10000000, 100000000], "indomain": [False], "k": 30,
                   "niter": 40, "lslice": 0, "nslices": 1, "args": [], "slurm": {},
                   "slurm_by_nbg": {}},
-    "fusion": {"nbg": None, "weights": [round(0.1 * i, 1) for i in range(11)], "args": [],
+    "fusion": {"nbg": None, "weights": list(dif.FUSION_WEIGHTS), "args": [],
                "slurm": {}},
     "prepare": {"model": "ResNet50", "modelfile": None, "features": {}, "background": None,
                 "pca": {"dout": 256, "max_rows": None}, "graph_shards": 1, "graph_args": [],

@@ -320,6 +320,8 @@ def test_top5_ties_vs_brute_force(C):
     for i in range(0, 300, 17):
         ranked = sorted(range(C), key=lambda j: (-scores[i, j], j))[:5]
         assert ids[i].tolist() == ranked and vals[i].tolist() == scores[i, ranked].tolist()
+    # from the top-5 ids alone (merged class slices): the same accuracies
+    assert evaluate.top5_from_ids(ids, y, is_novel) == pytest.approx((ra, rn))
 
 
 def test_top5_tie_rule_small():

@@ -9,7 +9,7 @@ import pytest
 import build_graph
 import diffusion
 import fusion
-from lowshot import completion, data, evaluate, graph
+from lowshot import completion, data, evaluate
 from lowshot import diffuse as dif
 from lowshot.common import InputError
 from lowshot.generate import generate_ddir

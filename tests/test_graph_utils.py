@@ -8,7 +8,6 @@ import time
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from scipy.sparse.csgraph import breadth_first_order
 
 import graph_utils as gu
 

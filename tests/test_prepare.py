@@ -99,7 +99,7 @@ def test_prepare_phases_local(tmp_path):
     run_phase("run_prepare.bash", 2, config)
     out = run_phase("run_prepare.bash", 3, config)
     assert "graph shards: 2 runs" in out and "graph merge: 1 runs" in out
-    p = check_prepared(ddir)
+    check_prepared(ddir)
     # phase 3 again: the graph exists, nothing to run
     out = run_phase("run_prepare.bash", 3, config)
     assert "submitted" not in out and "to run" not in out
