@@ -7,10 +7,8 @@ Reads   $DDIR/features/train.hdf5   (all_feats (rows, D) float32, all_labels, co
                                     --mode test = base_classes_2 + novel_classes_2 (1-based ids)
 Labelled set: every training image of a base class, --nlabeled images of each novel class drawn with
 np.random.RandomState(--seed) (the paper's protocol). A linear layer + log-softmax on the raw D-dim
-features, SGD on class-balanced batches. Flags not given take the validated setting for --nlabeled:
-  n=1: lr 0.001 wd 0.1 batch 128 iters 47000     n=2: lr 0.001 wd 0.01 batch 128 iters 29500
-  n=5: lr 0.001 wd 0.01 batch 64 iters 70500     n=10: lr 0.01 wd 0 batch 128 iters 12000
-  n=20: lr 0.01 wd 0 batch 128 iters 22000       momentum 0 (as the paper's runs)
+features, SGD on class-balanced batches. Flags not given take the validated setting for --nlabeled
+(lowshot/logreg.py HPARAMS, listed at the end of --help).
 --mode val evaluates every 500 iterations, --mode test at the end.
 
 Writes  stdout: top-5 accuracies; last line one JSON result
@@ -35,7 +33,11 @@ from lowshot.common import (InputError, atomic_output, get_ddir, log, print_args
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    table = "\n".join("  n=%d: lr %g wd %g batch %d iters %d" % (n, h["lr"], h["wd"], h["batchsize"], h["maxiter"])
+                      for n, h in sorted(logreg.HPARAMS.items()))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="validated settings (momentum %g, as the paper's runs):\n%s" % (
+                                    logreg.DEFAULT_MOM, table))
     g = p.add_argument_group("protocol")
     g.add_argument("--mode", default="val", choices=["val", "test"], help="val: split 1, test: split 2")
     g.add_argument("--nlabeled", type=int, default=2, help="labelled images per novel class")

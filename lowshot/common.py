@@ -191,3 +191,23 @@ def run_main(main, argv=None):
     except InputError as e:
         print("error: %s" % e, file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def merge_config(default, given, where, free=(), path=()):
+    """``default`` (nested dicts) updated by ``given``: a key ``default`` lacks, or a mapping given
+    a non-mapping, is a one-line InputError naming ``where`` (the config file) and the key's path.
+    ``free``: key paths (tuples) whose mappings take any keys (e.g. Slurm options)."""
+    import copy
+    out = copy.deepcopy(default)
+    path = list(path)
+    for key, val in given.items():
+        if key not in default:
+            raise InputError("config %s: unknown key %r%s (known: %s)" % (
+                where, key, " in " + ".".join(path) if path else "", ", ".join(sorted(default))))
+        if isinstance(default[key], dict) and tuple(path + [key]) not in free:
+            if not isinstance(val, dict):
+                raise InputError("config %s: %s must be a mapping" % (where, ".".join(path + [key])))
+            out[key] = merge_config(default[key], val, where, free, path + [key])
+        else:
+            out[key] = val
+    return out

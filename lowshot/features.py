@@ -30,7 +30,6 @@ done, so an interrupted and resumed run gives a byte-identical file.
 
 Over 400 lines: datasets, transforms and the resumable extraction; the refactor issue splits them.
 """
-import copy
 import io
 import json
 import os
@@ -45,7 +44,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from lowshot import networks
-from lowshot.common import InputError, log, require_file
+from lowshot.common import InputError, log, merge_config, require_file
 
 TRANSFORMS = ("Scale", "CenterCrop", "ToTensor", "Normalize")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
@@ -75,20 +74,6 @@ DEFAULT_CONFIG = {
 
 
 # ----------------------------------------------------------------------------- config
-
-def _merge(defaults, cfg, where):
-    out = copy.deepcopy(defaults)
-    for k, v in cfg.items():
-        if k not in defaults:
-            raise InputError("%s: unknown key %r (known: %s)" % (where, k, ", ".join(defaults)))
-        if isinstance(defaults[k], dict):
-            if not isinstance(v, dict):
-                raise InputError("%s: %r must be a mapping" % (where, k))
-            out[k] = _merge(defaults[k], v, "%s.%s" % (where, k))
-        else:
-            out[k] = v
-    return out
-
 
 def expand_path(path, ddir=None):
     """Expand ``$DDIR`` (from ``ddir`` or the environment) and ``~`` in a config path."""
@@ -126,9 +111,9 @@ def load_config(path=None, ddir=None, overrides=None):
         if not isinstance(cfg, dict):
             raise InputError("config %s: expected a mapping at the top level" % path)
     where = path or "config"
-    cfg = _merge(DEFAULT_CONFIG, cfg, where)
+    cfg = merge_config(DEFAULT_CONFIG, cfg, where)
     if overrides:
-        cfg = _merge(cfg, overrides, where)
+        cfg = merge_config(cfg, overrides, where)
     ds = cfg["dataset"]
     if ds["type"] not in ("yfcc100m", "image_list", "image_folder"):
         raise InputError("%s: dataset.type %r is not yfcc100m, image_list or image_folder"

@@ -34,7 +34,6 @@ Nothing here reads the environment or touches files at import time (the command-
 Over 400 lines: config schema, run grid, execution, choices and reports; the refactor issue
 splits them along those seams (lowshot/prepare.py holds the data-preparation phases).
 """
-import copy
 import json
 import os
 import sys
@@ -44,8 +43,8 @@ import yaml
 
 from lowshot import data
 from lowshot import diffuse as dif
-from lowshot.common import (InputError, atomic_output, get_ddir, log, require_file, run_main,
-                            write_json)
+from lowshot.common import (InputError, atomic_output, get_ddir, log, merge_config, require_file,
+                            run_main, write_json)
 from lowshot.launch import Run, available_cores, make_launcher
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,21 +86,6 @@ METRICS = ("top5", "top5_novel")
 ############################################################################################
 
 
-def _merge(default, given, path, where):
-    out = copy.deepcopy(default)
-    for key, val in given.items():
-        if key not in default:
-            raise InputError("config %s: unknown key %r%s (known: %s)" % (
-                where, key, " in " + ".".join(path) if path else "", ", ".join(sorted(default))))
-        if isinstance(default[key], dict) and tuple(path + [key]) not in _FREE:
-            if not isinstance(val, dict):
-                raise InputError("config %s: %s must be a mapping" % (where, ".".join(path + [key])))
-            out[key] = _merge(default[key], val, path + [key], where)
-        else:
-            out[key] = val
-    return out
-
-
 def load_config(path):
     """Read a phases config (yaml) and fill in the defaults; unknown keys are errors.
 
@@ -121,7 +105,7 @@ def load_config(path):
         raise InputError("config %s is not valid yaml: %s" % (path, str(e).replace("\n", " ")))
     if not isinstance(given, dict):
         raise InputError("config %s: expected a mapping at the top level" % path)
-    cfg = _merge(DEFAULTS, given, [], path)
+    cfg = merge_config(DEFAULTS, given, path, free=_FREE)
     for key in ("rundir", "ddir", "split", "python"):
         if isinstance(cfg[key], str):
             cfg[key] = os.path.expandvars(os.path.expanduser(cfg[key]))
