@@ -20,6 +20,7 @@ import os
 
 import faiss
 
+from lowshot import data
 from lowshot import pca as pcalib
 from lowshot.common import InputError, atomic_output, get_ddir, log, print_args, print_result, run_main
 
@@ -82,7 +83,7 @@ def main(argv=None):
             infiles = [pattern % b for b in range(args.nblock)]
         except TypeError:
             raise InputError("--inpattern %s needs one %%d for the block number" % pattern)
-        vt = pcalib.load_pca(pcafile)
+        vt = data.load_pca(pcafile)
         res = pcalib.apply_pca(vt, infiles, outfile, args.chunk)
         res.update({"script": "train_apply_pca", "command": "apply", "outfile": outfile})
         print_result(res)

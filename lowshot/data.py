@@ -460,6 +460,8 @@ def load_pca(path, D=None):
     except RuntimeError as e:
         raise InputError("PCA transform %s cannot be read by faiss: %s" % (
             path, str(e).strip().splitlines()[0] if str(e).strip() else "error"))
+    if not vt.is_trained:
+        raise InputError("PCA transform %s holds an untrained transform" % path)
     if D is not None:
         check_pca_input(vt, D, path)
     return vt

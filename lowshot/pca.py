@@ -75,18 +75,6 @@ def train_pca(infile, d_out=256, max_rows=None):
     return pca
 
 
-def load_pca(path):
-    """A trained ``faiss.VectorTransform`` from ``path`` (``faiss.read_VectorTransform``)."""
-    require_file(path, "PCA file")
-    try:
-        vt = faiss.read_VectorTransform(path)
-    except RuntimeError as e:
-        raise InputError("PCA file %s cannot be read by faiss: %s" % (path, str(e).splitlines()[0]))
-    if not vt.is_trained:
-        raise InputError("PCA file %s holds an untrained transform" % path)
-    return vt
-
-
 def _chunks(infiles, start_block, chunk_rows):
     """Yield ``(block, i0, i1, rows)`` over the blocks from ``start_block``, in order."""
     for b in range(start_block, len(infiles)):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import train_apply_pca
-from lowshot import pca
+from lowshot import data, pca
 from lowshot.common import InputError
 
 D_IN, D_OUT = 48, 12
@@ -37,7 +37,7 @@ def blocks(tmp_path):
 def test_train_matches_numpy_pca(blocks):
     ddir, xs = blocks
     train_apply_pca.main(["train", "--ddir", str(ddir), "--dout", str(D_OUT)])
-    vt = pca.load_pca(str(ddir / "features" / "PCAR256.vt"))
+    vt = data.load_pca(str(ddir / "features" / "PCAR256.vt"))
     assert (vt.d_in, vt.d_out) == (D_IN, D_OUT)
     x = xs[0].astype(np.float64)
     mu = x.mean(0)
