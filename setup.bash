@@ -13,4 +13,8 @@ if ! cmp -s requirements.txt .venv/.requirements.installed; then
   .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
   cp requirements.txt .venv/.requirements.installed
 fi
+# the repository root on .venv's import path (an editable install without packaging): scripts,
+# benchmarks and tests import lowshot and graph_utils from any working directory
+SITE=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+echo "$(pwd)" > "$SITE/lowshot-diffusion.pth"
 bash graph_utils/compile.bash

@@ -23,18 +23,16 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import faiss  # noqa: E402
-import h5py  # noqa: E402
-import numpy as np  # noqa: E402
+import faiss
+import h5py
+import numpy as np
 
-from lowshot import data, graph  # noqa: E402
-from lowshot.common import get_ddir, log, peak_rss_gib, print_args  # noqa: E402
+from lowshot import data, graph
+from lowshot.common import get_ddir, log, peak_rss_gib, print_args
 
 
 def main():

@@ -23,9 +23,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from lowshot.common import get_ddir, log, print_args  # noqa: E402
+from lowshot.common import get_ddir, log, print_args
 
 
 def run(args, ddir, seed, extra):

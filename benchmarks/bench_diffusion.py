@@ -18,14 +18,13 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import numpy as np  # noqa: E402
-import scipy.sparse as sp  # noqa: E402
+import numpy as np
+import scipy.sparse as sp
 
-import graph_utils  # noqa: E402
-from lowshot import data, graph  # noqa: E402
-from lowshot.common import get_ddir, log, print_args  # noqa: E402
+import graph_utils
+from lowshot import data, graph
+from lowshot.common import get_ddir, log, print_args
 
 
 def run_diffusion(args, ddir):

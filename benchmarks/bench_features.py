@@ -12,7 +12,6 @@ Prints one line per measurement and a final JSON line.
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
@@ -20,8 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lowshot import features, networks  # noqa: E402
+from lowshot import features, networks
 
 
 def network_rate(model, size, batch, nbatch, channels_last):

@@ -14,16 +14,13 @@ Example (the README's numbers, 2 cores):
   python benchmarks/bench_ivf_recall.py --ddir /tmp/f1m --nbg 1000000 --nlists 2000,4000,8000 --scan 12000
 """
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from lowshot import data, graph  # noqa: E402
-from lowshot.common import get_ddir, log, print_args  # noqa: E402
+from lowshot import data, graph
+from lowshot.common import get_ddir, log, print_args
 
 
 def sweep(index, xq, Igt, nprobes):

@@ -20,8 +20,6 @@ Finally it times "k-NN table -> W" at N = --graph_n against scipy (W0 + W0.T, ro
 Example: python benchmarks/bench_spmm.py --configs 100000:100,100000:1000,1000000:100 --result /tmp/spmm.json
 """
 import argparse
-import os
-import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -31,9 +29,8 @@ import scipy.sparse as sp
 import torch
 from threadpoolctl import threadpool_limits
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import graph_utils  # noqa: E402
-from lowshot.common import log, print_args, print_result, run_main, write_json  # noqa: E402
+import graph_utils
+from lowshot.common import log, print_args, print_result, run_main, write_json
 
 
 def best_time(f, repeat):

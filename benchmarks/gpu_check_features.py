@@ -18,7 +18,6 @@ import argparse
 import io
 import json
 import os
-import sys
 import tempfile
 import time
 
@@ -27,8 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lowshot import features, networks  # noqa: E402
+from lowshot import features, networks
 
 
 def write_images(d, n, seed, corrupt=()):

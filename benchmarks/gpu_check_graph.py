@@ -12,12 +12,11 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import faiss  # noqa: E402
-import numpy as np  # noqa: E402
+import faiss
+import numpy as np
 
-from lowshot import completion, graph  # noqa: E402
+from lowshot import completion, graph
 
 
 def recall(I, Iref, at=10):

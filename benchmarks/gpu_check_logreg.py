@@ -6,15 +6,13 @@ D 2048, batch 128). Prints PASS/FAIL lines and one JSON line; skips (exit 0) wit
   python benchmarks/gpu_check_logreg.py
 """
 import json
-import os
 import sys
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lowshot import logreg  # noqa: E402
+from lowshot import logreg
 
 
 def main():
