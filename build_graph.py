@@ -129,7 +129,7 @@ def main(argv=None):
         log("a build is in progress in %s: continuing it" % paths["work"])
     if not args.force and not in_progress:
         try:
-            idx_path, D, I = graph.find_background_graph(ddir, args.N, K, data.graph_paths)
+            idx_path, D, I = graph.find_background_graph(ddir, args.N, K)
             log("a graph with K = %d >= %d exists (%s): nothing to do (--force rebuilds)" % (
                 I.shape[1], K, idx_path))
             print_result({"script": "build_graph", "nbg": args.N, "K": int(I.shape[1]),
@@ -159,7 +159,7 @@ def main(argv=None):
                                                stats["time_total"]))
     if args.recall_nq > 0:
         log("recall@10 against exact search on %d sampled vectors" % args.recall_nq)
-        Imm = graph.find_background_graph(ddir, args.N, K, data.graph_paths)[2]
+        Imm = graph.find_background_graph(ddir, args.N, K)[2]
         stats["recall@10"] = graph.graph_recall(xb, Imm, nq=args.recall_nq, at=10)
         log("recall@10 = %.4f" % stats["recall@10"])
         if stats.get("precision") == "bf16":

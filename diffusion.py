@@ -157,7 +157,7 @@ def _print_accs(accs):
 def load_background(ddir, args, d):
     """The background for graph completion: raw rows (memmap), stored index and tables."""
     xb = data.open_background(ddir, args.nbg, d=d)
-    idx_path, Dbg, Ibg = graph.find_background_graph(ddir, args.nbg, args.k, data.graph_paths)
+    idx_path, Dbg, Ibg = graph.find_background_graph(ddir, args.nbg, args.k)
     log("reading background index %s" % idx_path)
     index = graph.read_background_index(idx_path, args.nbg, d, nprobe=args.bg_nprobe,
                                         ef_search=args.bg_ef_search, search_L=args.bg_search_L)
@@ -312,7 +312,7 @@ def main(argv=None):
     meta = _meta(args)
 
     if args.store_slice:
-        vals, ids = dif.slice_top(scores, c0, evaluate.topk)
+        vals, ids = dif.slice_top(scores, c0)
         with atomic_output(args.store_slice) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, top_scores=vals, top_ids=ids,

@@ -13,6 +13,7 @@ blocks (``lslice``) and job-array slices (``class_range``) give the result of on
 """
 import numpy as np
 
+from lowshot import evaluate
 from lowshot.common import InputError, log
 
 
@@ -173,22 +174,20 @@ def diffuse(W, T, y_lab, nclass, niter, class_range=None, lslice=0, on_iter=None
 SLICE_TOPK = 5
 
 
-def slice_top(scores_list, c0, topk_fn, k=SLICE_TOPK):
+def slice_top(scores_list, c0, k=SLICE_TOPK):
     """Top-k classes within a class slice, for every iteration.
 
     Parameters
     ----------
     scores_list : list of ndarray float32 (nt, c1-c0), one per iteration
     c0 : int, first class id of the slice
-    topk_fn : callable (scores, k) -> (values, ids) with ties to the lowest id
-        (:func:`lowshot.evaluate.topk`)
 
     Returns
     -------
     values : ndarray float32 (niter+1, nt, k'); ids : ndarray int64 (niter+1, nt, k'), global ids
     with k' = min(k, c1-c0).
     """
-    vals, ids = zip(*[topk_fn(s, k) for s in scores_list])
+    vals, ids = zip(*[evaluate.topk(s, k) for s in scores_list])   # ties: lowest class id
     return np.stack(vals).astype(np.float32), np.stack(ids) + c0
 
 

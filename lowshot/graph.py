@@ -26,6 +26,7 @@ import time
 import faiss
 import numpy as np
 
+from lowshot import data
 from lowshot.common import InputError, atomic_output, log, require_file
 
 METHODS = ("exact", "ivf", "hnsw", "nndescent")
@@ -520,12 +521,8 @@ def ivf_agreement(index, xb, I, nq=1000, seed=0):
     return float(np.mean(np.array(shared) == 1.0)), float(np.mean(shared))
 
 
-def find_background_graph(ddir, nbg, k, graph_paths):
+def find_background_graph(ddir, nbg, k):
     """Locate a stored background graph usable for k neighbours (any stored K' >= k, smallest first).
-
-    Parameters
-    ----------
-    graph_paths : callable (ddir, nbg, K) -> dict of ``index``, ``I``, ``D`` paths
 
     Returns
     -------
@@ -537,11 +534,11 @@ def find_background_graph(ddir, nbg, k, graph_paths):
     cmd = "python build_graph.py %d --ddir %s" % (nbg, ddir)
     found = None
     while K <= 1024 and found is None:
-        p = graph_paths(ddir, nbg, K)
+        p = data.graph_paths(ddir, nbg, K)
         found = next((f for f in _table_names(p, K) if os.path.isfile(f[0]) and os.path.isfile(f[1])), None)
         K = K if found else 2 * K
     if found is None:
-        p = graph_paths(ddir, nbg, graph_K(k))
+        p = data.graph_paths(ddir, nbg, graph_K(k))
         raise InputError("background graph %s (or a larger K) does not exist: make it with `%s`"
                          % (p["I"], cmd))
     require_file(p["index"], "background index (make it with `%s`)" % cmd)

@@ -174,7 +174,7 @@ def test_reuse_larger_K(tmp_path, capsys):
     build_graph.main([str(nbg), "--ddir", str(tmp_path), "--k", "32", "--recall_nq", "0"])
     assert '"reused": true' in capsys.readouterr().out.splitlines()[-1]
     assert not os.path.exists(data.graph_paths(str(tmp_path), nbg, 32)["I"])
-    idx, D, I = graph.find_background_graph(str(tmp_path), nbg, 30, data.graph_paths)
+    idx, D, I = graph.find_background_graph(str(tmp_path), nbg, 30)
     assert I.shape == (nbg, 64) and D.shape == (nbg, 64)
 
 
@@ -185,14 +185,14 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(InputError, match="K = 256 neighbours need more than N = 200"):
         build_graph.main(["200", "--ddir", str(tmp_path), "--k", "200"])
     with pytest.raises(InputError, match=r"python build_graph.py 200 --ddir"):
-        graph.find_background_graph(str(tmp_path), 200, 30, data.graph_paths)
+        graph.find_background_graph(str(tmp_path), 200, 30)
     # a truncated table is refused, naming the file and the command that rebuilds it
     build_graph.main(["200", "--ddir", str(tmp_path), "--recall_nq", "0"])
     p = data.graph_paths(str(tmp_path), 200, 32)
     with open(p["D"], "r+b") as f:
         f.truncate(100)
     with pytest.raises(InputError, match="ndis200_k32_D_11.float32 has 100 bytes"):
-        graph.find_background_graph(str(tmp_path), 200, 30, data.graph_paths)
+        graph.find_background_graph(str(tmp_path), 200, 30)
     # NaN rows in the background are reported, not propagated
     raw = data.feature_paths(str(tmp_path))["background"]
     x = np.fromfile(raw, dtype=np.float32)
