@@ -22,6 +22,9 @@ background candidate comes before a labelled one (the 2018 merge's strict >), an
 lower id first.
 ``--node_index ivf|hnsw`` replaces the exact 1->0 search by an index over set 0 (faster without a
 cache, approximate: recall logged).
+
+Over 400 lines: the exact search, the cache of its run-independent part and the completion that
+merges them share the sets' numbering and the merge order, kept in one place.
 """
 import fcntl
 import hashlib

@@ -397,11 +397,11 @@ def write_phases_config(ddir, template, out):
     ``ddir``, ``split`` (``ddir/label_idx.json``) and ``rundir`` (``ddir/runs``) are set to absolute
     paths; the background size ``all`` in ``diffusion.nbg`` / ``fusion.nbg`` becomes the number of
     background images that :func:`prepare` listed. The result is checked with
-    :func:`lowshot.phases.load_config`.
+    :func:`lowshot.phase_config.load_config`.
     """
     import yaml
 
-    from lowshot import phases
+    from lowshot import phase_config
 
     nbg = int(read_meta(ddir)["nbackground"])
     try:
@@ -427,7 +427,7 @@ def write_phases_config(ddir, template, out):
         with open(tmp, "w") as f:
             f.write("# written by `python demo.py config` from %s\n" % template)
             yaml.safe_dump(cfg, f, sort_keys=False, default_flow_style=None)
-    phases.load_config(out)
+    phase_config.load_config(out)
     return cfg
 
 
@@ -471,15 +471,15 @@ def write_table(ddir, out_md, out_png, title="emoji demo"):
         ``columns``: the phases summary (list of {"label", "cells": {n: {...}}}), ``missing``:
         number of (column, n, seed) results absent, ``chance``: chance level in percent.
     """
-    from lowshot import data, phases
+    from lowshot import data, phase_config, phases, report
 
     meta = read_meta(ddir)
     paths = phases_paths(ddir)
     if not os.path.isfile(paths["config"]):
         raise InputError("%s does not exist: run `python demo.py config --ddir %s`" % (paths["config"], ddir))
-    cfg = phases.load_config(paths["config"])
+    cfg = phase_config.load_config(paths["config"])
     ph = phases.Phases(cfg)
-    summary = phases.summarize(ph.result_columns("diffusion"), cfg["nlabeled"])
+    summary = report.summarize(ph.result_columns("diffusion"), cfg["nlabeled"])
     nseeds = len(cfg["seeds"])
     missing = sum(nseeds - cell["nseeds"] for col in summary for cell in col["cells"].values())
     if all(cell["nseeds"] == 0 for col in summary for cell in col["cells"].values()):
@@ -508,7 +508,7 @@ def write_table(ddir, out_md, out_png, title="emoji demo"):
         "(weight chosen on validation)." % meta["nbackground"], ""]
     for metric, what in (("top5", "All test classes"), ("top5_novel", "Novel classes")):
         lines += ["**%s** (chance %.1f%%)" % (what, chance), "",
-                  phases.markdown_table(summary, cfg["nlabeled"], metric, nseeds)]
+                  report.markdown_table(summary, cfg["nlabeled"], metric, nseeds)]
     if missing:
         lines += ["(k/%d): only k seeds have a result; %d results missing." % (nseeds, missing), ""]
     lines += _chosen_lines(chosen, cfg["nlabeled"])
@@ -519,8 +519,8 @@ def write_table(ddir, out_md, out_png, title="emoji demo"):
     with atomic_output(out_md) as tmp:
         with open(tmp, "w") as f:
             f.write(md)
-    plot_demo(summary, cfg["nlabeled"], chance, out_png, "%s: test split, %d classes, seeds %s" % (
-        title, split.nclass, seeds))
+    report.plot_results(summary, cfg["nlabeled"], out_png, "%s: test split, %d classes, seeds %s" % (
+        title, split.nclass, seeds), chance=chance)
     log("wrote %s and %s" % (out_md, out_png))
     return {"columns": summary, "missing": missing, "chance": chance, "out": out_md, "png": out_png}
 
@@ -552,41 +552,3 @@ def _chosen_lines(chosen, nlabeled):
         if parts:
             out.append("- n = %d: %s" % (n, "; ".join(parts)))
     return out + [""]
-
-
-# line style per method family in the plot: logreg solid, diffusion dashed, combined dotted
-_STYLES = {"logreg": "-", "diffusion": "--", "combined": ":"}
-_MARKERS = {"logreg": "o", "diffusion": "s", "combined": "^"}
-
-
-def plot_demo(summary, nlabeled, chance, path, title):
-    """Top-5 vs n (log scale), one line per method with std error bars, all and novel classes,
-    with the chance level as a dashed line; PNG written atomically."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
-    for ax, metric, what in zip(axes, ("top5", "top5_novel"), ("all classes", "novel classes")):
-        for c in summary:
-            ns = [n for n in nlabeled if c["cells"][n]["nseeds"]]
-            if ns:
-                family = c["label"].split()[0]
-                ax.errorbar(ns, [c["cells"][n][metric] for n in ns],
-                            yerr=[c["cells"][n][metric + "_std"] for n in ns],
-                            marker=_MARKERS.get(family, "o"), ls=_STYLES.get(family, "-"),
-                            capsize=3, label=c["label"], lw=2.2 if family == "logreg" else 1.4)
-        ax.axhline(chance, color="gray", ls="--", lw=1, label="chance")
-        ax.set_xscale("log")
-        ax.set_xticks(nlabeled)
-        ax.set_xticklabels([str(n) for n in nlabeled])
-        ax.set_xlabel("labelled images per novel class (n)")
-        ax.set_title(what, fontsize=10)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("top-5 accuracy (%)")
-    axes[1].legend(fontsize=8, loc="lower right")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)

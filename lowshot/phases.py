@@ -31,8 +31,10 @@ result exists, so re-running a phase only fills the gaps. Files under the run di
 Nothing here reads the environment or touches files at import time (the command-line entry
 ``python -m lowshot.phases`` is only defined inside :func:`main`).
 
-Over 400 lines: config schema, run grid, execution, choices and reports; the refactor issue
-splits them along those seams (lowshot/prepare.py holds the data-preparation phases).
+The config (schema, defaults, reader) is in lowshot/phase_config.py, the tables and plots in
+lowshot/report.py (shared with the demo), the data-preparation phases in lowshot/prepare.py.
+Over 400 lines: the Phases class holds the run grid of each experiment, their execution, the
+choices of phase 2 and the collection of results, which share its paths and config.
 """
 import json
 import os
@@ -42,101 +44,12 @@ import numpy as np
 import yaml
 
 from lowshot import data
-from lowshot import diffuse as dif
-from lowshot.common import (InputError, atomic_output, get_ddir, log, merge_config, require_file,
-                            run_main, write_json)
+from lowshot.common import InputError, atomic_output, get_ddir, log, require_file, run_main, write_json
 from lowshot.launch import Run, available_cores, make_launcher
+from lowshot.phase_config import METRICS, bg_label, load_config, variant_name
+from lowshot.report import format_choices, markdown_table, plot_results, summarize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# every knob of a config file, with its default (configs/paper.yaml documents each one)
-DEFAULTS = {
-    "rundir": "runs/paper",
-    "ddir": None,
-    "split": None,
-    "python": None,
-    "seeds": [1, 2, 3, 4, 5],
-    "nlabeled": [1, 2, 5, 10, 20],
-    "choose_on": "top5",
-    "logreg": {"lr": [0.01, 0.001, 0.0001], "wd": [0, 0.01, 0.1], "batchsize": [16, 64, 128],
-               "maxiter": 75000, "store_model": False, "args": [], "slurm": {}},
-    "diffusion": {"nbg": [0, 1000000, 10000000, 100000000], "indomain": [False], "k": 30,
-                  "niter": 40, "lslice": 0, "nslices": 1, "args": [], "slurm": {},
-                  "slurm_by_nbg": {}},
-    "fusion": {"nbg": None, "weights": list(dif.FUSION_WEIGHTS), "args": [],
-               "slurm": {}},
-    "prepare": {"model": "ResNet50", "modelfile": None, "features": {}, "background": None,
-                "pca": {"dout": 256, "max_rows": None}, "graph_shards": 1, "graph_args": [],
-                "slurm": {}, "slurm_by_nbg": {}},
-    "local": {"nproc": None, "threads_per_run": None},
-    "slurm": {"partition": None, "time": "24:00:00", "mem": "16G", "cpus_per_task": 4, "gpus": 0,
-              "throttle": 100, "max_array_size": 1000, "args": [], "poll_s": 30},
-}
-# values that are free-form mappings (not checked key by key)
-_FREE = {("logreg", "slurm"), ("diffusion", "slurm"), ("diffusion", "slurm_by_nbg"),
-         ("diffusion", "nslices"), ("diffusion", "lslice"), ("fusion", "slurm"), ("prepare", "features"),
-         ("prepare", "background"), ("prepare", "graph_shards"), ("prepare", "slurm"),
-         ("prepare", "slurm_by_nbg")}
-
-METRICS = ("top5", "top5_novel")
-
-
-############################################################################################
-# Configuration
-############################################################################################
-
-
-def load_config(path):
-    """Read a phases config (yaml) and fill in the defaults; unknown keys are errors.
-
-    ``rundir``, ``ddir``, ``split`` and ``python`` may hold ``$VAR`` / ``~`` (expanded here).
-
-    Returns
-    -------
-    dict
-        Same structure as :data:`DEFAULTS`.
-    """
-    try:
-        with open(path) as f:
-            given = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise InputError("config %s: %s" % (path, e.strerror))
-    except yaml.YAMLError as e:
-        raise InputError("config %s is not valid yaml: %s" % (path, str(e).replace("\n", " ")))
-    if not isinstance(given, dict):
-        raise InputError("config %s: expected a mapping at the top level" % path)
-    cfg = merge_config(DEFAULTS, given, path, free=_FREE)
-    for key in ("rundir", "ddir", "split", "python"):
-        if isinstance(cfg[key], str):
-            cfg[key] = os.path.expandvars(os.path.expanduser(cfg[key]))
-    if cfg["choose_on"] not in METRICS:
-        raise InputError("config %s: choose_on must be top5 or top5_novel" % path)
-    for key in ("seeds", "nlabeled"):
-        if not cfg[key] or not all(isinstance(v, int) for v in cfg[key]):
-            raise InputError("config %s: %s must be a non-empty list of integers" % (path, key))
-    return cfg
-
-
-def bg_label(nbg, indomain=False):
-    """Column name of a background: 0 -> "none", 1000000 -> "F1M", 2000 -> "F2k"."""
-    if nbg == 0:
-        name = "none"
-    else:
-        for div, suffix in ((10**9, "G"), (10**6, "M"), (10**3, "k")):
-            if nbg >= div and nbg % (div // 10 if div > 1000 else div) == 0:
-                name = "F%g%s" % (nbg / div, suffix)
-                break
-        else:
-            name = "F%d" % nbg
-    if indomain:
-        name = "in-domain" if nbg == 0 else name + "+in-domain"
-    return name
-
-
-def variant_name(nbg, indomain):
-    """File-name part of a diffusion background: ``nbg1000000`` or ``nbg0.indomain``."""
-    return "nbg%d%s" % (nbg, ".indomain" if indomain else "")
-
 
 class Phases:
     """The runs, choices and tables of one configuration.
@@ -718,111 +631,6 @@ def choose_best(points, key, metric):
                          "nseeds": len(tables)}
                 best, best_score = (dict(params), v, stats), score
     return best
-
-
-def format_choices(chosen):
-    """One line per choice: ``n=2 F1M: niter 3  val top-5 66.80 ± 0.12 (novel 50.10 ± 0.30)``."""
-    lines = []
-    for n in sorted(chosen):
-        entries = chosen[n].items() if "val_top5" not in chosen[n] else [(None, chosen[n])]
-        def order(e):       # "nbg{N}[.indomain]" by background size
-            return (0, 0) if e[0] is None else (e[0].endswith(".indomain"),
-                                                int(e[0].split(".")[0][3:]))
-        for vn, c in sorted(entries, key=order):
-            if vn is not None:
-                vn = bg_label(order((vn, None))[1], vn.endswith(".indomain"))
-            params = ", ".join("%s %s" % (k, c[k]) for k in ("lr", "wd", "batchsize", "maxiter",
-                                                              "niter", "weight") if k in c)
-            lines.append("n=%d%s: %s  val top-5 %.2f ± %.2f (novel %.2f ± %.2f), %d seeds" % (
-                n, "" if vn is None else " " + vn, params, 100 * c["val_top5"],
-                100 * c["val_top5_std"], 100 * c["val_top5_novel"], 100 * c["val_top5_novel_std"],
-                c["nseeds"]))
-    return lines
-
-
-def _final(res, metric):
-    v = res[metric]
-    return float(v[0] if isinstance(v, list) else v)
-
-
-def summarize(columns, nlabeled):
-    """Mean and std (numpy, ddof=0) over the available seeds of each (column, n), in percent.
-
-    Parameters
-    ----------
-    columns : list of (label, {n: [result dict or None per seed]})
-
-    Returns
-    -------
-    list of {"label", "cells": {n: {"nseeds", "top5", "top5_std", "top5_novel", ...}}}
-    """
-    out = []
-    for label, cells in columns:
-        col = {"label": label, "cells": {}}
-        for n in nlabeled:
-            got = [r for r in cells.get(n, []) if r is not None]
-            cell = {"nseeds": len(got)}
-            for m in METRICS:
-                if got:
-                    v = 100 * np.array([_final(r, m) for r in got])
-                    cell[m], cell[m + "_std"] = float(v.mean()), float(v.std())
-                else:
-                    cell[m] = cell[m + "_std"] = None
-            col["cells"][n] = cell
-        out.append(col)
-    return out
-
-
-def markdown_table(summary, nlabeled, metric, nseeds):
-    """Rows n, one column per method x background; ``mean ± std`` with 2 decimals."""
-    cols = [c for c in summary if any(cell["nseeds"] for cell in c["cells"].values())]
-    lines = ["| n | " + " | ".join(c["label"] for c in cols) + " |",
-             "|---:|" + "---:|" * len(cols)]
-    for n in nlabeled:
-        row = []
-        for c in cols:
-            cell = c["cells"][n]
-            if not cell["nseeds"]:
-                row.append("–")
-                continue
-            s = "%.2f ± %.2f" % (cell[metric], cell[metric + "_std"])
-            if cell["nseeds"] < nseeds:
-                s += " (%d/%d)" % (cell["nseeds"], nseeds)
-            row.append(s)
-        lines.append("| %d | %s |" % (n, " | ".join(row)))
-    return "\n".join(lines) + "\n"
-
-
-def plot_results(summary, nlabeled, path, title):
-    """Top-5 accuracy vs n (log scale), one line per column with std error bars; all and novel."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, metric, what in zip(axes, METRICS, ("all classes", "novel classes")):
-        for c in summary:
-            ns = [n for n in nlabeled if c["cells"][n]["nseeds"]]
-            if not ns:
-                continue
-            # one line style per method, so that equal curves (fusion weight 1) stay visible
-            style = {"logreg": ("-", "o"), "diffusion": ("--", "s"), "combined": (":", "^")}.get(
-                c["label"].split()[0], ("-", "o"))
-            ax.errorbar(ns, [c["cells"][n][metric] for n in ns],
-                        yerr=[c["cells"][n][metric + "_std"] for n in ns], linestyle=style[0],
-                        marker=style[1], markerfacecolor="none", capsize=3, label=c["label"])
-        ax.set_xscale("log")
-        ax.set_xticks(nlabeled)
-        ax.set_xticklabels([str(n) for n in nlabeled])
-        ax.set_xlabel("labelled images per novel class (n)")
-        ax.set_ylabel("top-5 accuracy (%)")
-        ax.set_title("%s (%s)" % (what, title), fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_output(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
 
 
 ############################################################################################

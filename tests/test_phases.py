@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from lowshot import phases
+from lowshot import phase_config, phases
 from lowshot.launch import LocalLauncher, Run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,14 +46,14 @@ def standin_runs(d, n, crash_files=None):
 
 
 def small_cfg(**over):
-    cfg = phases.load_config(os.path.join(ROOT, "configs", "small.yaml"))
+    cfg = phase_config.load_config(os.path.join(ROOT, "configs", "small.yaml"))
     for k, v in over.items():
         cfg[k] = v
     return cfg
 
 
 def test_configs_load():
-    paper = phases.Phases(phases.load_config(os.path.join(ROOT, "configs", "paper.yaml")),
+    paper = phases.Phases(phase_config.load_config(os.path.join(ROOT, "configs", "paper.yaml")),
                           rundir="/nonexistent")
     # paper grid: 5 n x 3 lr x 3 wd x 3 batch sizes x 5 seeds; diffusion: 5 n x 4 nbg x 5 seeds
     assert len(paper.logreg_val_runs()) == 5 * 3 * 3 * 3 * 5
@@ -68,7 +68,7 @@ def test_config_rejects_unknown_key(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("logreg:\n  lrs: [0.1]\n")
     with pytest.raises(phases.InputError, match="unknown key 'lrs' in logreg"):
-        phases.load_config(str(p))
+        phase_config.load_config(str(p))
 
 
 def test_local_skips_existing_and_redoes_crashed(tmp_path):
@@ -356,7 +356,7 @@ def test_end_to_end_small_config(tiny_ddir, tmp_path):
         run_phase("run_logreg.bash", phase, config)
     for phase in (1, 2, 3, 4):
         out = run_phase("run_diffusion.bash", phase, config)
-    ph = phases.Phases(phases.load_config(config))
+    ph = phases.Phases(phase_config.load_config(config))
     lr_chosen = yaml.safe_load(open(ph.chosen_path("logreg")))["logreg"][1]
     # the choice is the best (lr, iteration) of the validation JSONs
     vals = {}

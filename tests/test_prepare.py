@@ -9,7 +9,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from lowshot import data, phases, prepare
+from lowshot import data, phase_config, phases, prepare
 from test_phases import ROOT, run_phase
 
 NBG_IMAGES = 45
@@ -89,7 +89,7 @@ def test_prepare_phases_local(tmp_path):
     ddir = str(tmp_path / "ddir")
     os.makedirs(ddir)
     config = prepare_config(tmp_path, ddir)
-    ph = phases.Phases(phases.load_config(config))
+    ph = phases.Phases(phase_config.load_config(config))
     assert [r.name for r in prepare.feature_runs(ph)] == [
         "features.train", "features.val", "background.block0", "background.block1", "background.block2"]
     out = run_phase("run_prepare.bash", 1, config)
@@ -116,8 +116,8 @@ def test_prepare_config_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("prepare: {pcaa: 1}\n")
     with pytest.raises(Exception, match="unknown key 'pcaa' in prepare"):
-        phases.load_config(str(bad))
-    cfg = phases.load_config(os.path.join(ROOT, "configs", "paper.yaml"))
+        phase_config.load_config(str(bad))
+    cfg = phase_config.load_config(os.path.join(ROOT, "configs", "paper.yaml"))
     ph = phases.Phases(cfg)
     from lowshot.common import InputError
     with pytest.raises(InputError, match="phases 1 .features., 2 .PCA. and 3 .graphs."):

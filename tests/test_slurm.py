@@ -20,7 +20,7 @@ import pytest
 import numpy as np
 import yaml
 
-from lowshot import phases
+from lowshot import phase_config, phases
 from lowshot.common import pid_alive
 from lowshot.launch import SlurmLauncher
 from test_phases import ROOT, run_phase, standin_runs, tiny_config, tiny_ddir, NBG  # noqa: F401
@@ -231,7 +231,7 @@ def test_slurm_array_kill_one_task_and_redo_only_it(slurm_cluster, tmp_path):
     pids = {r.name: json.load(open(r.outputs[0]))["pid"] for r in runs[:3]}
 
     # re-running submits an array with only the killed task
-    ph = phases.Phases(phases.load_config(os.path.join(ROOT, "configs", "small.yaml")),
+    ph = phases.Phases(phase_config.load_config(os.path.join(ROOT, "configs", "small.yaml")),
                        rundir=d, launcher=launcher)
     assert ph.execute(runs, "kill test") == "ok"
     assert all(r.is_done() for r in runs)

@@ -1,0 +1,94 @@
+"""The phases' configuration (``configs/*.yaml``): every knob with its default, the reader, and the
+names of backgrounds in tables and files.
+
+Used by lowshot.phases (the experiments), lowshot.prepare (the data preparation) and lowshot.demo.
+"""
+import os
+
+import yaml
+
+from lowshot import diffuse as dif
+from lowshot.common import InputError, merge_config
+
+# every knob of a config file, with its default (configs/paper.yaml documents each one)
+DEFAULTS = {
+    "rundir": "runs/paper",
+    "ddir": None,
+    "split": None,
+    "python": None,
+    "seeds": [1, 2, 3, 4, 5],
+    "nlabeled": [1, 2, 5, 10, 20],
+    "choose_on": "top5",
+    "logreg": {"lr": [0.01, 0.001, 0.0001], "wd": [0, 0.01, 0.1], "batchsize": [16, 64, 128],
+               "maxiter": 75000, "store_model": False, "args": [], "slurm": {}},
+    "diffusion": {"nbg": [0, 1000000, 10000000, 100000000], "indomain": [False], "k": 30,
+                  "niter": 40, "lslice": 0, "nslices": 1, "args": [], "slurm": {},
+                  "slurm_by_nbg": {}},
+    "fusion": {"nbg": None, "weights": list(dif.FUSION_WEIGHTS), "args": [],
+               "slurm": {}},
+    "prepare": {"model": "ResNet50", "modelfile": None, "features": {}, "background": None,
+                "pca": {"dout": 256, "max_rows": None}, "graph_shards": 1, "graph_args": [],
+                "slurm": {}, "slurm_by_nbg": {}},
+    "local": {"nproc": None, "threads_per_run": None},
+    "slurm": {"partition": None, "time": "24:00:00", "mem": "16G", "cpus_per_task": 4, "gpus": 0,
+              "throttle": 100, "max_array_size": 1000, "args": [], "poll_s": 30},
+}
+# values that are free-form mappings (not checked key by key)
+_FREE = {("logreg", "slurm"), ("diffusion", "slurm"), ("diffusion", "slurm_by_nbg"),
+         ("diffusion", "nslices"), ("diffusion", "lslice"), ("fusion", "slurm"), ("prepare", "features"),
+         ("prepare", "background"), ("prepare", "graph_shards"), ("prepare", "slurm"),
+         ("prepare", "slurm_by_nbg")}
+
+METRICS = ("top5", "top5_novel")
+
+
+def load_config(path):
+    """Read a phases config (yaml) and fill in the defaults; unknown keys are errors.
+
+    ``rundir``, ``ddir``, ``split`` and ``python`` may hold ``$VAR`` / ``~`` (expanded here).
+
+    Returns
+    -------
+    dict
+        Same structure as :data:`DEFAULTS`.
+    """
+    try:
+        with open(path) as f:
+            given = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise InputError("config %s: %s" % (path, e.strerror))
+    except yaml.YAMLError as e:
+        raise InputError("config %s is not valid yaml: %s" % (path, str(e).replace("\n", " ")))
+    if not isinstance(given, dict):
+        raise InputError("config %s: expected a mapping at the top level" % path)
+    cfg = merge_config(DEFAULTS, given, path, free=_FREE)
+    for key in ("rundir", "ddir", "split", "python"):
+        if isinstance(cfg[key], str):
+            cfg[key] = os.path.expandvars(os.path.expanduser(cfg[key]))
+    if cfg["choose_on"] not in METRICS:
+        raise InputError("config %s: choose_on must be top5 or top5_novel" % path)
+    for key in ("seeds", "nlabeled"):
+        if not cfg[key] or not all(isinstance(v, int) for v in cfg[key]):
+            raise InputError("config %s: %s must be a non-empty list of integers" % (path, key))
+    return cfg
+
+
+def bg_label(nbg, indomain=False):
+    """Column name of a background: 0 -> "none", 1000000 -> "F1M", 2000 -> "F2k"."""
+    if nbg == 0:
+        name = "none"
+    else:
+        for div, suffix in ((10**9, "G"), (10**6, "M"), (10**3, "k")):
+            if nbg >= div and nbg % (div // 10 if div > 1000 else div) == 0:
+                name = "F%g%s" % (nbg / div, suffix)
+                break
+        else:
+            name = "F%d" % nbg
+    if indomain:
+        name = "in-domain" if nbg == 0 else name + "+in-domain"
+    return name
+
+
+def variant_name(nbg, indomain):
+    """File-name part of a diffusion background: ``nbg1000000`` or ``nbg0.indomain``."""
+    return "nbg%d%s" % (nbg, ".indomain" if indomain else "")
