@@ -28,7 +28,8 @@ among the others and the leftovers; see :func:`make_split` for the exact draws.
 
 Nothing here reads the environment or touches files at import time.
 
-Over 400 lines: fetch, split, config and report of the demo; the refactor issue splits them.
+Over 400 lines: the npm fetch, the split, the config and the table of the demo (its plot and the
+summary are lowshot/report.py's, shared with the phases).
 """
 import collections
 import json
