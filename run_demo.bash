@@ -55,23 +55,26 @@ feats() {  # list json -> hdf5
     echo "exists: $2"
   fi
 }
+path() {   # a feature file of the demo's data root, as lowshot.data names it
+  $PY -m lowshot.data path "$DD" "$@"
+}
 step "EfficientNet-Lite0 features: training images"
-feats "$DD/lists/train.json" "$DD/features/train.hdf5"
+feats "$DD/lists/train.json" "$(path train)"
 step "EfficientNet-Lite0 features: test images"
-feats "$DD/lists/test.json" "$DD/features/val.hdf5"
+feats "$DD/lists/test.json" "$(path val)"
 step "EfficientNet-Lite0 features: out-of-domain background"
-feats "$DD/lists/background.json" "$DD/features/f100m/block0.hdf5"
+feats "$DD/lists/background.json" "$(path blocks 0)"
 
 step "PCA-R256 of the background features"
-if [ ! -f "$DD/features/PCAR256.vt" ]; then
+if [ ! -f "$(path pca)" ]; then
   $PY train_apply_pca.py train --ddir "$DD"
 else
-  echo "exists: $DD/features/PCAR256.vt"
+  echo "exists: $(path pca)"
 fi
-if [ ! -f "$DD/features/f100m/concatenated_PCAR256.raw" ]; then
+if [ ! -f "$(path background)" ]; then
   $PY train_apply_pca.py apply --ddir "$DD" --nblock 1
 else
-  echo "exists: $DD/features/f100m/concatenated_PCAR256.raw"
+  echo "exists: $(path background)"
 fi
 
 step "background k-NN graph"

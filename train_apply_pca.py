@@ -16,7 +16,6 @@ Examples:
   python train_apply_pca.py train --infile feats.hdf5 --outfile pca.vt --dout 64
 """
 import argparse
-import os
 
 import faiss
 
@@ -24,10 +23,9 @@ from lowshot import data
 from lowshot import pca as pcalib
 from lowshot.common import InputError, atomic_output, get_ddir, log, print_args, print_result, run_main
 
-DEFAULT_TRAIN = "features/f100m/block0.hdf5"
-DEFAULT_PCA = "features/PCAR256.vt"
-DEFAULT_BLOCKS = "features/f100m/block%d.hdf5"
-DEFAULT_OUT = "features/f100m/concatenated_PCAR256.raw"
+# defaults under $DDIR, named by lowshot.data
+FILES = data.FEATURE_FILES
+DEFAULT_TRAIN = FILES["blocks"] % 0
 
 
 def make_parser():
@@ -40,33 +38,33 @@ def make_parser():
     t = sub.add_parser("train", parents=[common], help="train the PCA")
     t.add_argument("--infile", default=None, help="training features (default $DDIR/%s)"
                    % DEFAULT_TRAIN)
-    t.add_argument("--outfile", default=None, help="PCA output (default $DDIR/%s)" % DEFAULT_PCA)
+    t.add_argument("--outfile", default=None, help="PCA output (default $DDIR/%s)" % FILES["pca"])
     t.add_argument("--dout", type=int, default=256, help="output dimension")
     t.add_argument("--max_rows", type=int, default=None,
                    help="train on the first rows only (default: all)")
     a = sub.add_parser("apply", parents=[common], help="apply the PCA to the blocks")
-    a.add_argument("--pcafile", default=None, help="trained PCA (default $DDIR/%s)" % DEFAULT_PCA)
+    a.add_argument("--pcafile", default=None, help="trained PCA (default $DDIR/%s)" % FILES["pca"])
     a.add_argument("--nblock", type=int, default=100,
                    help="number of blocks block0 ... block{nblock-1}")
     a.add_argument("--inpattern", default=None,
                    help="block path pattern with %%d for the block number (default $DDIR/"
-                   + DEFAULT_BLOCKS.replace("%", "%%") + ")")
-    a.add_argument("--outfile", default=None, help="raw output (default $DDIR/%s)" % DEFAULT_OUT)
+                   + FILES["blocks"].replace("%", "%%") + ")")
+    a.add_argument("--outfile", default=None, help="raw output (default $DDIR/%s)" % FILES["background"])
     a.add_argument("--chunk", type=int, default=65536, help="rows read and transformed at a time")
     return p
 
 
-def default_path(path, ddir, rel):
-    """``path`` if given, else ``rel`` under the data root."""
-    return path if path is not None else os.path.join(get_ddir(ddir), rel)
+def default_path(path, ddir, key):
+    """``path`` if given, else the data root's file ``key`` (lowshot.data.feature_paths)."""
+    return path if path is not None else data.feature_paths(get_ddir(ddir))[key]
 
 
 def main(argv=None):
     args = make_parser().parse_args(argv)
     print_args(args)
     if args.command == "train":
-        infile = default_path(args.infile, args.ddir, DEFAULT_TRAIN)
-        outfile = default_path(args.outfile, args.ddir, DEFAULT_PCA)
+        infile = args.infile or data.feature_paths(get_ddir(args.ddir))["blocks"] % 0
+        outfile = default_path(args.outfile, args.ddir, "pca")
         vt = pcalib.train_pca(infile, args.dout, args.max_rows)
         log("writing %s" % outfile)
         with atomic_output(outfile) as tmp:
@@ -74,9 +72,9 @@ def main(argv=None):
         print_result({"script": "train_apply_pca", "command": "train", "infile": infile,
                       "outfile": outfile, "d_in": int(vt.d_in), "d_out": int(vt.d_out)})
     else:
-        pcafile = default_path(args.pcafile, args.ddir, DEFAULT_PCA)
-        pattern = default_path(args.inpattern, args.ddir, DEFAULT_BLOCKS)
-        outfile = default_path(args.outfile, args.ddir, DEFAULT_OUT)
+        pcafile = default_path(args.pcafile, args.ddir, "pca")
+        pattern = default_path(args.inpattern, args.ddir, "blocks")
+        outfile = default_path(args.outfile, args.ddir, "background")
         if args.nblock < 1:
             raise InputError("--nblock must be >= 1")
         try:

@@ -154,19 +154,22 @@ def load_split(path=None, mode="val"):
     return Split(base, novel, mode=mode, path=path, label_names=names)
 
 
+# the published layout under a data root (the one place that names these files)
+FEATURE_FILES = {"train": "features/train.hdf5", "val": "features/val.hdf5", "pca": "features/PCAR256.vt",
+                 "background": "features/f100m/concatenated_PCAR256.raw",
+                 "blocks": "features/f100m/block%d.hdf5"}
+
+
 def feature_paths(ddir):
     """Paths of the feature files under a data root.
 
     Returns
     -------
     dict with keys ``train``, ``val`` (hdf5), ``pca`` (``features/PCAR256.vt``), ``background``
-    (``features/f100m/concatenated_PCAR256.raw``).
+    (``features/f100m/concatenated_PCAR256.raw``), ``blocks`` (``features/f100m/block%d.hdf5``, a
+    pattern of the background blocks' features).
     """
-    f = os.path.join(ddir, "features")
-    return {"train": os.path.join(f, "train.hdf5"),
-            "val": os.path.join(f, "val.hdf5"),
-            "pca": os.path.join(f, "PCAR256.vt"),
-            "background": os.path.join(f, "f100m", "concatenated_PCAR256.raw")}
+    return {key: os.path.join(ddir, *rel.split("/")) for key, rel in FEATURE_FILES.items()}
 
 
 def graph_paths(ddir, nbg, K):
@@ -521,3 +524,18 @@ def open_background(ddir_or_path, nbg=None, d=None):
         raise InputError("background file %s has %d rows of d = %d, fewer than --nbg %d" % (
             path, nrow, d, nbg))
     return np.memmap(path, dtype=np.float32, mode="r", shape=(int(nbg), d))
+
+
+def main(argv=None):
+    """``python -m lowshot.data path DDIR KEY [BLOCK]``: print the path of a feature file (for bash
+    scripts): KEY is train, val, pca, background, or blocks (with the block number)."""
+    import sys
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) not in (3, 4) or argv[0] != "path" or argv[2] not in FEATURE_FILES:
+        sys.exit("usage: python -m lowshot.data path DDIR {%s} [BLOCK]" % ",".join(FEATURE_FILES))
+    p = feature_paths(argv[1])[argv[2]]
+    print(p % int(argv[3]) if argv[2] == "blocks" else p)
+
+
+if __name__ == "__main__":
+    main()

@@ -44,6 +44,7 @@ import time
 import numpy as np
 
 from lowshot.common import InputError, atomic_output, log, write_json
+from lowshot.data import feature_paths
 
 # fractions of the ImageNet split (1000 classes: 193 / 300 / 196 / 311)
 _SPLIT_FRACTIONS = (("base_classes_1", 0.193), ("novel_classes_1", 0.300),
@@ -214,7 +215,8 @@ def generate_ddir(out, **kw):
     t0 = time.time()
     rng = np.random.default_rng(p["seed"])
     nclass, D, d = p["nclass"], p["D"], p["d"]
-    os.makedirs(os.path.join(out, "features", "f100m"), exist_ok=True)
+    files = feature_paths(out)
+    os.makedirs(os.path.dirname(files["background"]), exist_ok=True)
 
     split = make_split(nclass, rng)
     write_json(os.path.join(out, "label_idx.json"), split)
@@ -224,9 +226,9 @@ def generate_ddir(out, **kw):
     ytr = rng.permutation(np.repeat(np.arange(nclass, dtype=np.int64), p["ntrain"]))
     yte = rng.permutation(np.repeat(np.arange(nclass, dtype=np.int64), p["ntest"]))
     log("generating features/train.hdf5: %d x %d" % (ytr.size, D))
-    _write_h5(os.path.join(out, "features", "train.hdf5"), model, ytr, D, p["pad"], rng, p["block"])
+    _write_h5(files["train"], model, ytr, D, p["pad"], rng, p["block"])
     log("generating features/val.hdf5: %d x %d" % (yte.size, D))
-    _write_h5(os.path.join(out, "features", "val.hdf5"), model, yte, D, p["pad"], rng, p["block"])
+    _write_h5(files["val"], model, yte, D, p["pad"], rng, p["block"])
 
     # PCA training sample: training images and background-like rows, at least 2 d rows
     ns = max(2 * d, min(20000, ytr.size + p["nbg"]))
@@ -235,10 +237,10 @@ def generate_ddir(out, **kw):
     pca = faiss.PCAMatrix(D, d, 0, True)
     pca.train(Xs)
     del Xs
-    with atomic_output(os.path.join(out, "features", "PCAR256.vt")) as tmp:
+    with atomic_output(files["pca"]) as tmp:
         faiss.write_VectorTransform(pca, tmp)
 
-    raw = os.path.join(out, "features", "f100m", "concatenated_PCAR256.raw")
+    raw = files["background"]
     log("generating background %s: %d x %d (from %d dims, blocks of %d)" % (raw, p["nbg"], d, D, p["block"]))
     tb, nb = time.time(), p["nbg"]
     with atomic_output(raw) as tmp:

@@ -22,13 +22,10 @@ from lowshot import data, graph, ivf_build
 from lowshot.common import InputError, get_ddir
 from lowshot.launch import Run
 
-# rows of the background file: the blocks' images, in order
-BLOCK_NAME = "block%d.hdf5"
-
-
 def block_path(ddir, b):
-    """``features/f100m/block{b}.hdf5``: background images ``b * block .. (b + 1) * block``."""
-    return os.path.join(os.path.dirname(data.feature_paths(ddir)["background"]), BLOCK_NAME % b)
+    """``features/f100m/block{b}.hdf5``: background images ``b * block .. (b + 1) * block`` (the
+    rows of the background file are the blocks' images, in order)."""
+    return data.feature_paths(ddir)["blocks"] % b
 
 
 def _x(v):

@@ -339,3 +339,15 @@ def test_top5_bad_input():
         evaluate.top5(np.zeros((1, 2)), np.array([2]), np.array([True, False]))
     with pytest.raises(InputError, match="expected 3 classes"):
         evaluate.top5(np.zeros((1, 2)), np.array([1]), np.array([True, False, True]))
+
+
+def test_feature_paths_and_their_cli(capsys):
+    """One function names the feature files; bash scripts ask it through `python -m lowshot.data`."""
+    p = data.feature_paths("/d")
+    assert p["train"] == "/d/features/train.hdf5" and p["blocks"] % 7 == "/d/features/f100m/block7.hdf5"
+    assert p["background"] == "/d/features/f100m/concatenated_PCAR256.raw"
+    data.main(["path", "/d", "blocks", "3"])
+    data.main(["path", "/d", "pca"])
+    assert capsys.readouterr().out.split() == ["/d/features/f100m/block3.hdf5", "/d/features/PCAR256.vt"]
+    with pytest.raises(SystemExit):
+        data.main(["path", "/d", "model"])
