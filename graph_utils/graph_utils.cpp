@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <stdexcept>
 #include <string>
 
@@ -241,15 +242,22 @@ void sort_row(int32_t* idx, float* val, int64_t len, std::vector<std::pair<int32
 }  // namespace
 
 void sort_rows(const CSRView& A) {
+    std::atomic<bool> no_memory(false);   // a failed allocation is thrown after the region
 #pragma omp parallel
     {
         std::vector<std::pair<int32_t, float>> tmp;
 #pragma omp for schedule(dynamic, 1024)
         for (int64_t r = 0; r < A.nrow; r++) {
+            if (no_memory) continue;
             int64_t p0 = A.indptr[r];
-            sort_row(A.indices + p0, A.data + p0, A.indptr[r + 1] - p0, tmp);
+            try {
+                sort_row(A.indices + p0, A.data + p0, A.indptr[r + 1] - p0, tmp);
+            } catch (const std::bad_alloc&) {
+                no_memory = true;
+            }
         }
     }
+    if (no_memory) throw std::bad_alloc();
 }
 
 namespace {
@@ -342,9 +350,12 @@ void row_normalize(const CSRView& A) {
 
 void col_normalize(float* X, int64_t n, int64_t C) {
     std::vector<double> sums(C, 0.0);
-#pragma omp parallel
+    // per-thread partial sums, allocated before the region (nothing throws inside it)
+    const int nt = omp_get_max_threads();
+    std::vector<double> partial((size_t)nt * C, 0.0);
+#pragma omp parallel num_threads(nt)
     {
-        std::vector<double> s(C, 0.0);
+        double* s = partial.data() + (size_t)omp_get_thread_num() * C;
 #pragma omp for schedule(static) nowait
         for (int64_t i = 0; i < n; i++)
             for (int64_t c = 0; c < C; c++) s[c] += X[i * C + c];
@@ -595,10 +606,14 @@ void merge_knn_results(float* D, TI* I, int64_t n, int64_t k, int64_t ldd, int64
     if (err.any())
         throw std::invalid_argument("row " + std::to_string(err.row) + " of " + (err.code == 1 ? "D" : "D2") +
                                     " is not sorted by decreasing similarity");
-#pragma omp parallel
+    // per-thread rows of the merged result, allocated before the region (nothing throws inside it)
+    const int nt = omp_get_max_threads();
+    std::vector<float> tds((size_t)nt * k);
+    std::vector<TI> tis((size_t)nt * k);
+#pragma omp parallel num_threads(nt)
     {
-        std::vector<float> td(k);
-        std::vector<TI> ti(k);
+        float* td = tds.data() + (size_t)omp_get_thread_num() * k;
+        TI* ti = tis.data() + (size_t)omp_get_thread_num() * k;
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < n; i++) {
             float* d1 = D + i * ldd;
@@ -662,20 +677,27 @@ void permute_symmetric(const CSRView& A, const int64_t* perm, CSROwned& out) {
     for (int64_t r = 0; r < n; r++) counts[r] = A.indptr[perm[r] + 1] - A.indptr[perm[r]];
     prefix_sum(counts.data(), n, out.indptr);
     out.alloc_nnz(out.indptr[n]);
+    std::atomic<bool> no_memory(false);   // a failed allocation is thrown after the region
 #pragma omp parallel
     {
         std::vector<std::pair<int32_t, float>> tmp;
 #pragma omp for schedule(dynamic, 1024)
         for (int64_t r = 0; r < n; r++) {
+            if (no_memory) continue;
             int64_t q = out.indptr[r];
             int64_t o = perm[r];
             for (int64_t p = A.indptr[o]; p < A.indptr[o + 1]; p++, q++) {
                 out.indices[q] = inv[A.indices[p]];
                 out.data[q] = A.data[p];
             }
-            sort_row(out.indices + out.indptr[r], out.data + out.indptr[r], counts[r], tmp);
+            try {
+                sort_row(out.indices + out.indptr[r], out.data + out.indptr[r], counts[r], tmp);
+            } catch (const std::bad_alloc&) {
+                no_memory = true;
+            }
         }
     }
+    if (no_memory) throw std::bad_alloc();
 }
 
 template void csr_from_knn<int32_t>(const int32_t*, int64_t, int64_t, int64_t, int64_t, const float*, int64_t,
