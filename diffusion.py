@@ -242,24 +242,24 @@ def main(argv=None):
         times["load_bg"] = time.time() - t0
 
     t0 = time.time()
-    d = data.load_lowshot(ddir, args.split, args.mode, args.nlabeled, args.seed,
-                          indomain=args.indomain, log=log)
-    split = d.split
+    sets = data.load_lowshot(ddir, args.split, args.mode, args.nlabeled, args.seed,
+                             indomain=args.indomain, log=log)
+    split = sets.split
     c0, c1 = _class_range(args.class_range, split.nclass)
-    data.check_pca_input(vt, d.D, paths["pca"])
+    data.check_pca_input(vt, sets.D, paths["pca"])
     log("PCA %d -> %d and L2 normalisation of %d labelled%s and %d test vectors" % (
-        vt.d_in, vt.d_out, len(d.Xl), "" if d.Xu is None else " + %d in-domain" % len(d.Xu),
-        len(d.Xte)))
+        vt.d_in, vt.d_out, len(sets.Xl), "" if sets.Xu is None else " + %d in-domain" % len(sets.Xu),
+        len(sets.Xte)))
     # the base-class images come first (data.select_labelled), the same rows for every run of the
     # split: the completion cache holds the searches into them
-    nbase = int(np.argmax(split.is_novel[d.yl])) if split.is_novel[d.yl].any() else len(d.yl)
-    if split.is_novel[d.yl[:nbase]].any() or not split.is_novel[d.yl[nbase:]].all():
+    nbase = int(np.argmax(split.is_novel[sets.yl])) if split.is_novel[sets.yl].any() else len(sets.yl)
+    if split.is_novel[sets.yl[:nbase]].any() or not split.is_novel[sets.yl[nbase:]].all():
         raise AssertionError("labelled rows are not base classes then novel classes")
-    x0 = d.Xl if d.Xu is None else np.vstack([d.Xl, d.Xu])
+    x0 = sets.Xl if sets.Xu is None else np.vstack([sets.Xl, sets.Xu])
     x0 = graph.normalized(vt.apply(np.ascontiguousarray(x0)), "PCA'd labelled vectors")
-    xt = graph.normalized(vt.apply(d.Xte), "PCA'd test vectors")
-    y_lab, y_test = d.yl, d.yte
-    del d
+    xt = graph.normalized(vt.apply(sets.Xte), "PCA'd test vectors")
+    y_lab, y_test = sets.yl, sets.yte
+    del sets
     times["load"] = time.time() - t0
 
     if args.k >= len(x0) + args.nbg:
