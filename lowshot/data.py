@@ -222,6 +222,25 @@ def _check_h5(f, path):
     return feats, n, feats.shape[1]
 
 
+def feature_shape(path):
+    """``(n, D)`` of an hdf5 feature file read without its labels (a background block): ``count``
+    rows (all rows of ``all_feats`` when there is no ``count``) of D floats."""
+    with _open_h5(path) as f:
+        if "all_feats" not in f:
+            raise InputError("feature file %s has no dataset 'all_feats'" % path)
+        shape = f["all_feats"].shape
+        n = int(np.asarray(f["count"]).ravel()[0]) if "count" in f else (shape[0] if shape else 0)
+    if len(shape) != 2 or not 0 <= n <= shape[0]:
+        raise InputError("feature file %s: all_feats shape %s with count %d" % (path, shape, n))
+    return n, shape[1]
+
+
+def read_row_range(path, i0, i1):
+    """Rows ``[i0, i1)`` of ``all_feats`` as float32, C-contiguous (i1 - i0, D)."""
+    with _open_h5(path) as f:
+        return np.ascontiguousarray(f["all_feats"][i0:i1], dtype=np.float32)
+
+
 def load_labels(path, split, require_all=True):
     """Labels of the valid rows of an hdf5 feature file that belong to the split.
 

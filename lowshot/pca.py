@@ -18,32 +18,9 @@ import threading
 import time
 
 import faiss
-import h5py
-import numpy as np
 
-from lowshot.common import InputError, log, require_file
-
-
-def feature_rows(path):
-    """``(n, d)`` of the feature hdf5 ``path``: ``count`` rows (all rows if absent) of ``all_feats``."""
-    require_file(path, "feature file")
-    try:
-        with h5py.File(path, "r") as f:
-            if "all_feats" not in f:
-                raise InputError("feature file %s has no dataset all_feats" % path)
-            shape = f["all_feats"].shape
-            n = int(f["count"][0]) if "count" in f else shape[0]
-    except OSError as e:
-        raise InputError("feature file %s is not a readable hdf5 file: %s" % (path, e))
-    if len(shape) != 2 or not 0 <= n <= shape[0]:
-        raise InputError("feature file %s: all_feats shape %s with count %d" % (path, shape, n))
-    return n, shape[1]
-
-
-def read_rows(path, i0, i1):
-    """Rows ``[i0, i1)`` of ``all_feats`` in ``path`` as float32 C-contiguous (i1 - i0, d)."""
-    with h5py.File(path, "r") as f:
-        return np.ascontiguousarray(f["all_feats"][i0:i1], dtype=np.float32)
+from lowshot.common import InputError, log
+from lowshot.data import feature_shape, read_row_range
 
 
 def train_pca(infile, d_out=256, max_rows=None):
@@ -54,7 +31,7 @@ def train_pca(infile, d_out=256, max_rows=None):
     faiss.PCAMatrix
         ``d_in`` (read from the file) -> ``d_out``, eigen power 0, random rotation on.
     """
-    n, d_in = feature_rows(infile)
+    n, d_in = feature_shape(infile)
     if max_rows is not None:
         n = min(n, max_rows)
     if not 0 < d_out <= d_in:
@@ -66,7 +43,7 @@ def train_pca(infile, d_out=256, max_rows=None):
         log("warning: %d training rows < %d output dimensions: the last components are arbitrary"
             % (n, d_out))
     log("reading %d x %d training rows from %s" % (n, d_in, infile))
-    x = read_rows(infile, 0, n)
+    x = read_row_range(infile, 0, n)
     log("training PCA %d -> %d (eigen power 0, random rotation)" % (d_in, d_out))
     pca = faiss.PCAMatrix(d_in, d_out, 0, True)
     # faiss subsamples above max_points_per_d * d_in rows: train on every row given
@@ -78,12 +55,12 @@ def train_pca(infile, d_out=256, max_rows=None):
 def _chunks(infiles, start_block, chunk_rows):
     """Yield ``(block, i0, i1, rows)`` over the blocks from ``start_block``, in order."""
     for b in range(start_block, len(infiles)):
-        n, _ = feature_rows(infiles[b])
+        n, _ = feature_shape(infiles[b])
         if n == 0:
             yield b, 0, 0, None
         for i0 in range(0, n, chunk_rows):
             i1 = min(n, i0 + chunk_rows)
-            yield b, i0, i1, read_rows(infiles[b], i0, i1)
+            yield b, i0, i1, read_row_range(infiles[b], i0, i1)
 
 
 def _prefetch(gen, depth=2):
@@ -145,7 +122,7 @@ def apply_pca(vt, infiles, outfile, chunk_rows=65536, after_block=None):
     """
     rows = []
     for p in infiles:
-        n, d = feature_rows(p)
+        n, d = feature_shape(p)
         if d != vt.d_in:
             raise InputError("feature file %s has dimension %d, the PCA expects %d" % (p, d, vt.d_in))
         rows.append(n)
