@@ -92,3 +92,23 @@ def bg_label(nbg, indomain=False):
 def variant_name(nbg, indomain):
     """File-name part of a diffusion background: ``nbg1000000`` or ``nbg0.indomain``."""
     return "nbg%d%s" % (nbg, ".indomain" if indomain else "")
+
+
+def parse_variant(name):
+    """(nbg, indomain) of a :func:`variant_name`."""
+    base, _, rest = name.partition(".")
+    if not base.startswith("nbg") or rest not in ("", "indomain"):
+        raise ValueError("not a background variant name: %r" % name)
+    return int(base[3:]), rest == "indomain"
+
+
+def run_name(n, seed, variant=None, lr=None, wd=None, batchsize=None):
+    """File-name stem of one run: ``nl{n}.seed{s}``, ``nl{n}.{variant}.seed{s}`` (diffusion, fusion)
+    or ``nl{n}.lr{lr}.wd{wd}.bs{batchsize}.seed{s}`` (the logreg grid)."""
+    parts = ["nl%d" % n]
+    if variant is not None:
+        parts.append(variant)
+    if lr is not None:
+        parts += ["lr%g" % lr, "wd%g" % wd, "bs%d" % batchsize]
+    return ".".join(parts + ["seed%d" % seed])
+

@@ -46,7 +46,7 @@ import yaml
 from lowshot import data
 from lowshot.common import InputError, atomic_output, get_ddir, log, require_file, run_main, write_json
 from lowshot.launch import Run, available_cores, make_launcher
-from lowshot.phase_config import METRICS, bg_label, load_config, variant_name
+from lowshot.phase_config import METRICS, bg_label, load_config, run_name, variant_name
 from lowshot.report import format_choices, markdown_table, plot_results, summarize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,8 +138,7 @@ class Phases:
 
     def _logreg_run(self, mode, sub, n, s, lr, wd, bs, maxiter, grid=False, scores=False,
                     model=False):
-        name = ("nl%d.lr%g.wd%g.bs%d.seed%d" % (n, lr, wd, bs, s) if grid
-                else "nl%d.seed%d" % (n, s))
+        name = run_name(n, s, lr=lr, wd=wd, batchsize=bs) if grid else run_name(n, s)
         base = self.path("logreg", sub, name)
         cmd = self._script("logreg.py") + [
             "--mode", mode, "--nlabeled", n, "--seed", s, "--lr", repr(lr), "--wd", repr(wd),
@@ -176,14 +175,14 @@ class Phases:
 
     def logreg_scores_path(self, mode, n, s):
         return self.path("logreg", "test" if mode == "test" else "val_scores",
-                         "nl%d.seed%d.npy" % (n, s))
+                         run_name(n, s) + ".npy")
 
     # ---------------------------------------------------------------- diffusion runs
 
     def _diffusion_runs(self, mode, sub, n, s, nbg, indomain, niter, scores=False):
         """One diffusion run: either one process, or class slices + a merge (two lists)."""
         d = self.cfg["diffusion"]
-        name = "nl%d.%s.seed%d" % (n, variant_name(nbg, indomain), s)
+        name = run_name(n, s, variant_name(nbg, indomain))
         base = self.path("diffusion", sub, name)
         cmd = self._script("diffusion.py") + [
             "--mode", mode, "--nlabeled", n, "--seed", s, "--k", d["k"], "--nbg", nbg,
@@ -273,7 +272,7 @@ class Phases:
                     wlist = [float(w) for w in self.cfg["fusion"]["weights"]]
                     ws = ["--weights", ",".join(repr(w) for w in wlist)]
                 for s in self.cfg["seeds"]:
-                    name = "nl%d.%s.seed%d" % (n, vn, s)
+                    name = run_name(n, s, vn)
                     base = self.path("fusion", mode, name)
                     sub = "test" if mode == "test" else "val_scores"
                     A = self.logreg_scores_path(mode, n, s)
@@ -380,8 +379,7 @@ class Phases:
             for lr in c["lr"]:
                 for wd in c["wd"]:
                     for bs in c["batchsize"]:
-                        names = ["nl%d.lr%g.wd%g.bs%d.seed%d" % (n, lr, wd, bs, s)
-                                 for s in self.cfg["seeds"]]
+                        names = [run_name(n, s, lr=lr, wd=wd, batchsize=bs) for s in self.cfg["seeds"]]
                         if all(nm in got for nm in names):
                             points.append(({"lr": lr, "wd": wd, "batchsize": bs},
                                            [got[nm]["evals"] for nm in names]))
@@ -403,7 +401,7 @@ class Phases:
         for n in self.cfg["nlabeled"]:
             for nbg, ind in self.variants():
                 vn = variant_name(nbg, ind)
-                names = ["nl%d.%s.seed%d" % (n, vn, s) for s in self.cfg["seeds"]]
+                names = [run_name(n, s, vn) for s in self.cfg["seeds"]]
                 if not all(nm in got for nm in names):
                     log("diffusion n=%d %s: seeds missing: nothing chosen" % (n, vn))
                     continue
@@ -424,7 +422,7 @@ class Phases:
         for n in self.cfg["nlabeled"]:
             for nbg, ind in self.fusion_variants():
                 vn = variant_name(nbg, ind)
-                names = ["nl%d.%s.seed%d" % (n, vn, s) for s in self.cfg["seeds"]]
+                names = [run_name(n, s, vn) for s in self.cfg["seeds"]]
                 if not all(nm in got for nm in names):
                     continue
                 per_seed = []
@@ -479,18 +477,16 @@ class Phases:
                         self.missing_results.append(f)
             cols.append((label, cells))
 
-        column("logreg", lambda n, s: self.path("logreg", "test", "nl%d.seed%d.json" % (n, s)))
+        column("logreg", lambda n, s: self.path("logreg", "test", run_name(n, s) + ".json"))
         if experiment == "diffusion":
             for nbg, ind in self.variants():
                 vn = variant_name(nbg, ind)
                 column("diffusion %s" % bg_label(nbg, ind),
-                       lambda n, s, vn=vn: self.path("diffusion", "test",
-                                                     "nl%d.%s.seed%d.json" % (n, vn, s)))
+                       lambda n, s, vn=vn: self.path("diffusion", "test", run_name(n, s, vn) + ".json"))
             for nbg, ind in self.fusion_variants():
                 vn = variant_name(nbg, ind)
                 column("combined %s" % bg_label(nbg, ind),
-                       lambda n, s, vn=vn: self.path("fusion", "test",
-                                                     "nl%d.%s.seed%d.json" % (n, vn, s)))
+                       lambda n, s, vn=vn: self.path("fusion", "test", run_name(n, s, vn) + ".json"))
         return cols
 
     def results(self, experiment):

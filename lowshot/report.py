@@ -4,7 +4,7 @@ mean and std over seeds per (method, n), Markdown tables, PNG plots, the chosen 
 import numpy as np
 
 from lowshot.common import atomic_output
-from lowshot.phase_config import METRICS, bg_label
+from lowshot.phase_config import METRICS, bg_label, parse_variant
 
 
 def format_choices(chosen):
@@ -12,12 +12,11 @@ def format_choices(chosen):
     lines = []
     for n in sorted(chosen):
         entries = chosen[n].items() if "val_top5" not in chosen[n] else [(None, chosen[n])]
-        def order(e):       # "nbg{N}[.indomain]" by background size
-            return (0, 0) if e[0] is None else (e[0].endswith(".indomain"),
-                                                int(e[0].split(".")[0][3:]))
+        def order(e):       # in-domain variants last, then by background size
+            return (0, 0) if e[0] is None else parse_variant(e[0])[::-1]
         for vn, c in sorted(entries, key=order):
             if vn is not None:
-                vn = bg_label(order((vn, None))[1], vn.endswith(".indomain"))
+                vn = bg_label(*parse_variant(vn))
             params = ", ".join("%s %s" % (k, c[k]) for k in ("lr", "wd", "batchsize", "maxiter",
                                                               "niter", "weight") if k in c)
             lines.append("n=%d%s: %s  val top-5 %.2f ± %.2f (novel %.2f ± %.2f), %d seeds" % (
