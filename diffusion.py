@@ -5,7 +5,7 @@ Reads   $DDIR/features/train.hdf5, val.hdf5     labelled and test images (all_fe
         $DDIR/features/PCAR256.vt                faiss PCA D -> d applied to them
         $DDIR/features/f100m/concatenated_PCAR256.raw   first --nbg rows: background (nbg, d) float32
         $DDIR/knngraph/ndis{nbg}.index, ndis{nbg}_k{K}_{I,D}_11.*   made by build_graph.py {nbg}
-        --split (default data/label_idx.json)    base/novel classes, 1-based
+        --split (default $DDIR/label_idx.json if any, else data/label_idx.json)  base/novel classes
 Writes  --result R.json   the JSON result line (also printed last on stdout)
         --storeL F.npy    test scores after the last iteration, (n_test, C) float32
         --storeLname F    the test scores of every iteration, a pickled list of niter+1 (n_test, C)
@@ -58,7 +58,8 @@ def parse_args(argv):
                    help="val: split 1 (base_classes_1 + novel_classes_1), test: split 2")
     g.add_argument("--nlabeled", type=int, default=2, help="labelled images per novel class")
     g.add_argument("--seed", type=int, default=1, help="seed of the labelled-image draw")
-    g.add_argument("--split", default=None, help="class split file (default: data/label_idx.json)")
+    g.add_argument("--split", default=None, help="class split file (default: $DDIR/label_idx.json when it "
+                                                  "exists, else data/label_idx.json, ImageNet's)")
     g.add_argument("--ddir", default=None, help="data root (default: $DDIR)")
     g = p.add_argument_group("graph")
     g.add_argument("--k", type=int, default=30, help="neighbours per node")
@@ -242,8 +243,8 @@ def main(argv=None):
         times["load_bg"] = time.time() - t0
 
     t0 = time.time()
-    sets = data.load_lowshot(ddir, args.split, args.mode, args.nlabeled, args.seed,
-                             indomain=args.indomain, log=log)
+    sets = data.load_lowshot(ddir, data.resolve_split(args.split, ddir, log), args.mode, args.nlabeled,
+                             args.seed, indomain=args.indomain, log=log)
     split = sets.split
     c0, c1 = _class_range(args.class_range, split.nclass)
     data.check_pca_input(vt, sets.D, paths["pca"])

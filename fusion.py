@@ -5,7 +5,7 @@ Reads   --logreg_scores A.npy     (n_test, C) float32 softmax probabilities (log
                                   exponentiated; the log says which was read)
         --diffusion_scores B.npy  (n_test, C) float32 diffusion scores (diffusion.py --storeL)
         $DDIR/features/val.hdf5   test labels (rows of the split's classes, file order)
-        --split                   class split (default data/label_idx.json)
+        --split                   class split (default $DDIR/label_idx.json if any, else data/label_idx.json)
 Writes  --result R.json           the JSON result line (also printed last on stdout)
 
 Both score matrices must come from the same --mode (same test images, same classes). Each is
@@ -38,7 +38,8 @@ def parse_args(argv):
     g.add_argument("--mode", choices=["val", "test"], default="val", help="split of the scores")
     g.add_argument("--nlabeled", type=int, default=2, help="recorded in the result")
     g.add_argument("--seed", type=int, default=1, help="recorded in the result")
-    g.add_argument("--split", default=None, help="class split file (default: data/label_idx.json)")
+    g.add_argument("--split", default=None, help="class split file (default: $DDIR/label_idx.json when it "
+                                                  "exists, else data/label_idx.json, ImageNet's)")
     g.add_argument("--ddir", default=None, help="data root (default: $DDIR)")
     g = p.add_argument_group("fusion")
     g.add_argument("--logreg_scores", required=True, help="(n_test, C) .npy from logreg.py --storeL")
@@ -89,7 +90,7 @@ def main(argv=None):
     if not weights or any(not 0 <= w <= 1 for w in weights):
         raise InputError("weights %s: need at least one, each in [0, 1]" % weights)
     ddir = get_ddir(args.ddir)
-    split = data.load_split(args.split, args.mode)
+    split = data.load_split(data.resolve_split(args.split, ddir, log), args.mode)
     val = data.feature_paths(ddir)["val"]
     y, _ = data.load_labels(val, split)
     log("%d test images of %s, %d classes" % (y.size, val, split.nclass))

@@ -23,6 +23,7 @@ Example (paper, test split, n=2 seed 1: top-5 0.700, 0.565 on novel classes):
   python logreg.py --mode test --nlabeled 2 --seed 1 --storeL $DDIR/logs/logreg_test/L.nl2.seed1.npy
 """
 import argparse
+import os
 
 import numpy as np
 import torch
@@ -42,7 +43,8 @@ def parse_args(argv=None):
     g.add_argument("--mode", default="val", choices=["val", "test"], help="val: split 1, test: split 2")
     g.add_argument("--nlabeled", type=int, default=2, help="labelled images per novel class")
     g.add_argument("--seed", type=int, default=1, help="labelled-set draw, initialisation and batches")
-    g.add_argument("--split", default=data.DEFAULT_SPLIT, help="class split file (label_idx.json form)")
+    g.add_argument("--split", default=None, help="class split file (label_idx.json form; default: $DDIR/label_idx.json "
+                                                  "when it exists, else data/label_idx.json, ImageNet's)")
     g.add_argument("--ddir", default=None, help="data root (default: $DDIR)")
     g = p.add_argument_group("optimisation (default: the validated setting for --nlabeled)")
     g.add_argument("--maxiter", type=int, default=None, help="SGD iterations")
@@ -82,8 +84,14 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = logreg.pick_device(args.device)
     ddir = get_ddir(args.ddir)
-    log("loading %s split %s, n=%d seed=%d" % (args.mode, args.split, args.nlabeled, args.seed))
-    ld = data.load_lowshot(ddir, args.split, args.mode, args.nlabeled, args.seed, log=log)
+    split_path = data.resolve_split(args.split, ddir, log)
+    log("loading %s split %s, n=%d seed=%d" % (args.mode, split_path, args.nlabeled, args.seed))
+    ld = data.load_lowshot(ddir, split_path, args.mode, args.nlabeled, args.seed, log=log)
+    defaulted = [f for f in ("lr", "wd", "batchsize", "maxiter") if getattr(args, f) is None]
+    if defaulted and os.path.abspath(split_path) != os.path.abspath(data.DEFAULT_SPLIT):
+        log("note: --%s not given: the settings validated on ImageNet for n = %d are used, not settings "
+            "chosen on this data; phases 1-2 of run_logreg.bash choose them on its validation split"
+            % (", --".join(defaulted), args.nlabeled))
     if args.pcadim is not None and args.pcadim != ld.D:
         raise InputError("--pcadim %d but the features in %s have D = %d" % (
             args.pcadim, data.feature_paths(ddir)["train"], ld.D))

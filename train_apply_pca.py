@@ -12,10 +12,11 @@ apply: streams the hdf5 blocks block0 ... block{nblock-1} through that transform
 
 Examples:
   python train_apply_pca.py train                   # $DDIR/features/f100m/block0.hdf5 -> PCAR256.vt
-  python train_apply_pca.py apply --nblock 100      # 100 blocks -> concatenated_PCAR256.raw
+  python train_apply_pca.py apply                  # the blocks that exist (F100M: 100) -> concatenated_PCAR256.raw
   python train_apply_pca.py train --infile feats.hdf5 --outfile pca.vt --dout 64
 """
 import argparse
+import os
 
 import faiss
 
@@ -44,8 +45,9 @@ def make_parser():
                    help="train on the first rows only (default: all)")
     a = sub.add_parser("apply", parents=[common], help="apply the PCA to the blocks")
     a.add_argument("--pcafile", default=None, help="trained PCA (default $DDIR/%s)" % FILES["pca"])
-    a.add_argument("--nblock", type=int, default=100,
-                   help="number of blocks block0 ... block{nblock-1}")
+    a.add_argument("--nblock", type=int, default=None,
+                   help="number of blocks block0 ... block{nblock-1} (default: the blocks that exist, "
+                        "block0, block1, ... up to the first missing one; the paper's F100M has 100)")
     a.add_argument("--inpattern", default=None,
                    help="block path pattern with %%d for the block number (default $DDIR/"
                    + FILES["blocks"].replace("%", "%%") + ")")
@@ -75,12 +77,22 @@ def main(argv=None):
         pcafile = default_path(args.pcafile, args.ddir, "pca")
         pattern = default_path(args.inpattern, args.ddir, "blocks")
         outfile = default_path(args.outfile, args.ddir, "background")
-        if args.nblock < 1:
-            raise InputError("--nblock must be >= 1")
         try:
-            infiles = [pattern % b for b in range(args.nblock)]
+            pattern % 0
         except TypeError:
             raise InputError("--inpattern %s needs one %%d for the block number" % pattern)
+        nblock = args.nblock
+        if nblock is None:
+            nblock = 0
+            while os.path.isfile(pattern % nblock):
+                nblock += 1
+            if nblock == 0:
+                raise InputError("no background block %s: extract features first (save_features.py), or "
+                                 "give --inpattern" % (pattern % 0))
+            log("%d blocks found: %s ... %s" % (nblock, pattern % 0, pattern % (nblock - 1)))
+        if nblock < 1:
+            raise InputError("--nblock must be >= 1")
+        infiles = [pattern % b for b in range(nblock)]
         vt = data.load_pca(pcafile)
         res = pcalib.apply_pca(vt, infiles, outfile, args.chunk)
         res.update({"script": "train_apply_pca", "command": "apply", "outfile": outfile})

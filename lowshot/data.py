@@ -112,6 +112,21 @@ def _class_list(d, key, path):
     return a - 1
 
 
+def resolve_split(path, ddir, log=None):
+    """The split file a script uses: ``path`` when given, else the data root's ``label_idx.json``
+    when it has one (a generated or your own data root), else :data:`DEFAULT_SPLIT` (ImageNet's).
+    ``log`` is told which and why."""
+    if path:
+        how = "--split"
+    elif os.path.isfile(os.path.join(ddir, "label_idx.json")):
+        path, how = os.path.join(ddir, "label_idx.json"), "the data root's own"
+    else:
+        path, how = DEFAULT_SPLIT, "the paper's ImageNet split (the data root has no label_idx.json)"
+    if log:
+        log("split file %s (%s)" % (path, how))
+    return path
+
+
 def load_split(path=None, mode="val"):
     """Read the classes of one split from a ``label_idx.json``-style file.
 

@@ -70,6 +70,15 @@ def load_config(path):
     for key in ("seeds", "nlabeled"):
         if not cfg[key] or not all(isinstance(v, int) for v in cfg[key]):
             raise InputError("config %s: %s must be a non-empty list of integers" % (path, key))
+    for key in ("diffusion", "fusion"):
+        nbgs = cfg[key]["nbg"]
+        if nbgs is None and key == "fusion":
+            continue
+        if not isinstance(nbgs, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                 for v in nbgs):
+            raise InputError("config %s: %s.nbg must be a list of background sizes (integers >= 0), not %r%s" % (
+                path, key, nbgs, "; 'all' is filled in by `python demo.py config` (the demo's template)"
+                if isinstance(nbgs, list) and "all" in nbgs else ""))
     return cfg
 
 

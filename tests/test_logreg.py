@@ -154,3 +154,27 @@ def test_bad_inputs(toy, tmp_path):
                              ("--wd", "-0.1", "--wd -0.1: must be >= 0"), ("--mom", "1", "--mom 1.0: must be < 1")):
         with pytest.raises(InputError, match=msg):
             logreg_script.main(["--ddir", str(tmp_path / "none"), "--split", split, flag, value])
+
+
+def test_split_defaults_to_the_data_roots_own(toy, tmp_path, capsys):
+    """Without --split: $DDIR/label_idx.json when it exists (the log says so), and a note that the
+    ImageNet settings are used for the flags not given."""
+    import shutil
+    ddir, split = toy
+    root = str(tmp_path / "ddir")
+    shutil.copytree(ddir, root)
+    shutil.copy(split, os.path.join(root, "label_idx.json"))
+    res = run_main_json(["--ddir", root, "--mode", "test", "--nlabeled", "2", "--seed", "1", "--maxiter", "50",
+                         "--verbose", "0", "--threads", "1"], capsys)
+    out = res["_log"]
+    assert "split file %s (the data root's own)" % os.path.join(root, "label_idx.json") in out
+    assert "note: --lr, --wd, --batchsize not given: the settings validated on ImageNet" in out
+    assert data.resolve_split(None, str(tmp_path)) == data.DEFAULT_SPLIT      # no split in the root
+
+
+def run_main_json(argv, capsys):
+    logreg_script.main(argv)
+    out = capsys.readouterr().out
+    res = json.loads(out.strip().splitlines()[-1])
+    res["_log"] = out
+    return res

@@ -71,6 +71,11 @@ def test_apply_equals_faiss_on_concatenation(blocks):
     assert got.shape == (sum(len(x) for x in xs), D_OUT)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert sorted(os.listdir(ddir)) == ["features", "out.raw", "pca.vt"]
+    # without --nblock: the blocks that exist (here 4), the same file
+    os.remove(out)
+    train_apply_pca.main(["apply", "--ddir", str(ddir), "--pcafile", str(ddir / "pca.vt"),
+                          "--outfile", out, "--chunk", "1000"])
+    np.testing.assert_array_equal(np.fromfile(out, dtype=np.float32).reshape(-1, D_OUT), got)
 
 
 def test_apply_resumes_without_duplicates(blocks):

@@ -69,6 +69,12 @@ def test_config_rejects_unknown_key(tmp_path):
     p.write_text("logreg:\n  lrs: [0.1]\n")
     with pytest.raises(phases.InputError, match="unknown key 'lrs' in logreg"):
         phase_config.load_config(str(p))
+    # the demo's template used as a config: a one-line error naming the key, not a traceback
+    with pytest.raises(phases.InputError, match=r"diffusion.nbg must be a list of background sizes .*demo.py config"):
+        phase_config.load_config(os.path.join(ROOT, "configs", "demo.yaml"))
+    p.write_text("fusion:\n  nbg: [-5]\n")
+    with pytest.raises(phases.InputError, match=r"fusion.nbg must be a list"):
+        phase_config.load_config(str(p))
 
 
 def test_local_skips_existing_and_redoes_crashed(tmp_path):
