@@ -36,6 +36,7 @@ Example:
   python build_graph.py 1000000 --ddir $DDIR
 """
 import argparse
+import json
 import os
 import time
 
@@ -44,8 +45,8 @@ import faiss
 from lowshot import data
 from lowshot import graph
 from lowshot import ivf_build
-from lowshot.common import (InputError, OwnMemoryPeak, get_ddir, log, print_args, print_result,
-                            remove_stale_temporaries, run_main)
+from lowshot.common import (HelpFormatter, InputError, OwnMemoryPeak, get_ddir, log, print_args, print_result,
+                            remove_stale_temporaries, run_main, write_json)
 
 
 def parse_shard(text):
@@ -67,7 +68,7 @@ def positive_int(text):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("N", type=int, help="number of background vectors (the first N rows)")
     g = p.add_argument_group("data")
     g.add_argument("--ddir", default=None, help="data root (default: $DDIR)")
@@ -130,13 +131,16 @@ def main(argv=None):
     if not args.force and not in_progress:
         try:
             idx_path, D, I = graph.find_background_graph(ddir, args.N, K)
-            log("a graph with K = %d >= %d exists (%s): nothing to do (--force rebuilds)" % (
-                I.shape[1], K, idx_path))
-            print_result({"script": "build_graph", "nbg": args.N, "K": int(I.shape[1]),
-                          "index": idx_path, "reused": True})
-            return
         except InputError:
-            pass
+            I = None
+        if I is not None:
+            record = read_record(data.graph_paths(ddir, args.N, I.shape[1])["record"])
+            check_reuse(record, explicit_params(argv, args), args.N)
+            log("a graph with K = %d >= %d exists (%s), %s: nothing to do (--force rebuilds)" % (
+                I.shape[1], K, idx_path, describe(record)))
+            print_result({"script": "build_graph", "nbg": args.N, "K": int(I.shape[1]),
+                          "index": idx_path, "reused": True, "built_with": record})
+            return
     log("method %s, K = %d, %d GPUs, %d threads" % (
         method, K, faiss.get_num_gpus(), faiss.omp_get_max_threads()))
     own = OwnMemoryPeak()
@@ -170,8 +174,75 @@ def main(argv=None):
             stats["rows_equal_to_float32_search"] = same
             log("bf16 table against faiss' float32 search of the index on %d rows: %.2f%% of the rows "
                 "equal, %.4f of the ids shared" % (args.recall_nq, 100 * same, shared))
+    write_json(paths["record"], build_record(method, args, stats))
     print_result({"script": "build_graph", "reused": False, **stats,
                   "index": paths["index"], "I": paths["I"], "D": paths["D"]})
+
+
+# the flags a record of a built graph (knngraph/ndis{N}_k{K}.json) answers
+PARAM_FLAGS = ("method", "nlist", "nprobe", "precision", "hnsw_M", "ef_search", "ef_construction",
+               "nnd_iter", "nnd_L")
+
+
+METHOD_FLAGS = {"ivf": ("nlist", "nprobe", "precision"), "hnsw": ("hnsw_M", "ef_search", "ef_construction"),
+                "nndescent": ("nnd_iter", "nnd_L"), "exact": ()}
+
+
+def build_record(method, args, stats):
+    """How the graph was built: the method, its parameters (as used), its recall and time."""
+    rec = {"method": method}
+    for k in METHOD_FLAGS.get(method, ()):
+        v = stats.get(k, getattr(args, k))
+        if v is not None:
+            rec[k] = v
+    if method == "ivf" and "precision" not in stats:
+        rec.pop("precision", None)          # GPU builds: faiss' own search
+    for k in ("recall@10", "time_total"):
+        if stats.get(k) is not None:
+            rec[k] = round(float(stats[k]), 4)
+    return rec
+
+
+def explicit_params(argv, args):
+    """The build parameters given on the command line (not defaults), as {name: value}."""
+    import sys
+    tokens = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    given = {t[2:].split("=")[0] for t in tokens if t.startswith("--")}
+    params = {k: getattr(args, k) for k in PARAM_FLAGS if k in given}
+    if params.get("precision") == "auto":     # whatever the CPU offers: any stored precision
+        del params["precision"]
+    return params
+
+
+def read_record(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def describe(record):
+    if record is None:
+        return "built without a record of its parameters (by an earlier version or the 2018 code)"
+    params = ", ".join("%s %s" % (k, record[k]) for k in PARAM_FLAGS[1:] if k in record)
+    return "built with method %s%s%s" % (record.get("method"), " (%s)" % params if params else "",
+                                         ", recall@10 %.3f" % record["recall@10"] if "recall@10" in record else "")
+
+
+def check_reuse(record, explicit, N):
+    """A stored graph is reused only when the parameters given explicitly are the ones it was built
+    with; otherwise a one-line error names both."""
+    if not explicit:
+        return
+    asked = ", ".join("%s %s" % kv for kv in sorted(explicit.items()))
+    if record is None:
+        raise InputError("a background graph for N = %d exists, %s; %s was asked: `--force` rebuilds it" % (
+            N, describe(None), asked))
+    differ = {k: v for k, v in explicit.items() if record.get(k) != v}
+    if differ:
+        raise InputError("a background graph for N = %d exists, %s; %s was asked: `--force` rebuilds it" % (
+            N, describe(record), asked))
 
 
 if __name__ == "__main__":

@@ -25,13 +25,13 @@ import argparse
 import os
 
 from lowshot import demo
-from lowshot.common import get_ddir, log, print_args, print_result, run_main
+from lowshot.common import HelpFormatter, get_ddir, log, print_args, print_result, run_main
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("command", choices=["fetch", "prepare", "config", "table"])
     g = p.add_argument_group("data")
     g.add_argument("--ddir", default=None, help="the demo's data root (default: $DDIR)")

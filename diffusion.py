@@ -43,7 +43,7 @@ import numpy as np
 
 from lowshot import completion, data, evaluate, graph
 from lowshot import diffuse as dif
-from lowshot.common import (InputError, get_ddir, log, peak_rss_gib, print_args, print_result,
+from lowshot.common import (HelpFormatter, InputError, get_ddir, log, peak_rss_gib, print_args, print_result,
                             require_file, run_main, write_json, atomic_output, OwnMemoryPeak)
 
 
@@ -52,7 +52,7 @@ REORDER_MIN_NODES = 200000
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("protocol")
     g.add_argument("--mode", choices=["val", "test"], default="val",
                    help="val: split 1 (base_classes_1 + novel_classes_1), test: split 2")

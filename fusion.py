@@ -28,12 +28,12 @@ import numpy as np
 
 from lowshot import data, evaluate
 from lowshot import diffuse as dif
-from lowshot.common import (InputError, get_ddir, log, print_args, print_result, require_file,
+from lowshot.common import (HelpFormatter, InputError, get_ddir, log, print_args, print_result, require_file,
                             run_main, write_json)
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("protocol")
     g.add_argument("--mode", choices=["val", "test"], default="val", help="split of the scores")
     g.add_argument("--nlabeled", type=int, default=2, help="recorded in the result")

@@ -22,13 +22,13 @@ Example:
 import argparse
 
 from lowshot import generate
-from lowshot.common import log, print_args, print_result, run_main
+from lowshot.common import HelpFormatter, log, print_args, print_result, run_main
 
 _D = generate.DEFAULTS
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("out", help="output data root (created)")
     g = p.add_argument_group("size")
     g.add_argument("--nclass", type=int, default=_D["nclass"], help="classes")

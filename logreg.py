@@ -29,14 +29,14 @@ import numpy as np
 import torch
 
 from lowshot import data, logreg
-from lowshot.common import (InputError, atomic_output, get_ddir, log, print_args, print_result,
+from lowshot.common import (HelpFormatter, InputError, atomic_output, get_ddir, log, print_args, print_result,
                             run_main, write_json)
 
 
 def parse_args(argv=None):
     table = "\n".join("  n=%d: lr %g wd %g batch %d iters %d" % (n, h["lr"], h["wd"], h["batchsize"], h["maxiter"])
                       for n, h in sorted(logreg.HPARAMS.items()))
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
                                 epilog="validated settings (momentum %g, as the paper's runs):\n%s" % (
                                     logreg.DEFAULT_MOM, table))
     g = p.add_argument_group("protocol")

@@ -23,12 +23,12 @@ Example (the paper's background block 3, images 3M..4M, on the authors' ResNet-5
 import argparse
 
 from lowshot import features, networks
-from lowshot.common import log, print_args, print_result, run_main
+from lowshot.common import HelpFormatter, log, print_args, print_result, run_main
 
 
 def make_parser():
     p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="ResNet50", choices=networks.MODELS)
     g.add_argument("--modelfile", default=None,

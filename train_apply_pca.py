@@ -22,7 +22,7 @@ import faiss
 
 from lowshot import data
 from lowshot import pca as pcalib
-from lowshot.common import InputError, atomic_output, get_ddir, log, print_args, print_result, run_main
+from lowshot.common import HelpFormatter, InputError, atomic_output, get_ddir, log, print_args, print_result, run_main
 
 # defaults under $DDIR, named by lowshot.data
 FILES = data.FEATURE_FILES
@@ -31,7 +31,7 @@ DEFAULT_TRAIN = FILES["blocks"] % 0
 
 def make_parser():
     p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--ddir", default=None,
                         help="data root for the default paths (default: $DDIR)")

@@ -2,6 +2,7 @@
 
 Nothing here reads the environment or touches files at import time.
 """
+import argparse
 import contextlib
 import glob
 import json
@@ -211,3 +212,15 @@ def merge_config(default, given, where, free=(), path=()):
         else:
             out[key] = val
     return out
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` keeps the description's layout and shows each option's default (when it has one
+    and its help does not already say it)."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if ("default" not in h and action.default not in (None, False, argparse.SUPPRESS)
+                and action.option_strings and action.nargs != 0):
+            h += " (default: %(default)s)"
+        return h

@@ -194,13 +194,15 @@ def graph_paths(ddir, nbg, K):
     -------
     dict with keys ``index`` (``knngraph/ndis{nbg}.index``), ``I`` (``knngraph/ndis{nbg}_k{K}_I_11.int32``),
     ``D`` (``knngraph/ndis{nbg}_k{K}_D_11.float32``), ``work`` (``knngraph/ndis{nbg}_k{K}.work``, the
-    resumable build's folder, see :mod:`lowshot.ivf_build`).
+    resumable build's folder, see :mod:`lowshot.ivf_build`), ``record`` (``knngraph/ndis{nbg}_k{K}.json``:
+    how build_graph.py made the graph).
     """
     g = os.path.join(ddir, "knngraph")
     return {"index": os.path.join(g, "ndis%d.index" % nbg),
             "I": os.path.join(g, "ndis%d_k%d_I_11.int32" % (nbg, K)),
             "D": os.path.join(g, "ndis%d_k%d_D_11.float32" % (nbg, K)),
-            "work": os.path.join(g, "ndis%d_k%d.work" % (nbg, K))}
+            "work": os.path.join(g, "ndis%d_k%d.work" % (nbg, K)),
+            "record": os.path.join(g, "ndis%d_k%d.json" % (nbg, K))}
 
 
 def _open_h5(path):

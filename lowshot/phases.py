@@ -44,7 +44,7 @@ import numpy as np
 import yaml
 
 from lowshot import data
-from lowshot.common import InputError, atomic_output, get_ddir, log, require_file, run_main, write_json
+from lowshot.common import HelpFormatter, InputError, atomic_output, get_ddir, log, require_file, run_main, write_json
 from lowshot.launch import Run, available_cores, make_launcher
 from lowshot.phase_config import METRICS, bg_label, load_config, run_name, variant_name
 from lowshot.report import format_choices, markdown_table, plot_results, summarize
@@ -638,7 +638,7 @@ def main(argv=None):
     """``python -m lowshot.phases {logreg,diffusion} PHASE [--config ...]``; see ``--help``."""
     import argparse
     p = argparse.ArgumentParser(
-        prog="python -m lowshot.phases", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m lowshot.phases", formatter_class=HelpFormatter,
         description=__doc__)
     p.add_argument("experiment", choices=["prepare", "logreg", "diffusion"])
     p.add_argument("phase", type=int, choices=[1, 2, 3, 4])

@@ -22,6 +22,7 @@ import json
 import sys
 
 from lowshot import diffuse, graph, ivf_build
+from lowshot.common import HelpFormatter
 
 GiB = 2.0**30
 
@@ -180,7 +181,7 @@ def check():
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m lowshot.plan", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("N", type=int, nargs="?", help="background vectors")
     p.add_argument("--shards", type=int, default=1, help="graph shard tasks (build_graph.py --shard i/S)")
     p.add_argument("--d", type=int, default=256, help="dimension of the background vectors")

@@ -1,4 +1,5 @@
 """k-NN graph building (build_graph.py, lowshot.graph) and graph completion against brute force."""
+import json
 import os
 
 import faiss
@@ -76,7 +77,7 @@ def test_build_exact_equals_brute_force(tmp_path, capsys):
     assert index.ntotal == nbg and index.d == x.shape[1]
     # no temporary files left behind
     assert sorted(os.listdir(tmp_path / "knngraph")) == sorted(
-        os.path.basename(p[k]) for k in ("index", "I", "D"))
+        os.path.basename(p[k]) for k in ("index", "I", "D", "record"))
 
 
 @pytest.mark.parametrize("method", ["ivf", "hnsw", "nndescent"])
@@ -200,3 +201,32 @@ def test_bad_inputs(tmp_path):
     x.tofile(raw)
     with pytest.raises(InputError, match="row 7 holds NaN"):
         build_graph.main(["200", "--ddir", str(tmp_path), "--force", "--recall_nq", "0"])
+
+
+def test_stored_graph_names_how_it_was_built(tmp_path, capsys):
+    """A stored graph is reused only for the parameters it was built with: asking for another method
+    or parameter explicitly is a one-line error naming both; without explicit flags it is reused and
+    the log says how it was built."""
+    nbg = 2000
+    make_bg_ddir(tmp_path, nbg, d=16, nclust=20)
+    build_graph.main([str(nbg), "--ddir", str(tmp_path), "--method", "exact", "--recall_nq", "200"])
+    p = data.graph_paths(str(tmp_path), nbg, 32)
+    rec = json.load(open(p["record"]))
+    assert rec["method"] == "exact" and rec["recall@10"] == 1.0
+    capsys.readouterr()
+    build_graph.main([str(nbg), "--ddir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "built with method exact, recall@10 1.000: nothing to do" in out
+    assert json.loads(out.strip().splitlines()[-1])["built_with"]["method"] == "exact"
+    build_graph.main([str(nbg), "--ddir", str(tmp_path), "--method", "exact"])     # the same: reused
+    with pytest.raises(InputError, match=r"exists, built with method exact, recall@10 1.000; method hnsw was "
+                                         r"asked: `--force` rebuilds it"):
+        build_graph.main([str(nbg), "--ddir", str(tmp_path), "--method", "hnsw"])
+    # a graph without a record (an earlier version, the 2018 files): named, refused for explicit flags
+    os.remove(p["record"])
+    with pytest.raises(InputError, match=r"without a record of its parameters.*method ivf, nprobe 4 was asked"):
+        build_graph.main([str(nbg), "--ddir", str(tmp_path), "--method", "ivf", "--nprobe", "4"])
+    build_graph.main([str(nbg), "--ddir", str(tmp_path), "--method", "ivf", "--nprobe", "4", "--force",
+                      "--recall_nq", "0"])
+    rec = json.load(open(p["record"]))
+    assert rec["method"] == "ivf" and rec["nprobe"] == 4 and "recall@10" not in rec

@@ -154,7 +154,7 @@ def test_table_is_faiss_ivf_search_float32(tmp_path):
     assert mism.mean() < 0.002, mism.mean()     # float ties only
     np.testing.assert_allclose(D[mism], Dref[mism], atol=1e-5)
     assert sorted(os.listdir(tmp_path / "knngraph")) == sorted(
-        os.path.basename(p[k]) for k in ("index", "I", "D"))   # work folder removed
+        os.path.basename(p[k]) for k in ("index", "I", "D", "record"))   # work folder removed
 
 
 def test_shards_and_resume_give_identical_bytes(tmp_path, capsys):
