@@ -16,9 +16,8 @@ try:
 except ImportError as e:  # pragma: no cover - only without a build
     raise ImportError("graph_utils C++ module not built or not loadable (%s): run bash graph_utils/compile.bash" % e)
 
-__all__ = ["CSR", "csr_from_knn", "transpose", "sort_rows", "union", "intersection_min", "row_normalize",
-           "check", "knn_to_graph", "col_normalize", "spmm", "MklSpmm", "merge_knn_results",
-           "locality_order", "permute", "permute_columns", "inverse_permutation", "max_threads",
+__all__ = ["CSR", "csr_from_knn", "transpose", "sort_rows", "knn_to_graph", "col_normalize", "spmm", "MklSpmm",
+           "merge_knn_results", "locality_order", "permute", "permute_columns", "inverse_permutation", "max_threads",
            "cpu_has_bf16", "to_bf16", "KnnScan"]
 
 _INT32_MAX = 2**31 - 1
@@ -182,46 +181,6 @@ def sort_rows(A):
     _check_csr_arg(A)
     _gu.sort_rows(*A._args())
     return A
-
-
-_OPS = {"add": 0, "max": 1, "min": 2}
-
-
-def union(A, B, op="add"):
-    """Pointwise union of two row-sorted matrices (rows strictly increasing, see sort_rows).
-
-    Where both have an entry the result holds ``op(a, b)`` (op: "add", "max" or "min"); where only one
-    has, its value. Returns a new row-sorted CSR.
-    """
-    _check_csr_arg(A, "A")
-    _check_csr_arg(B, "B")
-    if op not in _OPS:
-        raise ValueError("op must be one of %s, got %r" % (sorted(_OPS), op))
-    if A.shape != B.shape:
-        raise ValueError("shapes differ: %s and %s" % (A.shape, B.shape))
-    return _from_tuple(_gu.csr_union(*A._args(), *B._args(), _OPS[op]), A.shape)
-
-
-def intersection_min(A, B):
-    """Entries present in both row-sorted matrices, with value min(a, b). Returns a new CSR."""
-    _check_csr_arg(A, "A")
-    _check_csr_arg(B, "B")
-    if A.shape != B.shape:
-        raise ValueError("shapes differ: %s and %s" % (A.shape, B.shape))
-    return _from_tuple(_gu.csr_intersection_min(*A._args(), *B._args()), A.shape)
-
-
-def row_normalize(A):
-    """Divide each row by its L1 norm (sum of absolute values), in place; zero rows stay. Returns A."""
-    _check_csr_arg(A)
-    _gu.row_normalize(*A._args())
-    return A
-
-
-def check(A, sorted=False):
-    """Raise ValueError naming the first violated CSR invariant (with sorted: rows strictly increasing)."""
-    _check_csr_arg(A)
-    _gu.check(*A._args(), bool(sorted))
 
 
 def knn_to_graph(I, n):

@@ -262,16 +262,8 @@ void sort_rows(const CSRView& A) {
 
 namespace {
 
-inline float apply(MergeOp op, float a, float b) {
-    switch (op) {
-        case MergeOp::add: return a + b;
-        case MergeOp::max: return std::max(a, b);
-        default: return std::min(a, b);
-    }
-}
-
-// union (intersection = false) or intersection-with-min of two row-sorted matrices, count then fill
-void merge_rows(const CSRView& A, const CSRView& B, MergeOp op, bool intersection, CSROwned& out) {
+// A + B for two row-sorted matrices (rows strictly increasing), count then fill
+void add_rows(const CSRView& A, const CSRView& B, CSROwned& out) {
     if (A.nrow != B.nrow || A.ncol != B.ncol)
         throw std::invalid_argument(fmt("shapes differ: (%lld, %lld) and ", A.nrow, A.ncol) +
                                     fmt("(%lld, %lld)", B.nrow, B.ncol));
@@ -290,10 +282,10 @@ void merge_rows(const CSRView& A, const CSRView& B, MergeOp op, bool intersectio
         while (a < ae && b < be) {
             int32_t ja = A.indices[a], jb = B.indices[b];
             if (ja == jb) { c++; a++; b++; }
-            else if (ja < jb) { c += !intersection; a++; }
-            else { c += !intersection; b++; }
+            else if (ja < jb) { c++; a++; }
+            else { c++; b++; }
         }
-        if (!intersection) c += (ae - a) + (be - b);
+        c += (ae - a) + (be - b);
         counts[r] = c;
     }
     if (err.any())
@@ -311,31 +303,23 @@ void merge_rows(const CSRView& A, const CSRView& B, MergeOp op, bool intersectio
             int32_t ja = A.indices[a], jb = B.indices[b];
             if (ja == jb) {
                 out.indices[q] = ja;
-                out.data[q++] = apply(op, A.data[a++], B.data[b++]);
+                out.data[q++] = A.data[a++] + B.data[b++];
             } else if (ja < jb) {
-                if (!intersection) { out.indices[q] = ja; out.data[q++] = A.data[a]; }
-                a++;
+                out.indices[q] = ja;
+                out.data[q++] = A.data[a++];
             } else {
-                if (!intersection) { out.indices[q] = jb; out.data[q++] = B.data[b]; }
-                b++;
+                out.indices[q] = jb;
+                out.data[q++] = B.data[b++];
             }
         }
-        if (!intersection) {
-            for (; a < ae; a++) { out.indices[q] = A.indices[a]; out.data[q++] = A.data[a]; }
-            for (; b < be; b++) { out.indices[q] = B.indices[b]; out.data[q++] = B.data[b]; }
-        }
+        for (; a < ae; a++) { out.indices[q] = A.indices[a]; out.data[q++] = A.data[a]; }
+        for (; b < be; b++) { out.indices[q] = B.indices[b]; out.data[q++] = B.data[b]; }
     }
 }
 
 }  // namespace
 
-void csr_union(const CSRView& A, const CSRView& B, MergeOp op, CSROwned& out) {
-    merge_rows(A, B, op, false, out);
-}
-
-void csr_intersection_min(const CSRView& A, const CSRView& B, CSROwned& out) {
-    merge_rows(A, B, MergeOp::min, true, out);
-}
+void csr_add(const CSRView& A, const CSRView& B, CSROwned& out) { add_rows(A, B, out); }
 
 void row_normalize(const CSRView& A) {
 #pragma omp parallel for schedule(dynamic, 4096)
@@ -411,7 +395,7 @@ void knn_to_graph(const TI* I, int64_t n, int64_t k, int64_t ldi, CSROwned& out)
     std::vector<int32_t>().swap(pad);
     CSROwned W0T;
     transpose(W0.view(), W0T);
-    csr_union(W0.view(), W0T.view(), MergeOp::add, out);
+    csr_add(W0.view(), W0T.view(), out);
     row_normalize(out.view());
 }
 
@@ -485,7 +469,7 @@ void spmm_hand(const CSRView& A, const float* X, int64_t C, float* Y) {
     }
     if (err.any())
         throw std::invalid_argument(fmt("invalid row %lld (indptr decreasing or column index out of range); "
-                                        "see check()", err.row));
+                                        "the CSR constructor checks these", err.row));
 }
 
 // ---------------------------------------------------------------- sparse x dense, MKL inspector-executor

@@ -11,8 +11,8 @@
 //   0 <= nrow, 0 <= ncol < 2^31 (column ids are int32; rows may exceed 2^31 in principle, nodes do not)
 //   indptr has nrow + 1 entries, int64, indptr[0] == 0, non-decreasing, indptr[nrow] == nnz
 //   indices[p] in [0, ncol) for p < nnz; data float32
-//   "row-sorted": indices strictly increasing within each row (no duplicates); union / intersection
-//   require it, sort_rows sorts but keeps duplicates.
+//   "row-sorted": indices strictly increasing within each row (no duplicates); csr_add requires it,
+//   sort_rows sorts but keeps duplicates.
 //
 // Errors: invalid input throws std::invalid_argument; an MKL failure throws std::runtime_error naming the
 // MKL call and its sparse_status_t. The wrapper turns them into ValueError / RuntimeError.
@@ -65,14 +65,9 @@ void transpose(const CSRView& A, CSROwned& out);
 // Sorts the entries of every row by column id, in place (values follow; stable for duplicate ids).
 void sort_rows(const CSRView& A);
 
-enum class MergeOp { add = 0, max = 1, min = 2 };
-
-// Union of the sparsity patterns of two row-sorted matrices of the same shape: op(a, b) where both have
-// an entry, the single value where only one has.
-void csr_union(const CSRView& A, const CSRView& B, MergeOp op, CSROwned& out);
-
-// Entries present in both row-sorted matrices, with value min(a, b).
-void csr_intersection_min(const CSRView& A, const CSRView& B, CSROwned& out);
+// A + B for two row-sorted matrices of the same shape (the union of their patterns; knn_to_graph's
+// W0 + W0^T).
+void csr_add(const CSRView& A, const CSRView& B, CSROwned& out);
 
 // Divides every row by the sum of its absolute values, in place; rows summing to 0 stay unchanged.
 void row_normalize(const CSRView& A);

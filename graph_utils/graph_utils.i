@@ -145,6 +145,51 @@ PyObject* to_python(gu::CSROwned& m) {
 
 bool is_int32(PyObject* o) { return PyArray_Check(o) && PyArray_TYPE((PyArrayObject*)o) == NPY_INT32; }
 
+// the functions taking int32 or int64 ids, once for both
+template <typename TI>
+PyObject* csr_from_knn_t(PyObject* I, long long ncol, PyObject* values) {
+    gu::CSROwned out;
+    Arr<TI> a = get_arr<TI>(I, "I", 2, false, true);
+    const float* v = nullptr;
+    int64_t ldv = 0;
+    if (values != Py_None) {
+        Arr<float> va = get_arr<float>(values, "values", 2, false, true);
+        if (va.n0 != a.n0 || va.n1 != a.n1) py_raise(PyExc_ValueError, "values must have the shape of I");
+        v = va.ptr;
+        ldv = va.ld;
+    }
+    {
+        NoGIL nogil;
+        gu::csr_from_knn<TI>(a.ptr, a.n0, a.n1, a.ld, ncol, v, ldv, out);
+    }
+    return to_python(out);
+}
+
+template <typename TI>
+PyObject* knn_to_graph_t(PyObject* I, long long n) {
+    gu::CSROwned out;
+    Arr<TI> a = get_arr<TI>(I, "I", 2, false, true);
+    if (a.n0 != n) py_raise(PyExc_ValueError, "I must have n rows");
+    {
+        NoGIL nogil;
+        gu::knn_to_graph<TI>(a.ptr, a.n0, a.n1, a.ld, out);
+    }
+    return to_python(out);
+}
+
+template <typename TI>
+void merge_knn_results_t(PyObject* D, PyObject* I, PyObject* D2, PyObject* I2, long long translation) {
+    Arr<float> d = get_arr<float>(D, "D", 2, true, true);
+    Arr<float> d2 = get_arr<float>(D2, "D2", 2, false, true);
+    if (d2.n0 != d.n0) py_raise(PyExc_ValueError, "D and D2 must have the same number of rows");
+    Arr<TI> i = get_arr<TI>(I, "I", 2, true, true);
+    Arr<TI> i2 = get_arr<TI>(I2, "I2", 2, false, true);
+    if (i.n0 != d.n0 || i.n1 != d.n1 || i2.n0 != d2.n0 || i2.n1 != d2.n1)
+        py_raise(PyExc_ValueError, "I must have the shape of D and I2 that of D2");
+    NoGIL nogil;
+    gu::merge_knn_results<TI>(d.ptr, i.ptr, d.n0, d.n1, d.ld, i.ld, d2.ptr, i2.ptr, d2.n1, d2.ld, i2.ld, translation);
+}
+
 }  // namespace
 
 %}
@@ -183,55 +228,19 @@ void set_prefetch_distance(long long d) {
     gu::prefetch_distance = d;
 }
 
-void check(CSR_ARGS(A), bool require_sorted) {
+void check(CSR_ARGS(A), bool require_sorted) {      // the CSR class's validation
     gu::CSRView A = CSR_GET(A);
     NoGIL nogil;
     gu::check_csr(A, require_sorted);
 }
 
 PyObject* csr_from_knn(PyObject* I, long long ncol, PyObject* values) {
-    gu::CSROwned out;
     if (ncol < 0 || ncol > INT32_MAX) py_raise(PyExc_ValueError, "ncols must be in [0, 2^31)");
-    const float* v = nullptr;
-    int64_t ldv = 0, n, k;
-    if (is_int32(I)) {
-        Arr<int32_t> a = get_arr<int32_t>(I, "I", 2, false, true);
-        n = a.n0; k = a.n1;
-        if (values != Py_None) {
-            Arr<float> va = get_arr<float>(values, "values", 2, false, true);
-            if (va.n0 != n || va.n1 != k) py_raise(PyExc_ValueError, "values must have the shape of I");
-            v = va.ptr; ldv = va.ld;
-        }
-        NoGIL nogil;
-        gu::csr_from_knn<int32_t>(a.ptr, n, k, a.ld, ncol, v, ldv, out);
-    } else {
-        Arr<int64_t> a = get_arr<int64_t>(I, "I", 2, false, true);
-        n = a.n0; k = a.n1;
-        if (values != Py_None) {
-            Arr<float> va = get_arr<float>(values, "values", 2, false, true);
-            if (va.n0 != n || va.n1 != k) py_raise(PyExc_ValueError, "values must have the shape of I");
-            v = va.ptr; ldv = va.ld;
-        }
-        NoGIL nogil;
-        gu::csr_from_knn<int64_t>(a.ptr, n, k, a.ld, ncol, v, ldv, out);
-    }
-    return to_python(out);
+    return is_int32(I) ? csr_from_knn_t<int32_t>(I, ncol, values) : csr_from_knn_t<int64_t>(I, ncol, values);
 }
 
 PyObject* knn_to_graph(PyObject* I, long long n) {
-    gu::CSROwned out;
-    if (is_int32(I)) {
-        Arr<int32_t> a = get_arr<int32_t>(I, "I", 2, false, true);
-        if (a.n0 != n) py_raise(PyExc_ValueError, "I must have n rows");
-        NoGIL nogil;
-        gu::knn_to_graph<int32_t>(a.ptr, a.n0, a.n1, a.ld, out);
-    } else {
-        Arr<int64_t> a = get_arr<int64_t>(I, "I", 2, false, true);
-        if (a.n0 != n) py_raise(PyExc_ValueError, "I must have n rows");
-        NoGIL nogil;
-        gu::knn_to_graph<int64_t>(a.ptr, a.n0, a.n1, a.ld, out);
-    }
-    return to_python(out);
+    return is_int32(I) ? knn_to_graph_t<int32_t>(I, n) : knn_to_graph_t<int64_t>(I, n);
 }
 
 PyObject* transpose(CSR_ARGS(A)) {
@@ -252,37 +261,6 @@ void sort_rows(CSR_ARGS(A)) {
     gu::sort_rows(A);
 }
 
-PyObject* csr_union(CSR_ARGS(A), CSR_ARGS(B), int op) {
-    gu::CSRView A = CSR_GET(A), B = CSR_GET(B);
-    if (op < 0 || op > 2) py_raise(PyExc_ValueError, "op must be 0 (add), 1 (max) or 2 (min)");
-    gu::CSROwned out;
-    {
-        NoGIL nogil;
-        gu::check_csr(A, false);
-        gu::check_csr(B, false);
-        gu::csr_union(A, B, (gu::MergeOp)op, out);
-    }
-    return to_python(out);
-}
-
-PyObject* csr_intersection_min(CSR_ARGS(A), CSR_ARGS(B)) {
-    gu::CSRView A = CSR_GET(A), B = CSR_GET(B);
-    gu::CSROwned out;
-    {
-        NoGIL nogil;
-        gu::check_csr(A, false);
-        gu::check_csr(B, false);
-        gu::csr_intersection_min(A, B, out);
-    }
-    return to_python(out);
-}
-
-void row_normalize(CSR_ARGS(A)) {
-    gu::CSRView A = CSR_GET(A);
-    NoGIL nogil;
-    gu::row_normalize(A);
-}
-
 void col_normalize(PyObject* X) {
     Arr<float> x = get_arr<float>(X, "X", 2, true);
     NoGIL nogil;
@@ -300,26 +278,10 @@ void spmm_hand(CSR_ARGS(A), PyObject* X, PyObject* Y) {
 }
 
 void merge_knn_results(PyObject* D, PyObject* I, PyObject* D2, PyObject* I2, long long translation) {
-    Arr<float> d = get_arr<float>(D, "D", 2, true, true);
-    Arr<float> d2 = get_arr<float>(D2, "D2", 2, false, true);
-    if (d2.n0 != d.n0) py_raise(PyExc_ValueError, "D and D2 must have the same number of rows");
-    if (is_int32(I)) {
-        Arr<int32_t> i = get_arr<int32_t>(I, "I", 2, true, true);
-        Arr<int32_t> i2 = get_arr<int32_t>(I2, "I2", 2, false, true);
-        if (i.n0 != d.n0 || i.n1 != d.n1 || i2.n0 != d2.n0 || i2.n1 != d2.n1)
-            py_raise(PyExc_ValueError, "I must have the shape of D and I2 that of D2");
-        NoGIL nogil;
-        gu::merge_knn_results<int32_t>(d.ptr, i.ptr, d.n0, d.n1, d.ld, i.ld, d2.ptr, i2.ptr, d2.n1, d2.ld, i2.ld,
-                                       translation);
-    } else {
-        Arr<int64_t> i = get_arr<int64_t>(I, "I", 2, true, true);
-        Arr<int64_t> i2 = get_arr<int64_t>(I2, "I2", 2, false, true);
-        if (i.n0 != d.n0 || i.n1 != d.n1 || i2.n0 != d2.n0 || i2.n1 != d2.n1)
-            py_raise(PyExc_ValueError, "I must have the shape of D and I2 that of D2");
-        NoGIL nogil;
-        gu::merge_knn_results<int64_t>(d.ptr, i.ptr, d.n0, d.n1, d.ld, i.ld, d2.ptr, i2.ptr, d2.n1, d2.ld, i2.ld,
-                                       translation);
-    }
+    if (is_int32(I))
+        merge_knn_results_t<int32_t>(D, I, D2, I2, translation);
+    else
+        merge_knn_results_t<int64_t>(D, I, D2, I2, translation);
 }
 
 bool cpu_has_bf16() { return gu::cpu_has_bf16(); }
