@@ -24,7 +24,9 @@ renumbered 0..C-1 in increasing original id order.
 Nothing is read at import time. Every problem with the inputs raises :class:`lowshot.common.InputError`
 with a one-line message naming the file.
 
-Over 400 lines: file readers and the labelled-set protocol; the refactor issue splits them.
+Over 400 lines: the readers of the published files and the labelled-set protocol, which works on
+those files' (rows, labels, count) layout and the split's class renumbering: every check of the
+published files stays in one place.
 """
 import json
 import os

@@ -28,7 +28,8 @@ images go to ``OUTFILE.partial.bad``. A rerun with the same arguments continues 
 complete block; ``bad_images`` is added and the file renamed to ``OUTFILE`` only when all rows are
 done, so an interrupted and resumed run gives a byte-identical file.
 
-Over 400 lines: datasets, transforms and the resumable extraction; the refactor issue splits them.
+Over 400 lines: the image sources (YFCC100M blocks, image lists, class folders), their transforms
+and the resumable extraction that writes the hdf5 files, which drives all of them.
 """
 import io
 import json
