@@ -67,6 +67,7 @@ def load_config(path):
             cfg[key] = os.path.expandvars(os.path.expanduser(cfg[key]))
     if cfg["choose_on"] not in METRICS:
         raise InputError("config %s: choose_on must be top5 or top5_novel" % path)
+    _check_types(DEFAULTS, cfg, path, [])
     for key in ("seeds", "nlabeled"):
         if not cfg[key] or not all(isinstance(v, int) for v in cfg[key]):
             raise InputError("config %s: %s must be a non-empty list of integers" % (path, key))
@@ -80,6 +81,48 @@ def load_config(path):
                 path, key, nbgs, "; 'all' is filled in by `python demo.py config` (the demo's template)"
                 if isinstance(nbgs, list) and "all" in nbgs else ""))
     return cfg
+
+
+def _kind(x):
+    """The type a config value must have, from its default."""
+    if isinstance(x, bool):
+        return "a boolean", lambda v: isinstance(v, bool)
+    if isinstance(x, int):
+        return "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)
+    if isinstance(x, float):
+        return "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    if isinstance(x, str):
+        return "a string", lambda v: isinstance(v, str)
+    return None, None
+
+
+def _check_types(default, cfg, where, path):
+    """Every value of the config has the type of its default (a one-line error naming the key)."""
+    for key, d in default.items():
+        v, name = cfg[key], ".".join(path + [key])
+        if (tuple(path + [key]) in _FREE or d is None or path[:1] == ["slurm"]   # Slurm takes its own forms
+                or key == "nbg" or (v is None and key in ("split", "ddir", "python"))):   # nbg: below
+            continue
+        if isinstance(d, dict):
+            _check_types(d, v, where, path + [key])
+            continue
+        if isinstance(d, list):
+            if not isinstance(v, list):
+                raise InputError("config %s: %s must be a list, not %r" % (where, name, v))
+            if any(isinstance(e, float) for e in d):
+                what, ok = _kind(0.5)
+            elif d:
+                what, ok = _kind(d[0])
+            else:       # command-line arguments: scalars
+                what, ok = "a string or number", lambda e: isinstance(e, (str, int, float)) and not isinstance(e, bool)
+            bad = [e for e in v if not ok(e)]
+            if bad:
+                raise InputError("config %s: %s must be a list whose items are each %s, not %r" % (
+                    where, name, what, bad[0]))
+            continue
+        what, ok = _kind(d)
+        if ok is not None and not ok(v):
+            raise InputError("config %s: %s must be %s, not %r" % (where, name, what, v))
 
 
 def bg_label(nbg, indomain=False):

@@ -425,3 +425,19 @@ def test_class_slices_merge_to_single_process_result(tiny_ddir, tmp_path):
     assert b["merged_slices"] == 3
     assert b["iters"] == a["iters"] and len(a["iters"]) == 5
     assert (b["top5"], b["top5_novel"]) == (a["top5"], a["top5_novel"])
+
+
+def test_config_values_have_their_types(tmp_path):
+    """Every value of a config is accepted or refused with a one-line error naming its key."""
+    p = tmp_path / "c.yaml"
+    for text, msg in (("logreg:\n  lr: [0.1, fast]\n", r"logreg.lr must be a list whose items are each a number, not 'fast'"),
+                      ("diffusion:\n  k: '30'\n", r"diffusion.k must be an integer, not '30'"),
+                      ("diffusion:\n  indomain: [false, 1]\n", r"diffusion.indomain must be a list whose items are each a boolean"),
+                      ("seeds: 3\n", r"seeds must be a list, not 3"),
+                      ("prepare:\n  pca: {dout: 2.5}\n", r"prepare.pca.dout must be an integer")):
+        p.write_text(text)
+        with pytest.raises(phases.InputError, match=msg):
+            phase_config.load_config(str(p))
+    p.write_text("logreg:\n  wd: [0, 0.5]\nslurm: {mem: 16000, time: 60}\ndiffusion:\n  args: [--lslice, 64]\n")
+    cfg = phase_config.load_config(str(p))
+    assert cfg["logreg"]["wd"] == [0, 0.5] and cfg["slurm"]["mem"] == 16000
