@@ -150,7 +150,17 @@ def load_config(path=None, ddir=None, overrides=None):
 # ----------------------------------------------------------------------------- preprocessing
 
 def to_rgb(img):
-    """PIL image -> RGB; transparent pixels are composited on a white background."""
+    """PIL image -> 8-bit RGB, upright: the EXIF orientation is applied (photos from cameras and
+    phones); transparent pixels are composited on a white background; greyscale is repeated on the
+    three channels; CMYK and palette images are converted by PIL; 16-bit greyscale keeps its 8 high
+    bits (PIL's own conversion would saturate it)."""
+    from PIL import ImageOps
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(img).astype(np.int64)
+        if img.mode != "I" or a.max() > 255:       # 16-bit values
+            a = a >> 8
+        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L").convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):

@@ -135,6 +135,37 @@ def test_to_rgb_composites_alpha_on_white():
     assert (got[0, 0] == 255).all() and (got[1, 1] == rgba[1, 1, :3]).all()
 
 
+def test_to_rgb_image_kinds():
+    """Greyscale, CMYK, 16-bit greyscale, palette with transparency and EXIF-rotated images all
+    become upright 8-bit RGB (against hand-computed values)."""
+    grey = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    got = np.asarray(features.to_rgb(Image.fromarray(grey, "L")))
+    assert got.shape == (3, 4, 3) and (got == grey[..., None]).all()
+    g16 = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000)
+    im16 = Image.fromarray(g16)
+    assert im16.mode.startswith("I")
+    got = np.asarray(features.to_rgb(im16))
+    assert (got[..., 0] == (g16 >> 8)).all()
+    cmyk = Image.new("CMYK", (5, 4), (0, 255, 255, 0))           # no black, full magenta + yellow
+    assert np.asarray(features.to_rgb(cmyk))[0, 0].tolist() == [255, 0, 0]
+    pal = Image.fromarray(np.array([[0, 1], [1, 0]], dtype=np.uint8), "P")
+    pal.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    pal.info["transparency"] = 0
+    assert np.asarray(features.to_rgb(pal)).tolist() == [[[255, 255, 255], [200, 100, 50]],
+                                                         [[200, 100, 50], [255, 255, 255]]]
+    # a 2x3 photo stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise to view)
+    import io
+    stored = np.zeros((2, 3, 3), dtype=np.uint8)
+    stored[0, 0] = 255                                       # top-left of the stored pixels
+    im = Image.fromarray(stored, "RGB")
+    exif = im.getexif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", exif=exif)
+    got = np.asarray(features.to_rgb(Image.open(io.BytesIO(buf.getvalue()))))
+    assert got.shape == (3, 2, 3) and (got[0, 1] == 255).all()   # now top-right, image upright
+
+
 def reference_preprocess(img, scale, crop, mean, std):
     """Independent numpy version: shorter side to ``scale`` (old torchvision Scale), center crop."""
     w, h = img.size
