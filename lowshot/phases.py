@@ -33,25 +33,26 @@ Nothing here reads the environment or touches files at import time (the command-
 
 The config (schema, defaults, reader) is in lowshot/phase_config.py, the tables and plots in
 lowshot/report.py (shared with the demo), the data-preparation phases in lowshot/prepare.py.
-Over 400 lines: the Phases class holds the run grid of each experiment, their execution, the
-choices of phase 2 and the collection of results, which share its paths and config.
+The Phases class gets the run grid of each experiment from lowshot/phase_runs.py and the choices
+of phase 2 from lowshot/phase_choice.py; here are its paths, the execution, the collection of the
+results and the phases themselves.
 """
 import json
 import os
 import sys
 
-import numpy as np
-import yaml
-
 from lowshot import data
-from lowshot.common import HelpFormatter, InputError, atomic_output, get_ddir, log, require_file, run_main, write_json
-from lowshot.launch import Run, available_cores, make_launcher
-from lowshot.phase_config import METRICS, bg_label, load_config, run_name, variant_name
+from lowshot.common import (HelpFormatter, InputError, atomic_output, get_ddir, log, require_file, run_main,
+                            write_json)
+from lowshot.launch import available_cores, make_launcher
+from lowshot.phase_choice import Choices
+from lowshot.phase_config import bg_label, load_config, run_name, variant_name
+from lowshot.phase_runs import RunGrid
 from lowshot.report import format_choices, markdown_table, plot_results, summarize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-class Phases:
+class Phases(RunGrid, Choices):
     """The runs, choices and tables of one configuration.
 
     Parameters
@@ -122,172 +123,6 @@ class Phases:
         return res
 
     # ---------------------------------------------------------------- logreg runs
-
-    def logreg_val_runs(self):
-        """Phase 1: the validation grid."""
-        c = self.cfg["logreg"]
-        runs = []
-        for n in self.cfg["nlabeled"]:
-            for lr in c["lr"]:
-                for wd in c["wd"]:
-                    for bs in c["batchsize"]:
-                        for s in self.cfg["seeds"]:
-                            runs.append(self._logreg_run("val", "val", n, s, lr, wd, bs,
-                                                         c["maxiter"], grid=True))
-        return runs
-
-    def _logreg_run(self, mode, sub, n, s, lr, wd, bs, maxiter, grid=False, scores=False,
-                    model=False):
-        name = run_name(n, s, lr=lr, wd=wd, batchsize=bs) if grid else run_name(n, s)
-        base = self.path("logreg", sub, name)
-        cmd = self._script("logreg.py") + [
-            "--mode", mode, "--nlabeled", n, "--seed", s, "--lr", repr(lr), "--wd", repr(wd),
-            "--batchsize", bs, "--maxiter", maxiter, "--result", base + ".json"]
-        outputs = [base + ".json"]
-        if scores:
-            cmd += ["--storeL", base + ".npy"]
-            outputs.append(base + ".npy")
-        if model:
-            cmd += ["--storemodel", base + ".pt"]
-            outputs.append(base + ".pt")
-        cmd += self._common() + list(self.cfg["logreg"]["args"])
-        expect = {"mode": mode, "nlabeled": n, "seed": s, "lr": float(lr), "wd": float(wd),
-                  "batchsize": bs, "maxiter": maxiter}
-        return Run(name, cmd, outputs, base + ".log", expect=expect,
-                   resources=self._resources("logreg"))
-
-    def logreg_test_runs(self, chosen):
-        """Phase 3: test runs with the chosen parameters, and the validation re-runs storing scores."""
-        fusion = bool(self.fusion_variants())
-        runs = []
-        for n in self.cfg["nlabeled"]:
-            p = chosen.get(n)
-            if p is None:
-                continue
-            for s in self.cfg["seeds"]:
-                runs.append(self._logreg_run("test", "test", n, s, p["lr"], p["wd"], p["batchsize"],
-                                             p["maxiter"], scores=fusion,
-                                             model=self.cfg["logreg"]["store_model"]))
-                if fusion:
-                    runs.append(self._logreg_run("val", "val_scores", n, s, p["lr"], p["wd"],
-                                                 p["batchsize"], p["maxiter"], scores=True))
-        return runs
-
-    def logreg_scores_path(self, mode, n, s):
-        return self.path("logreg", "test" if mode == "test" else "val_scores",
-                         run_name(n, s) + ".npy")
-
-    # ---------------------------------------------------------------- diffusion runs
-
-    def _diffusion_runs(self, mode, sub, n, s, nbg, indomain, niter, scores=False):
-        """One diffusion run: either one process, or class slices + a merge (two lists)."""
-        d = self.cfg["diffusion"]
-        name = run_name(n, s, variant_name(nbg, indomain))
-        base = self.path("diffusion", sub, name)
-        cmd = self._script("diffusion.py") + [
-            "--mode", mode, "--nlabeled", n, "--seed", s, "--k", d["k"], "--nbg", nbg,
-            "--niter", niter]
-        lslice = self.per_nbg("lslice", nbg)
-        if lslice:
-            cmd += ["--lslice", lslice]
-        if indomain:
-            cmd.append("--indomain")
-        extra = self._common() + list(d["args"])
-        expect = {"mode": mode, "nlabeled": n, "seed": s, "k": d["k"], "nbg": nbg, "niter": niter,
-                  "indomain": indomain}
-        res = self._resources("diffusion", nbg)
-        m = self.nslices(nbg)
-        if scores or m == 1:
-            outputs = [base + ".json"]
-            cmd2 = cmd + ["--result", base + ".json"]
-            if scores:
-                cmd2 += ["--storeL", base + ".npy"]
-                outputs.append(base + ".npy")
-            return [Run(name, cmd2 + extra, outputs, base + ".log", expect=expect,
-                        resources=res)], []
-        C = self.nclass(mode)
-        slices = []
-        for i in range(m):
-            a, b = i * C // m, (i + 1) * C // m
-            # slices have no result JSON to check: their names carry the parameters
-            sname = "%s.k%d.niter%d.slice%dof%d" % (name, d["k"], niter, i, m)
-            sbase = self.path("diffusion", sub, "slices", sname)
-            slices.append(Run(sname,
-                              cmd + ["--class_range", "%d:%d" % (a, b), "--store_slice",
-                                     sbase + ".npz"] + extra,
-                              [sbase + ".npz"], sbase + ".log", resources=res))
-        merge = Run(name, self._script("diffusion.py") + ["--merge_slices"]
-                    + [r.outputs[0] for r in slices] + ["--result", base + ".json"],
-                    [base + ".json"], base + ".log", deps=[r.outputs[0] for r in slices],
-                    expect=expect, resources=self._resources("diffusion"))
-        return slices, [merge]
-
-    def diffusion_val_runs(self):
-        """Phase 1: (runs or slices, merges) of the validation grid."""
-        first, merges = [], []
-        for n in self.cfg["nlabeled"]:
-            for nbg, ind in self.variants():
-                for s in self.cfg["seeds"]:
-                    a, b = self._diffusion_runs("val", "val", n, s, nbg, ind,
-                                                self.cfg["diffusion"]["niter"])
-                    first += a
-                    merges += b
-        return first, merges
-
-    def diffusion_test_runs(self, chosen):
-        """Phase 3: test runs (scores stored for the fused backgrounds) and validation re-runs."""
-        fused = set(self.fusion_variants())
-        first, merges = [], []
-        for n in self.cfg["nlabeled"]:
-            for nbg, ind in self.variants():
-                p = chosen.get(n, {}).get(variant_name(nbg, ind))
-                if p is None:
-                    continue
-                for s in self.cfg["seeds"]:
-                    fuse = (nbg, ind) in fused
-                    a, b = self._diffusion_runs("test", "test", n, s, nbg, ind, p["niter"],
-                                                scores=fuse)
-                    first += a
-                    merges += b
-                    if fuse:
-                        first += self._diffusion_runs("val", "val_scores", n, s, nbg, ind,
-                                                      p["niter"], scores=True)[0]
-        return first, merges
-
-    # ---------------------------------------------------------------- fusion runs
-
-    def fusion_runs(self, mode, weights=None):
-        """Fusion on val over the weight grid, or on test with the chosen weights."""
-        runs = []
-        for n in self.cfg["nlabeled"]:
-            for nbg, ind in self.fusion_variants():
-                vn = variant_name(nbg, ind)
-                if mode == "test":
-                    w = (weights or {}).get(n, {}).get(vn)
-                    if w is None:
-                        continue
-                    wlist = [float(w["weight"])]
-                    ws = ["--weight", repr(wlist[0])]
-                else:
-                    wlist = [float(w) for w in self.cfg["fusion"]["weights"]]
-                    ws = ["--weights", ",".join(repr(w) for w in wlist)]
-                for s in self.cfg["seeds"]:
-                    name = run_name(n, s, vn)
-                    base = self.path("fusion", mode, name)
-                    sub = "test" if mode == "test" else "val_scores"
-                    A = self.logreg_scores_path(mode, n, s)
-                    B = self.path("diffusion", sub, name + ".npy")
-                    cmd = self._script("fusion.py") + [
-                        "--mode", mode, "--nlabeled", n, "--seed", s, "--logreg_scores", A,
-                        "--diffusion_scores", B] + ws + ["--result", base + ".json"]
-                    cmd += self._common() + list(self.cfg["fusion"]["args"])
-                    runs.append(Run(name, cmd, [base + ".json"], base + ".log", deps=[A, B],
-                                    expect={"mode": mode, "nlabeled": n, "seed": s,
-                                            "weights": wlist},
-                                    resources=self._resources("fusion")))
-        return runs
-
-    # ---------------------------------------------------------------- executing runs
 
     def execute(self, runs, label):
         """Launch the runs that are not done and whose inputs exist.
@@ -367,98 +202,6 @@ class Phases:
                 os.path.relpath(r.outputs[0], self.rundir) for r in missing[:5])))
 
     # ---------------------------------------------------------------- phase 2: choices
-
-    def choose_logreg(self):
-        """Per n, the (lr, wd, batchsize, iterations) with the best mean validation metric."""
-        c = self.cfg["logreg"]
-        runs = self.logreg_val_runs()
-        got = self.collect_validation(runs, "logreg")
-        chosen = {}
-        for n in self.cfg["nlabeled"]:
-            points = []
-            for lr in c["lr"]:
-                for wd in c["wd"]:
-                    for bs in c["batchsize"]:
-                        names = [run_name(n, s, lr=lr, wd=wd, batchsize=bs) for s in self.cfg["seeds"]]
-                        if all(nm in got for nm in names):
-                            points.append(({"lr": lr, "wd": wd, "batchsize": bs},
-                                           [got[nm]["evals"] for nm in names]))
-            best = choose_best(points, "iter", self.cfg["choose_on"])
-            if best is None:
-                log("logreg n=%d: no grid point has all seeds: nothing chosen" % n)
-                continue
-            params, it, stats = best
-            chosen[n] = dict(params, maxiter=it, **stats)
-        return chosen
-
-    def choose_diffusion(self):
-        """Per (n, background), the number of iterations with the best mean validation metric."""
-        first, merges = self.diffusion_val_runs()
-        # one result JSON per run: the run itself, or the merge of its class slices
-        runs = [r for r in first + merges if r.outputs[0].endswith(".json")]
-        got = self.collect_validation(runs, "diffusion")
-        chosen = {}
-        for n in self.cfg["nlabeled"]:
-            for nbg, ind in self.variants():
-                vn = variant_name(nbg, ind)
-                names = [run_name(n, s, vn) for s in self.cfg["seeds"]]
-                if not all(nm in got for nm in names):
-                    log("diffusion n=%d %s: seeds missing: nothing chosen" % (n, vn))
-                    continue
-                best = choose_best([({}, [got[nm]["iters"] for nm in names])], "iter",
-                                   self.cfg["choose_on"])
-                _, it, stats = best
-                chosen.setdefault(n, {})[vn] = dict(niter=it, **stats)
-        return chosen
-
-    def choose_fusion(self):
-        """Per (n, background), the fusion weight with the best mean validation metric."""
-        runs = self.fusion_runs("val")
-        got, missing = self.collect(runs)
-        self._report_missing(missing, "fusion validation")
-        if missing and not self.partial:
-            return None
-        chosen = {}
-        for n in self.cfg["nlabeled"]:
-            for nbg, ind in self.fusion_variants():
-                vn = variant_name(nbg, ind)
-                names = [run_name(n, s, vn) for s in self.cfg["seeds"]]
-                if not all(nm in got for nm in names):
-                    continue
-                per_seed = []
-                for nm in names:
-                    r = got[nm]
-                    per_seed.append([{"weight": w, "top5": a, "top5_novel": b}
-                                     for w, a, b in zip(r["weights"], r["top5"], r["top5_novel"])])
-                best = choose_best([({}, per_seed)], "weight", self.cfg["choose_on"])
-                _, w, stats = best
-                chosen.setdefault(n, {})[vn] = dict(weight=w, **stats)
-        return chosen
-
-    def chosen_path(self, experiment):
-        return self.path("chosen_%s.yaml" % experiment)
-
-    def write_chosen(self, experiment, chosen, how):
-        path = self.chosen_path(experiment)
-        os.makedirs(self.rundir, exist_ok=True)
-        header = ("# %s\n# metric: mean over seeds %s of the validation %s (all classes: top5, "
-                  "novel classes: top5_novel);\n# val_* = mean and std over the seeds at the chosen "
-                  "point. Read by phase 3.\n" % (how, self.cfg["seeds"], self.cfg["choose_on"]))
-        with atomic_output(path) as tmp:
-            with open(tmp, "w") as f:
-                f.write(header)
-                yaml.safe_dump({experiment: chosen}, f, sort_keys=True, default_flow_style=None)
-        log("wrote %s" % path)
-        return path
-
-    def read_chosen(self, experiment, phase_hint):
-        path = self.chosen_path(experiment)
-        if not os.path.exists(path):
-            raise InputError("%s does not exist: %s" % (path, phase_hint))
-        with open(path) as f:
-            return (yaml.safe_load(f) or {}).get(experiment) or {}
-
-    # ---------------------------------------------------------------- phase 4: results
 
     def result_columns(self, experiment):
         """Columns of the results table: list of (label, {n: [result JSON or None per seed]})."""
@@ -584,49 +327,6 @@ class Phases:
             return 0
         raise InputError("phase %r: phases are 1 (validation grid), 2 (choose), 3 (test runs), 4 "
                          "(results)" % number)
-
-
-############################################################################################
-# Pure functions: choice and summary (tested against numpy directly)
-############################################################################################
-
-
-def choose_best(points, key, metric):
-    """The best (grid point, evaluation point) by the mean over seeds of ``metric``.
-
-    Parameters
-    ----------
-    points : list of (params dict, per_seed)
-        ``per_seed``: one list per seed of dicts ``{key: value, "top5": a, "top5_novel": b}``
-        (e.g. logreg ``evals``, diffusion ``iters``, fusion weights).
-    key : str
-        The evaluation coordinate (``"iter"`` or ``"weight"``); only values present for every
-        seed are compared.
-    metric : {"top5", "top5_novel"}
-
-    Returns
-    -------
-    (params, value, stats) or None
-        The first maximum in grid order, then in increasing ``key``; ``stats`` holds the mean
-        and std over seeds of both metrics there (``val_top5``, ``val_top5_std``, ...).
-    """
-    best, best_score = None, -np.inf
-    for params, per_seed in points:
-        if not per_seed:
-            continue
-        tables = [{e[key]: e for e in evals} for evals in per_seed]
-        common = sorted(set.intersection(*[set(t) for t in tables]))
-        for v in common:
-            vals = np.array([[t[v]["top5"], t[v]["top5_novel"]] for t in tables], dtype=np.float64)
-            mean = vals.mean(axis=0)
-            score = mean[METRICS.index(metric)]
-            if score > best_score:
-                std = vals.std(axis=0)
-                stats = {"val_top5": float(mean[0]), "val_top5_std": float(std[0]),
-                         "val_top5_novel": float(mean[1]), "val_top5_novel_std": float(std[1]),
-                         "nseeds": len(tables)}
-                best, best_score = (dict(params), v, stats), score
-    return best
 
 
 ############################################################################################

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from lowshot import phase_config, phases
+from lowshot import phase_choice, phase_config, phases
 from lowshot.launch import LocalLauncher, Run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -227,12 +227,12 @@ def test_phase2_logreg_choice_matches_numpy(tmp_path):
 
 def test_choose_best_ties_go_to_first_point_and_iteration():
     per_seed = [[{"iter": it, "top5": 0.5, "top5_novel": 0.1} for it in (500, 1000)]] * 2
-    best = phases.choose_best([({"lr": 1}, per_seed), ({"lr": 2}, per_seed)], "iter", "top5")
+    best = phase_choice.choose_best([({"lr": 1}, per_seed), ({"lr": 2}, per_seed)], "iter", "top5")
     assert best[0] == {"lr": 1} and best[1] == 500
     # iterations missing for one seed are not compared
     uneven = [[{"iter": 500, "top5": 0.1, "top5_novel": 0}, {"iter": 1000, "top5": 0.9, "top5_novel": 0}],
               [{"iter": 500, "top5": 0.2, "top5_novel": 0}]]
-    best = phases.choose_best([({}, uneven)], "iter", "top5")
+    best = phase_choice.choose_best([({}, uneven)], "iter", "top5")
     assert best[1] == 500 and best[2]["val_top5"] == pytest.approx(0.15)
 
 
