@@ -180,13 +180,14 @@ def test_load_features_and_read_rows(tmp_path, monkeypatch):
 def test_load_lowshot(tmp_path):
     rng = np.random.default_rng(1)
     sp = write_split(tmp_path / "s.json", [2, 5], [1, 4, 7])
-    os.makedirs(tmp_path / "features")
+    f = data.feature_paths(str(tmp_path))
+    os.makedirs(os.path.dirname(f["train"]))
     ltr = np.repeat(np.arange(8), 6)
     Xtr = rng.standard_normal((ltr.size, 5)).astype(np.float32)
     lte = np.repeat(np.arange(8), 2)
     Xte = rng.standard_normal((lte.size, 5)).astype(np.float32)
-    write_h5(tmp_path / "features/train.hdf5", Xtr, ltr, pad=3)
-    write_h5(tmp_path / "features/val.hdf5", Xte, lte)
+    write_h5(f["train"], Xtr, ltr, pad=3)
+    write_h5(f["val"], Xte, lte)
     d = data.load_lowshot(str(tmp_path), sp, "val", 2, 4, indomain=True)
     yr, lab_ref, rest_ref = reference_selection(ltr, sp, "val", 2, 4)
     Xk = Xtr[np.isin(ltr, d.split.classes)]
@@ -257,13 +258,14 @@ def test_missing_and_unreadable_feature_file(tmp_path):
 def test_open_background(tmp_path):
     import faiss
     ddir = tmp_path / "ddir"
-    os.makedirs(ddir / "features/f100m")
+    files = data.feature_paths(str(ddir))
+    os.makedirs(os.path.dirname(files["background"]))
     rng = np.random.default_rng(0)
     pca = faiss.PCAMatrix(16, 8, 0, True)
     pca.train(rng.standard_normal((100, 16)).astype(np.float32))
-    faiss.write_VectorTransform(pca, str(ddir / "features/PCAR256.vt"))
+    faiss.write_VectorTransform(pca, files["pca"])
     B = rng.standard_normal((50, 8)).astype(np.float32)
-    raw = ddir / "features/f100m/concatenated_PCAR256.raw"
+    raw = files["background"]
     B.tofile(raw)
     m = data.open_background(str(ddir), 30)
     assert m.shape == (30, 8) and m.dtype == np.float32 and np.array_equal(m, B[:30])
@@ -279,9 +281,9 @@ def test_open_background(tmp_path):
         data.open_background(str(ddir), 10)
     with pytest.raises(InputError, match="does not exist"):
         data.open_background(str(tmp_path / "none.raw"), 10, d=8)
-    assert data.load_pca(str(ddir / "features/PCAR256.vt"), 16).d_out == 8
+    assert data.load_pca(files["pca"], 16).d_out == 8
     with pytest.raises(InputError, match="D = 32"):
-        data.load_pca(str(ddir / "features/PCAR256.vt"), 32)
+        data.load_pca(files["pca"], 32)
 
 
 def test_paths():

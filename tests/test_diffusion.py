@@ -251,7 +251,7 @@ def test_diffusion_end_to_end(tiny_ddir, tmp_path, capsys):
     assert json.load(open(tmp_path / "r.json")) == res
     # independent reference: brute-force graph over labelled U background, dense diffusion
     d = data.load_lowshot(root, root + "/label_idx.json", "test", 2, 3)
-    vt = faiss.read_VectorTransform(root + "/features/PCAR256.vt")
+    vt = faiss.read_VectorTransform(data.feature_paths(root)["pca"])
     x0 = unit(vt.apply(d.Xl))
     xt = unit(vt.apply(d.Xte))
     xb = unit(np.fromfile(data.feature_paths(root)["background"], dtype=np.float32).reshape(500, 16))

@@ -14,10 +14,11 @@ from lowshot.common import InputError
 def make_bg_ddir(root, nbg, d=16, nclust=20, seed=0):
     """A data root holding only what build_graph.py reads: a .vt (for d) and the background raw."""
     rs = np.random.RandomState(seed)
-    os.makedirs(os.path.join(root, "features", "f100m"), exist_ok=True)
+    f = data.feature_paths(str(root))
+    os.makedirs(os.path.dirname(f["background"]), exist_ok=True)
     pca = faiss.PCAMatrix(2 * d, d)
     pca.train(rs.randn(200, 2 * d).astype(np.float32))
-    faiss.write_VectorTransform(pca, os.path.join(root, "features", "PCAR256.vt"))
+    faiss.write_VectorTransform(pca, f["pca"])
     centres = rs.randn(nclust, d).astype(np.float32)
     x = centres[rs.randint(nclust, size=nbg)] + 0.5 * rs.randn(nbg, d).astype(np.float32)
     x.astype(np.float32).tofile(data.feature_paths(str(root))["background"])

@@ -21,11 +21,12 @@ def make_ddir(path, nclass=20, ntrain=12, ntest=6, D=10, sep=6.0, seed=0):
     """Well separated Gaussian blobs (one per class) in the published hdf5 layout + a split."""
     rng = np.random.default_rng(seed)
     mu = sep * rng.standard_normal((nclass, D)).astype(np.float32)
-    os.makedirs(os.path.join(path, "features"), exist_ok=True)
+    files = data.feature_paths(path)
+    os.makedirs(os.path.dirname(files["train"]), exist_ok=True)
     for name, per in (("train", ntrain), ("val", ntest)):
         y = rng.permutation(np.repeat(np.arange(nclass), per))
         X = mu[y] + rng.standard_normal((y.size, D)).astype(np.float32)
-        with h5py.File(os.path.join(path, "features", name + ".hdf5"), "w") as f:
+        with h5py.File(files[name], "w") as f:
             f["all_feats"] = np.vstack([X, np.zeros((2, D), np.float32)])
             f["all_labels"] = np.concatenate([y, [0, 0]])
             f["count"] = [y.size]

@@ -27,17 +27,17 @@ def blocks(tmp_path):
     # anisotropic data so the principal subspace is well defined
     scales = np.linspace(3, 0.1, D_IN).astype(np.float32)
     xs = [(rng.randn(n, D_IN) * scales + 0.5).astype(np.float32) for n in (3000, 1700, 0, 2345)]
-    os.makedirs(tmp_path / "features" / "f100m")
+    blocks = data.feature_paths(str(tmp_path))["blocks"]
+    os.makedirs(os.path.dirname(blocks))
     for b, x in enumerate(xs):
-        write_block(str(tmp_path / "features" / "f100m" / ("block%d.hdf5" % b)), x,
-                    extra_rows=5 if b == 1 else 0)
+        write_block(blocks % b, x, extra_rows=5 if b == 1 else 0)
     return tmp_path, xs
 
 
 def test_train_matches_numpy_pca(blocks):
     ddir, xs = blocks
     train_apply_pca.main(["train", "--ddir", str(ddir), "--dout", str(D_OUT)])
-    vt = data.load_pca(str(ddir / "features" / "PCAR256.vt"))
+    vt = data.load_pca(data.feature_paths(str(ddir))["pca"])
     assert (vt.d_in, vt.d_out) == (D_IN, D_OUT)
     x = xs[0].astype(np.float64)
     mu = x.mean(0)
@@ -61,7 +61,7 @@ def test_train_matches_numpy_pca(blocks):
 
 def test_apply_equals_faiss_on_concatenation(blocks):
     ddir, xs = blocks
-    vt = pca.train_pca(str(ddir / "features" / "f100m" / "block0.hdf5"), D_OUT)
+    vt = pca.train_pca(data.feature_paths(str(ddir))["blocks"] % 0, D_OUT)
     faiss.write_VectorTransform(vt, str(ddir / "pca.vt"))
     out = str(ddir / "out.raw")
     train_apply_pca.main(["apply", "--ddir", str(ddir), "--pcafile", str(ddir / "pca.vt"),
@@ -80,8 +80,8 @@ def test_apply_equals_faiss_on_concatenation(blocks):
 
 def test_apply_resumes_without_duplicates(blocks):
     ddir, xs = blocks
-    vt = pca.train_pca(str(ddir / "features" / "f100m" / "block0.hdf5"), D_OUT)
-    infiles = [str(ddir / "features" / "f100m" / ("block%d.hdf5" % b)) for b in range(4)]
+    vt = pca.train_pca(data.feature_paths(str(ddir))["blocks"] % 0, D_OUT)
+    infiles = [data.feature_paths(str(ddir))["blocks"] % b for b in range(4)]
     ref = str(ddir / "ref.raw")
     pca.apply_pca(vt, infiles, ref, chunk_rows=700)
 
@@ -116,6 +116,6 @@ def test_dimension_mismatch(blocks, tmp_path):
     vt = faiss.PCAMatrix(D_IN + 1, D_OUT, 0, True)
     vt.train(np.random.RandomState(0).rand(500, D_IN + 1).astype(np.float32))
     with pytest.raises(InputError, match="has dimension 48, the PCA expects 49"):
-        pca.apply_pca(vt, [str(ddir / "features" / "f100m" / "block0.hdf5")], str(tmp_path / "o"))
+        pca.apply_pca(vt, [data.feature_paths(str(ddir))["blocks"] % 0], str(tmp_path / "o"))
     with pytest.raises(InputError, match="must be in 1..48"):
-        pca.train_pca(str(ddir / "features" / "f100m" / "block0.hdf5"), 64)
+        pca.train_pca(data.feature_paths(str(ddir))["blocks"] % 0, 64)
