@@ -45,6 +45,7 @@ import faiss
 from lowshot import data
 from lowshot import graph
 from lowshot import ivf_build
+from lowshot import search
 from lowshot.common import (HelpFormatter, InputError, OwnMemoryPeak, get_ddir, log, print_args, print_result,
                             remove_stale_temporaries, run_main, write_json)
 
@@ -77,7 +78,7 @@ def parse_args(argv):
     g.add_argument("--k", type=int, default=32, help="neighbours needed; K = next power of two")
     g.add_argument("--method", choices=graph.METHODS, default=None,
                    help="search method (default: chosen by N and GPUs, see above)")
-    g.add_argument("--bs", type=positive_int, default=graph.SEARCH_BS, help="rows searched per block")
+    g.add_argument("--bs", type=positive_int, default=search.SEARCH_BS, help="rows searched per block")
     g = p.add_argument_group("resumable ivf build (CPU)")
     g.add_argument("--prepare", action="store_true",
                    help="only train the lists and find the probes (then --shard tasks, then a plain run)")

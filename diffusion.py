@@ -41,7 +41,7 @@ import time
 import faiss
 import numpy as np
 
-from lowshot import completion, data, evaluate, graph
+from lowshot import completion, data, evaluate, graph, search
 from lowshot import diffuse as dif
 from lowshot.common import (HelpFormatter, InputError, get_ddir, log, peak_rss_gib, print_args, print_result,
                             require_file, run_main, write_json, atomic_output, OwnMemoryPeak)
@@ -257,8 +257,8 @@ def main(argv=None):
     if split.is_novel[sets.yl[:nbase]].any() or not split.is_novel[sets.yl[nbase:]].all():
         raise AssertionError("labelled rows are not base classes then novel classes")
     x0 = sets.Xl if sets.Xu is None else np.vstack([sets.Xl, sets.Xu])
-    x0 = graph.normalized(vt.apply(np.ascontiguousarray(x0)), "PCA'd labelled vectors")
-    xt = graph.normalized(vt.apply(sets.Xte), "PCA'd test vectors")
+    x0 = search.normalized(vt.apply(np.ascontiguousarray(x0)), "PCA'd labelled vectors")
+    xt = search.normalized(vt.apply(sets.Xte), "PCA'd test vectors")
     y_lab, y_test = sets.yl, sets.yte
     del sets
     times["load"] = time.time() - t0

@@ -31,7 +31,7 @@ import faiss
 import h5py
 import numpy as np
 
-from lowshot import data, graph
+from lowshot import data, graph, search
 from lowshot.common import get_ddir, log, peak_rss_gib, print_args
 
 
@@ -65,9 +65,9 @@ def main():
             n = int(f["count"][0])
             rows = np.sort(np.random.RandomState(0).choice(n, min(n, args.ext_nq), replace=False))
             Xq = f["all_feats"][rows]
-        xq = graph.normalized(data.load_pca(fp["pca"], Xq.shape[1]).apply(Xq), "val rows")
+        xq = search.normalized(data.load_pca(fp["pca"], Xq.shape[1]).apply(Xq), "val rows")
         log("exact search of %d external queries" % len(xq))
-        _, Iq = graph.exact_knn(xq, xb, 10)
+        _, Iq = search.exact_knn(xq, xb, 10)
     log("%d threads, %d GPUs; background %d x %d" % (
         faiss.omp_get_max_threads(), faiss.get_num_gpus(), *xb.shape))
     rows = []
@@ -99,7 +99,7 @@ def main():
                 # the alternative: faiss' per-query scan of the same lists for the same table
                 index = faiss.read_index(paths["index"])
                 nq = min(args.faiss_nq, args.nbg)
-                xs = graph.normalized(xb[:nq])
+                xs = search.normalized(xb[:nq])
                 t1 = time.time()
                 index.search(xs, args.K)
                 stats["faiss_table_est_s"] = round((time.time() - t1) * args.nbg / nq, 1)
@@ -129,11 +129,11 @@ def run_pynndescent(xb, K, paths):
     from pynndescent import NNDescent
 
     t0 = time.time()
-    NNDescent(graph.normalized(xb[:2000]), metric="dot", n_neighbors=K, random_state=0)   # JIT
+    NNDescent(search.normalized(xb[:2000]), metric="dot", n_neighbors=K, random_state=0)   # JIT
     jit = time.time() - t0
     log("pynndescent: JIT %.1f s; graph of %d rows" % (jit, xb.shape[0]))
     t0 = time.time()
-    x = graph.normalized(xb)
+    x = search.normalized(xb)
     nnd = NNDescent(x, metric="dot", n_neighbors=K, random_state=0, n_jobs=-1)
     I, _ = nnd.neighbor_graph
     t = time.time() - t0

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from lowshot import data, graph
+from lowshot import data, graph, search
 from lowshot.common import get_ddir, log, print_args
 
 
@@ -47,9 +47,9 @@ def main():
     ddir = get_ddir(args.ddir)
     xb = data.open_background(ddir, args.nbg)
     rs = np.random.RandomState(0)
-    xq = graph.normalized(xb[np.sort(rs.choice(args.nbg, args.nq, replace=False))])
+    xq = search.normalized(xb[np.sort(rs.choice(args.nbg, args.nq, replace=False))])
     t0 = time.time()
-    _, Igt = graph.exact_knn(xq, xb, 10)
+    _, Igt = search.exact_knn(xq, xb, 10)
     log("exact search of %d queries: %.1f s" % (args.nq, time.time() - t0))
     if args.nprobes:
         index = graph.read_background_index(data.graph_paths(ddir, args.nbg, 32)["index"], args.nbg, xb.shape[1])

@@ -16,7 +16,7 @@ import time
 import faiss
 import numpy as np
 
-from lowshot import completion, graph
+from lowshot import completion, graph, search
 
 
 def recall(I, Iref, at=10):
@@ -32,7 +32,7 @@ def main():
     rs = np.random.RandomState(0)
     n, d, K = 200000, 64, 32
     x = (rs.randn(2000, d)[rs.randint(2000, size=n)] + 0.5 * rs.randn(n, d)).astype(np.float32)
-    xn = graph.normalized(x)
+    xn = search.normalized(x)
     cpu = faiss.IndexFlatIP(d)
     cpu.add(xn)
     sample = rs.choice(n, 2000, replace=False)
@@ -54,8 +54,8 @@ def main():
             "PASS" if ok else "FAIL", method, method, n, K, t, r))
     # graph completion with the stored exact index moved to the GPUs
     index = graph.read_background_index(os.path.join(tmp, "exact.index"), n, d)
-    x0 = graph.normalized(rs.randn(500, d).astype(np.float32))
-    xt = graph.normalized(rs.randn(100, d).astype(np.float32))
+    x0 = search.normalized(rs.randn(500, d).astype(np.float32))
+    xt = search.normalized(rs.randn(100, d).astype(np.float32))
     Dt = np.fromfile(os.path.join(tmp, "exact.D"), dtype=np.float32).reshape(n, K)
     It = np.fromfile(os.path.join(tmp, "exact.I"), dtype=np.int32).reshape(n, K)
     I_nodes, I_test, _ = completion.complete_graph(x0, xt, 30, {"x": x, "index": index, "D": Dt, "I": It})

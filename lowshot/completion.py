@@ -38,7 +38,7 @@ import faiss
 import numpy as np
 
 from lowshot.common import InputError, anon_rss_gib, log, write_json
-from lowshot.graph import BF16_EXTRA, SEARCH_BS, _blocks, exact_knn, knn_search, normalized, to_gpus
+from lowshot.search import BF16_EXTRA, SEARCH_BS, _blocks, exact_knn, knn_search, normalized, to_gpus
 
 # Candidate rows per call of KnnScan.add: 8192 x d bf16 (4 MB at d = 256) stay in the L3 cache
 # while a block of queries is scored against them

@@ -38,7 +38,7 @@ import numpy as np
 
 from lowshot.common import (InputError, anon_rss_gib, atomic_output, log, remove_stale_temporaries,
                             write_json)
-from lowshot import graph
+from lowshot import graph, search
 
 PLAN_VERSION = 1
 # Rows per chunk: the unit of resumption and of sharding. A chunk reads every list once (N d floats),
@@ -155,7 +155,7 @@ def kmeans(x, nlist, niter=KMEANS_ITER, bf16=True, seed=1234):
     return quantizer
 
 
-def prepare(xb, K, work, nlist, nprobe, bf16, chunk_rows, bs=graph.SEARCH_BS):
+def prepare(xb, K, work, nlist, nprobe, bf16, chunk_rows, bs=search.SEARCH_BS):
     """Train the IVF, sort the vectors into lists and find each one's probed lists; write them to
     ``work`` and ``plan.json`` last. Returns the plan."""
     nbg, d = xb.shape
@@ -167,7 +167,7 @@ def prepare(xb, K, work, nlist, nprobe, bf16, chunk_rows, bs=graph.SEARCH_BS):
     sample = np.sort(np.random.RandomState(1234).choice(nbg, ntrain, replace=False))
     log("k-means: %d lists on %d vectors, %d iterations (%s assignment)" % (
         nlist, ntrain, KMEANS_ITER, "bf16" if bf16 else "float32"))
-    quantizer = kmeans(graph.normalized(xb[sample], "background"), nlist, bf16=bf16)
+    quantizer = kmeans(search.normalized(xb[sample], "background"), nlist, bf16=bf16)
     nprobe = int(min(nprobe, nlist))
     log("probed lists of %d vectors (nprobe = %d of %d lists, %s scan)" % (
         nbg, nprobe, nlist, "bf16" if bf16 else "float32"))
@@ -175,8 +175,8 @@ def prepare(xb, K, work, nlist, nprobe, bf16, chunk_rows, bs=graph.SEARCH_BS):
         probes = np.memmap(tmp, dtype=np.int32, mode="w+", shape=(nbg, nprobe))
         sizes = np.zeros(nlist, dtype=np.int64)
         tp0 = tlast = time.time()
-        for i0, i1 in graph._blocks(nbg, 4 * bs):
-            x = graph.normalized(xb[i0:i1], "background rows %d:%d" % (i0, i1))
+        for i0, i1 in search._blocks(nbg, 4 * bs):
+            x = search.normalized(xb[i0:i1], "background rows %d:%d" % (i0, i1))
             p = probed_lists(quantizer, x, nprobe, bf16)
             probes[i0:i1] = p
             sizes += np.bincount(p[:, 0], minlength=nlist)
@@ -195,11 +195,11 @@ def prepare(xb, K, work, nlist, nprobe, bf16, chunk_rows, bs=graph.SEARCH_BS):
     order = np.argsort(np.asarray(probes[:, 0]), kind="stable").astype(np.int64)
     with atomic_output(f["lists"]) as tl, atomic_output(f["list_ids"]) as ti:
         with open(tl, "wb") as fl:
-            for o0, o1 in graph._blocks(nbg, 4 * bs):
+            for o0, o1 in search._blocks(nbg, 4 * bs):
                 src = order[o0:o1]
                 srt = np.argsort(src)
                 x = np.empty((o1 - o0, d), dtype=np.float32)
-                x[srt] = graph.normalized(xb[src[srt]])
+                x[srt] = search.normalized(xb[src[srt]])
                 fl.write(x.tobytes())
         order.astype(np.int32).tofile(ti)
     del order
@@ -208,7 +208,7 @@ def prepare(xb, K, work, nlist, nprobe, bf16, chunk_rows, bs=graph.SEARCH_BS):
     with atomic_output(f["quantizer"]) as tmp:
         faiss.write_index(quantizer, tmp)
     plan = {"version": PLAN_VERSION, "nbg": nbg, "d": d, "K": K, "nlist": int(nlist), "nprobe": nprobe,
-            "precision": "bf16" if bf16 else "float32", "kp": K + (graph.BF16_EXTRA if bf16 else 0),
+            "precision": "bf16" if bf16 else "float32", "kp": K + (search.BF16_EXTRA if bf16 else 0),
             "chunk_rows": int(chunk_rows), "nchunks": int(-(-nbg // chunk_rows)),
             "input": _input_signature(xb), "time_prepare": round(time.time() - t0, 2),
             "pairs": float(np.dot(np.bincount(probes.ravel(), minlength=nlist), sizes))}
@@ -232,12 +232,12 @@ def compute_chunk(xb, work, plan, j):
     offsets = np.fromfile(f["list_offsets"], dtype=np.int64)
     P = np.array(np.memmap(f["probes"], dtype=np.int32, mode="r", shape=(nbg, nprobe))[i0:i1])
     # the queries are normalised exactly as the stored vectors were (same function, same rows)
-    Qf = graph.normalized(xb[i0:i1], "background rows %d:%d" % (i0, i1))
+    Qf = search.normalized(xb[i0:i1], "background rows %d:%d" % (i0, i1))
     # candidates are named by their row in L (list order) while scanning, so that the exact
     # re-score reads them there; their ids at the end
     scan = graph_utils.KnnScan(Qf, plan["kp"], bf16=plan["precision"] == "bf16", deferred=True)
     pos = np.arange(nbg, dtype=np.int32)
-    pairs = graph.scan_probed(scan, P, nlist, lambda c: (L[offsets[c]:offsets[c + 1]],
+    pairs = search.scan_probed(scan, P, nlist, lambda c: (L[offsets[c]:offsets[c + 1]],
                                                          pos[offsets[c]:offsets[c + 1]]))
     del P
     D, I = scan.finish(K, base=L)
@@ -303,7 +303,7 @@ def merge(work, plan, paths):
     ids = np.fromfile(f["list_ids"], dtype=np.int32).astype(np.int64)
     offsets = np.fromfile(f["list_offsets"], dtype=np.int64)
     lst = np.repeat(np.arange(len(offsets) - 1, dtype=np.int64), np.diff(offsets))
-    for i0, i1 in graph._blocks(nbg, 2**20):
+    for i0, i1 in search._blocks(nbg, 2**20):
         add_preassigned(index, np.ascontiguousarray(L[i0:i1]), lst[i0:i1], ids[i0:i1])
     index.nprobe = plan["nprobe"]
     del L

@@ -21,7 +21,7 @@ import argparse
 import json
 import sys
 
-from lowshot import diffuse, graph, ivf_build
+from lowshot import diffuse, graph, ivf_build, search
 from lowshot.common import HelpFormatter
 
 GiB = 2.0**30
@@ -53,7 +53,7 @@ def ivf_shape(N, d=256, K=32):
     nlist = graph.default_nlist(N, ngpu=0)
     nprobe = graph.default_nprobe(N, nlist, ngpu=0)
     return {"N": N, "d": d, "K": K, "nlist": nlist, "nprobe": nprobe,
-            "kp": K + graph.BF16_EXTRA, "chunk_rows": ivf_build.default_chunk_rows(N)}
+            "kp": K + search.BF16_EXTRA, "chunk_rows": ivf_build.default_chunk_rows(N)}
 
 
 def work(N, d=256, K=32, k=30, nclass=507, lslice=None, nbase=PAPER_NBASE, ntest=PAPER_NTEST):

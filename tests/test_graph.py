@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import build_graph
-from lowshot import data, graph
+from lowshot import data, graph, search
 from lowshot.common import InputError
 
 
@@ -51,7 +51,7 @@ def test_exact_knn_is_brute_force():
     xb = rs.randn(5000, 32).astype(np.float32)
     xq = rs.randn(300, 32).astype(np.float32)
     xqn = xq / np.linalg.norm(xq, axis=1, keepdims=True)
-    D, I = graph.exact_knn(xqn, xb, 12, bs=700)
+    D, I = search.exact_knn(xqn, xb, 12, bs=700)
     Dref, Iref = brute_knn(xq, xb, 12)
     np.testing.assert_array_equal(I, Iref)
     np.testing.assert_allclose(D, Dref, atol=1e-5)
@@ -146,8 +146,8 @@ def test_ivf_knn_equals_ivf_search(tmp_path, bf16):
     xb = np.memmap(data.feature_paths(str(tmp_path))["background"], dtype=np.float32, mode="r",
                    shape=x.shape)
     index = graph.make_background_index(xb, "ivf", K=K, nlist=50, nprobe=6)
-    xq = graph.normalized(np.random.RandomState(5).randn(1500, 16).astype(np.float32) + x[:1500])
-    Dq, Iq, stats = graph.ivf_knn(index, xq, K, bf16=bf16)
+    xq = search.normalized(np.random.RandomState(5).randn(1500, 16).astype(np.float32) + x[:1500])
+    Dq, Iq, stats = search.ivf_knn(index, xq, K, bf16=bf16)
     Dqref, Iqref = index.search(xq, K)
     np.testing.assert_allclose(Dq, Dqref, atol=1e-5)
     mism = Iq != Iqref
@@ -156,12 +156,12 @@ def test_ivf_knn_equals_ivf_search(tmp_path, bf16):
     # the pairs scored: each query against every vector of the lists it probes
     _, P = index.quantizer.search(xq, 6)
     assert stats["pairs_scored"] == sum(index.invlists.list_size(int(c)) for c in P.ravel())
-    Dk, Ik = graph.knn_search(index, xq, K)      # knn_search dispatches there from 1000 queries
-    np.testing.assert_array_equal(Ik, graph.ivf_knn(index, xq, K)[1])
+    Dk, Ik = search.knn_search(index, xq, K)      # knn_search dispatches there from 1000 queries
+    np.testing.assert_array_equal(Ik, search.ivf_knn(index, xq, K)[1])
     # fewer than K candidates: the missing entries are -inf / -1
     small = graph.make_background_index(xb[:300], "ivf", K=K, nlist=30, nprobe=1)
-    xs = graph.normalized(x[:300])
-    D2, I2, _ = graph.ivf_knn(small, xs, 64, bf16=bf16)
+    xs = search.normalized(x[:300])
+    D2, I2, _ = search.ivf_knn(small, xs, 64, bf16=bf16)
     D2ref, I2ref = small.search(xs, 64)
     assert (I2 == -1).any()
     np.testing.assert_array_equal(I2 == -1, I2ref == -1)

@@ -12,7 +12,7 @@ import pytest
 
 import build_graph
 import graph_utils
-from lowshot import data, graph, ivf_build
+from lowshot import data, ivf_build, search
 from lowshot.common import InputError
 from test_graph import make_bg_ddir, read_tables
 
@@ -148,7 +148,7 @@ def test_table_is_faiss_ivf_search_float32(tmp_path):
     D, I, p = read_tables(tmp_path, nbg, K)
     index = faiss.read_index(p["index"])
     assert index.nprobe == 5 and index.ntotal == nbg
-    Dref, Iref = index.search(graph.normalized(x), K)
+    Dref, Iref = index.search(search.normalized(x), K)
     np.testing.assert_allclose(D, Dref, atol=1e-5)
     mism = I != Iref
     assert mism.mean() < 0.002, mism.mean()     # float ties only
