@@ -492,20 +492,20 @@ def extract_features(cfg, outfile, model_name, modelfile=None, num_classes=1000,
     bad = _read_bad(badfile, i0 + start)
     _write_bad(badfile, bad)
 
-    bs = lcfg["batch_size"]
+    batch = lcfg["batch_size"]
     # whole batches per block: a resumed run sees the same batches as an uninterrupted one
-    block = -(-cfg["block_size"] // bs) * bs
+    block = -(-cfg["block_size"] // batch) * batch
     # channels_last: ~1.5-3x faster convolutions on CPU (oneDNN) and on GPU tensor cores
     feat_model = _Features(model).to(device, memory_format=torch.channels_last)
     if device == "cuda" and torch.cuda.device_count() > 1:
         feat_model = torch.nn.DataParallel(feat_model)
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, range(start, n)), batch_size=bs, shuffle=False,
+        torch.utils.data.Subset(dataset, range(start, n)), batch_size=batch, shuffle=False,
         num_workers=lcfg["num_workers"], pin_memory=(device == "cuda"))
 
     log("extracting %d images (rows %d..%d, feature dim %d) on %s, %d GPU(s), batch %d, "
         "block %d rows" % (n - start, start, n, d, device, torch.cuda.device_count()
-                           if device == "cuda" else 0, bs, block))
+                           if device == "cuda" else 0, batch, block))
     t0 = time.time()
     pos = start
     feats_buf, labels_buf, bad_buf = [], [], []
