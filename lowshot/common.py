@@ -220,7 +220,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         h = action.help or ""
-        if ("default" not in h and action.default not in (None, False, argparse.SUPPRESS)
-                and action.option_strings and action.nargs != 0):
+        d = action.default
+        if ("default" not in h and d is not None and d is not False and d is not argparse.SUPPRESS
+                and d != [] and action.option_strings and action.nargs != 0):
             h += " (default: %(default)s)"
         return h

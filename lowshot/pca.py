@@ -39,9 +39,9 @@ def train_pca(infile, d_out=256, max_rows=None):
                          % (d_out, d_in, infile))
     if n < 2:
         raise InputError("feature file %s has %d rows: too few to train a PCA" % (infile, n))
-    if n < d_out:
-        log("warning: %d training rows < %d output dimensions: the last components are arbitrary"
-            % (n, d_out))
+    if n <= d_out:
+        raise InputError("feature file %s has %d training rows: a PCA to %d dimensions needs more; give "
+                         "more rows or a smaller --dout" % (infile, n, d_out))
     log("reading %d x %d training rows from %s" % (n, d_in, infile))
     x = read_row_range(infile, 0, n)
     log("training PCA %d -> %d (eigen power 0, random rotation)" % (d_in, d_out))

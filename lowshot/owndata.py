@@ -1,0 +1,161 @@
+"""Your own images as a data root in the published layout (``own_data.py``).
+
+Input: a folder of class sub-folders (``PHOTOS/<class>/<image>``), optionally folders of unlabelled
+images (the background, the stand-in for the paper's YFCC100M). Output, under the data root::
+
+    lists/{train,test,background}.json   image lists for save_features.py (absolute paths, 0-based
+                                         labels, -1 for the background)
+    label_idx.json                       the class split (1-based ids, label_names), as data/label_idx.json
+    own_data.json                        what was found and drawn: classes, groups, images per side
+
+The split, with one ``np.random.RandomState(seed)``:
+- images: within every class, the images are grouped (``group``: a regular expression on the file
+  name; its first group, or its whole match, names the group; without it each image is its own
+  group), and a ``test_fraction`` of the groups (at least one) gives the test images, the others
+  the training images, so near-duplicates of one group never straddle the two;
+- classes: shuffled, a ``val_fraction`` of them form the validation split, the others the test
+  split; in each, a ``novel_fraction`` (at least one) are the novel classes, the others the base
+  classes. Classes with fewer than two groups are left out (named in the log).
+"""
+import os
+import re
+
+import numpy as np
+
+from lowshot.common import InputError, log, write_json
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def image_files(folder):
+    """The image files under ``folder`` (recursively, by extension), sorted."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        out += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return out
+
+
+def scan_classes(folder):
+    """[(class name, [image paths])] of the sub-folders of ``folder`` holding images, sorted by name."""
+    if not os.path.isdir(folder):
+        raise InputError("image folder %s does not exist" % folder)
+    classes = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isdir(path):
+            files = image_files(path)
+            if files:
+                classes.append((name, [os.path.abspath(f) for f in files]))
+    if not classes:
+        raise InputError("image folder %s has no class sub-folder with images (%s)" % (
+            folder, ", ".join(IMAGE_EXTENSIONS)))
+    return classes
+
+
+def group_of(path, group):
+    """The group of an image: the first group (or the whole match) of ``group`` in its file name."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    if group is None:
+        return stem
+    m = group.search(stem)
+    if m is None:
+        return stem
+    return m.group(1) if m.groups() else m.group(0)
+
+
+def make_split(classes, seed=0, test_fraction=0.3, val_fraction=0.5, novel_fraction=0.5, group=None):
+    """Draw the split of :func:`scan_classes`' classes (see the module docstring).
+
+    Returns
+    -------
+    dict: ``train``, ``test`` (lists of (path, 0-based class id)), ``label_idx`` (the split file's
+    content), ``classes`` (per class: name, split group, groups and images per side), ``dropped``.
+    """
+    for name, v in (("test_fraction", test_fraction), ("val_fraction", val_fraction),
+                    ("novel_fraction", novel_fraction)):
+        if not 0 < v < 1:
+            raise InputError("--%s %g: must be between 0 and 1" % (name, v))
+    pattern = None
+    if group:
+        try:
+            pattern = re.compile(group)
+        except re.error as e:
+            raise InputError("--group %r is not a regular expression: %s" % (group, e))
+    rs = np.random.RandomState(seed)
+    train, test, kept, dropped, info = [], [], [], [], []
+    for cid, (name, files) in enumerate(classes):
+        groups = {}
+        for f in files:
+            groups.setdefault(group_of(f, pattern), []).append(f)
+        keys = sorted(groups)
+        if len(keys) < 2:
+            dropped.append(name)
+            continue
+        keys = [keys[i] for i in rs.permutation(len(keys))]
+        ntest = min(len(keys) - 1, max(1, int(round(test_fraction * len(keys)))))
+        te = [f for k in keys[:ntest] for f in groups[k]]
+        tr = [f for k in keys[ntest:] for f in groups[k]]
+        train += [(f, cid) for f in sorted(tr)]
+        test += [(f, cid) for f in sorted(te)]
+        kept.append(cid)
+        info.append({"name": name, "id": cid + 1, "groups": len(keys), "train": len(tr), "test": len(te)})
+    if len(kept) < 4:
+        raise InputError("%d classes have images in two groups or more (%s left out): the split needs 4 "
+                         "(validation and test, base and novel)" % (len(kept), ", ".join(dropped) or "none"))
+    order = [kept[i] for i in rs.permutation(len(kept))]
+    nval = min(len(order) - 2, max(2, int(round(val_fraction * len(order)))))
+    parts = {}
+    for side, ids in (("1", sorted(order[:nval])), ("2", sorted(order[nval:]))):
+        ids = [ids[i] for i in rs.permutation(len(ids))]
+        nnov = min(len(ids) - 1, max(1, int(round(novel_fraction * len(ids)))))
+        parts["novel_classes_" + side] = sorted(c + 1 for c in ids[:nnov])
+        parts["base_classes_" + side] = sorted(c + 1 for c in ids[nnov:])
+    role = {c: key for key, ids in parts.items() for c in ids}
+    for c in info:
+        c["group"] = role[c["id"]]
+    label_idx = dict(parts, base_classes=sorted(parts["base_classes_1"] + parts["base_classes_2"]),
+                     label_names=[name for name, _ in classes])
+    return {"train": train, "test": test, "label_idx": label_idx, "classes": info, "dropped": dropped}
+
+
+def write_lists(ddir, split, unlabelled):
+    """The image lists, label_idx.json and own_data.json of a split under ``ddir``. Returns the
+    number of background images."""
+    background = [os.path.abspath(f) for folder in unlabelled for f in image_files(folder)]
+    for folder in unlabelled:
+        if not os.path.isdir(folder):
+            raise InputError("unlabelled image folder %s does not exist" % folder)
+    for part, items in (("train", split["train"]), ("test", split["test"]),
+                        ("background", [(f, -1) for f in background])):
+        write_json(os.path.join(ddir, "lists", part + ".json"),
+                   {"image_names": [f for f, _ in items], "image_labels": [int(c) for _, c in items]})
+    write_json(os.path.join(ddir, "label_idx.json"), split["label_idx"])
+    write_json(os.path.join(ddir, "own_data.json"), {
+        "classes": split["classes"], "dropped": split["dropped"], "ntrain": len(split["train"]),
+        "ntest": len(split["test"]), "nbackground": len(background)})
+    log("%d classes (%d left out), %d training, %d test and %d background images" % (
+        len(split["classes"]), len(split["dropped"]), len(split["train"]), len(split["test"]), len(background)))
+    return len(background)
+
+
+def phases_config(ddir, nbg, split, kmax=30):
+    """A phases config for the data root: small grids (as configs/demo.yaml), n up to what the smallest
+    novel class allows, k = 30 or less when the graph (or the stored background graph's kmax) is
+    small, the background if there is one."""
+    ntrain = {c["id"]: c["train"] for c in split["classes"]}
+    li = split["label_idx"]
+    nmin = min(ntrain[c] for c in li["novel_classes_1"] + li["novel_classes_2"])
+    nlabeled = [n for n in (1, 2, 5, 10, 20) if n <= nmin] or [1]
+    # the smallest graph: one split's base images, one image per novel class, no background
+    nodes = min(sum(ntrain[c] for c in li["base_classes_" + s]) + len(li["novel_classes_" + s]) for s in "12")
+    return {
+        "rundir": os.path.join(os.path.abspath(ddir), "runs"), "ddir": os.path.abspath(ddir),
+        "split": os.path.join(os.path.abspath(ddir), "label_idx.json"),
+        "seeds": [1, 2, 3, 4, 5], "nlabeled": nlabeled,
+        "logreg": {"lr": [0.1, 0.01], "wd": [0, 0.1], "batchsize": [64], "maxiter": 1500},
+        "diffusion": {"nbg": [0, nbg] if nbg else [0], "indomain": [False], "k": max(1, min(30, nodes - 1, kmax)),
+                      "niter": 20},
+        "fusion": {"nbg": [nbg] if nbg else [0]},
+        "local": {"threads_per_run": 1},
+    }

@@ -1,0 +1,121 @@
+"""own_data.py: a folder of class sub-folders made here (drawn shapes, one unreadable file, RGBA,
+greyscale, CMYK and EXIF-rotated images, near-duplicate versions grouped by --group) through the
+published layout to the phases' results table."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from lowshot import data, owndata
+from lowshot.common import InputError
+from test_phases import ROOT, run_phase
+
+SHAPES = ("disc", "square", "bar", "cross", "ring", "triangle")
+
+
+def draw(shape, rs, size=40):
+    """A coloured shape on a noisy background: one class per shape."""
+    from PIL import ImageDraw
+    img = Image.fromarray((rs.rand(size, size, 3) * 60).astype(np.uint8), "RGB")
+    d = ImageDraw.Draw(img)
+    c = tuple(int(v) for v in 150 + rs.randint(0, 100, 3))
+    o = rs.randint(2, 8)
+    box = [o, o, size - o, size - o]
+    if shape == "disc":
+        d.ellipse(box, fill=c)
+    elif shape == "square":
+        d.rectangle(box, fill=c)
+    elif shape == "bar":
+        d.rectangle([o, size // 2 - 4, size - o, size // 2 + 4], fill=c)
+    elif shape == "cross":
+        d.rectangle([o, size // 2 - 3, size - o, size // 2 + 3], fill=c)
+        d.rectangle([size // 2 - 3, o, size // 2 + 3, size - o], fill=c)
+    elif shape == "ring":
+        d.ellipse(box, outline=c, width=5)
+    else:
+        d.polygon([(size // 2, o), (o, size - o), (size - o, size - o)], fill=c)
+    return img
+
+
+def make_folders(root, per_class=8, nbg=12):
+    rs = np.random.RandomState(0)
+    for shape in SHAPES:
+        os.makedirs(os.path.join(root, "photos", shape))
+        for i in range(per_class):
+            for v in (1, 2):          # two near-identical versions of each image: one group
+                img = draw(shape, np.random.RandomState(1000 * SHAPES.index(shape) + i))
+                img.save(os.path.join(root, "photos", shape, "%s%02d_v%d.png" % (shape, i, v)))
+    d = os.path.join(root, "photos", "disc")
+    img = draw("disc", rs)
+    img.convert("RGBA").save(os.path.join(d, "rgba.png"))
+    img.convert("L").save(os.path.join(d, "grey.png"))
+    img.convert("CMYK").save(os.path.join(d, "cmyk.jpg"))
+    exif = img.getexif()
+    exif[0x0112] = 6
+    img.transpose(Image.Transpose.ROTATE_90).save(os.path.join(d, "rotated.jpg"), exif=exif)
+    with open(os.path.join(d, "broken.jpg"), "wb") as f:
+        f.write(b"not an image")
+    os.makedirs(os.path.join(root, "unlabelled"))
+    for i in range(nbg):
+        draw(SHAPES[i % len(SHAPES)], rs).save(os.path.join(root, "unlabelled", "u%02d.png" % i))
+
+
+def test_split_keeps_groups_together_and_covers_the_classes(tmp_path):
+    make_folders(str(tmp_path))
+    classes = owndata.scan_classes(str(tmp_path / "photos"))
+    assert [c for c, _ in classes] == sorted(SHAPES)
+    split = owndata.make_split(classes, seed=3, group=r"^(.*)_v\d+$")
+    group = lambda f: os.path.basename(f).split("_v")[0]    # noqa: E731
+    train_groups = {group(f) for f, _ in split["train"]}
+    assert not train_groups & {group(f) for f, _ in split["test"]}          # no group on both sides
+    li = split["label_idx"]
+    ids = [li[k] for k in ("base_classes_1", "novel_classes_1", "base_classes_2", "novel_classes_2")]
+    assert sorted(sum(ids, [])) == list(range(1, 7)) and all(ids)            # four disjoint, non-empty
+    assert li["label_names"] == sorted(SHAPES)
+    assert split == owndata.make_split(classes, seed=3, group=r"^(.*)_v\d+$")  # deterministic
+    with pytest.raises(InputError, match="--test_fraction 1: must be between 0 and 1"):
+        owndata.make_split(classes, test_fraction=1)
+    with pytest.raises(InputError, match="the split needs 4"):
+        owndata.make_split(classes[:3])
+
+
+def test_own_images_to_results_table(tmp_path):
+    make_folders(str(tmp_path))
+    ddir = str(tmp_path / "ddir")
+    cmd = [sys.executable, os.path.join(ROOT, "own_data.py"), ddir, "--images", str(tmp_path / "photos"),
+           "--unlabelled", str(tmp_path / "unlabelled"), "--group", r"^(.*)_v\d+$", "--size", "32",
+           "--pca_dim", "16", "--seed", "1"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    f = data.feature_paths(ddir)
+    meta = json.load(open(os.path.join(ddir, "own_data.json")))
+    # the unreadable image: a black image, its row listed in the file's bad_images
+    import h5py
+    bad = []
+    for key, part in (("train", "train"), ("val", "test")):
+        names = json.load(open(os.path.join(ddir, "lists", part + ".json")))["image_names"]
+        with h5py.File(f[key], "r") as h:
+            bad += [os.path.basename(names[i]) for i in h["bad_images"][()]]
+    assert bad == ["broken.jpg"]
+    assert meta["nbackground"] == 12 and os.path.getsize(f["background"]) == 12 * 16 * 4
+    assert data.load_pca(f["pca"]).d_out == 16
+    assert os.path.isfile(data.graph_paths(ddir, 12, 32)["I"]) or os.path.isfile(data.graph_paths(ddir, 12, 8)["I"])
+    # the generated config, shrunk to one seed, one n and a tiny logreg grid, through the phases
+    cfg = yaml.safe_load(open(os.path.join(ddir, "phases.yaml")))
+    cfg.update(seeds=[1], nlabeled=[1])
+    cfg["logreg"].update(lr=[0.1], wd=[0], maxiter=200)
+    cfg["diffusion"]["niter"] = 3
+    config = str(tmp_path / "tiny.yaml")
+    yaml.safe_dump(cfg, open(config, "w"))
+    for script in ("run_logreg.bash", "run_diffusion.bash"):
+        for phase in (1, 2, 3, 4):
+            out = run_phase(script, phase, config)
+    assert "| n | logreg |" in out and "diffusion F12" in out
+    # a second run has nothing to do
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "exists:" in r.stdout and "running: save_features" not in r.stdout
