@@ -5,6 +5,8 @@ Reads   $DDIR/features/f100m/concatenated_PCAR256.raw   raw float32 (>= N, d) ro
 Writes  $DDIR/knngraph/ndis{N}.index                    faiss index of the L2-normalised rows
         $DDIR/knngraph/ndis{N}_k{K}_I_11.int32          raw (N, K) int32 neighbour ids in 0..N-1
         $DDIR/knngraph/ndis{N}_k{K}_D_11.float32        raw (N, K) float32 inner products, decreasing
+        $DDIR/knngraph/ndis{N}_k{K}.json                how it was built (method, parameters, recall, time):
+                                                        a stored graph is reused only for these
 K = smallest power of two >= --k (32 by default; diffusion.py with k=30 reads K=32, and any
 stored K' >= k serves a smaller k). Vectors are L2-normalised and compared by inner product. Every
 file is written under a temporary name and renamed when complete.
