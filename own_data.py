@@ -3,6 +3,7 @@
 published layout, ready for the phases (run_logreg.bash, run_diffusion.bash).
 
   python own_data.py DDIR --images PHOTOS/ [--unlabelled MORE/ ...]
+  python own_data.py DDIR --features X.npy --labels y.npy [--background B.npy]   # features already made
   CONFIG=DDIR/phases.yaml bash run_logreg.bash 1; ... 4      # then run_diffusion.bash 1 .. 4
 
 Steps (each is skipped when its output exists, so a stopped run continues):
@@ -16,6 +17,10 @@ Steps (each is skipped when its output exists, so a stopped run continues):
      when there are none) -> DDIR/features/PCAR256.vt, f100m/concatenated_PCAR256.raw
   4. the background graph (build_graph.py), when there are unlabelled images
   5. DDIR/phases.yaml: small grids (as configs/demo.yaml), n up to the smallest novel class
+
+With --features (a .npy matrix, or a feature hdf5 whose all_labels give the classes), step 2 writes
+the rows of the training and test images and the --background rows in the published layout; the
+split draws rows (--groups: one group id per row keeps rows together).
 
 Images: any format PIL reads; made upright from their EXIF orientation, transparency composited
 on white, greyscale/CMYK/16-bit converted to 8-bit RGB; resized so that the shorter side is
@@ -31,7 +36,8 @@ import numpy as np
 import yaml
 
 from lowshot import data, owndata
-from lowshot.common import HelpFormatter, InputError, atomic_output, get_ddir, log, print_args, run_main
+from lowshot.common import (HelpFormatter, InputError, atomic_output, get_ddir, log, print_args, run_main,
+                            write_json)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -39,15 +45,24 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("ddir", help="data root to write (created)")
-    g = p.add_argument_group("images")
-    g.add_argument("--images", required=True, help="folder of class sub-folders of labelled images")
-    g.add_argument("--unlabelled", action="append", default=[], help="folder of unlabelled images (repeatable)")
+    g = p.add_argument_group("images (or --features)")
+    g.add_argument("--images", default=None, help="folder of class sub-folders of labelled images")
+    g.add_argument("--unlabelled", action="append", default=[],
+                   help="folder of unlabelled images (repeatable)")
     g.add_argument("--group", default=None,
                    help="regular expression on file names: images with the same match (its first group) "
                         "stay on one side of the training/test split (e.g. '^(.*)_v\\d+$')")
+    g = p.add_argument_group("precomputed features (instead of --images)")
+    g.add_argument("--features", default=None, help="labelled features: (rows, D) .npy, or a feature hdf5")
+    g.add_argument("--labels", default=None, help="0-based class of each row (.npy; an hdf5 has its own)")
+    g.add_argument("--background", default=None, help="unlabelled features (.npy or hdf5), the background")
+    g.add_argument("--groups", default=None, help="group id of each labelled row (.npy): a group stays on "
+                                                  "one side of the training/test split")
+    g.add_argument("--class_names", default=None, help="text file, one class name per line")
     g = p.add_argument_group("split")
     g.add_argument("--test_fraction", type=float, default=0.3, help="share of each class's groups for test")
-    g.add_argument("--val_fraction", type=float, default=0.5, help="share of the classes in the validation split")
+    g.add_argument("--val_fraction", type=float, default=0.5,
+                   help="share of the classes in the validation split")
     g.add_argument("--novel_fraction", type=float, default=0.5, help="share of novel classes in each split")
     g.add_argument("--seed", type=int, default=0, help="seed of the split")
     g = p.add_argument_group("features")
@@ -80,6 +95,43 @@ def features_config(args, path):
             yaml.safe_dump(cfg, f, sort_keys=False)
 
 
+def precomputed(args, ddir, files, split_args):
+    """Steps 1-2 for --features: the split of the rows and the feature files. Returns (split, nbg)."""
+    X, labels = owndata.read_matrix(args.features, "--features")
+    if args.labels:
+        labels = np.load(args.labels)
+    if labels is None or len(labels) != len(X):
+        raise InputError("--labels: one class per row of --features (%d rows) is needed" % len(X))
+    names = None
+    if args.class_names:
+        with open(args.class_names) as f:
+            names = [line.strip() for line in f if line.strip()]
+    groups = np.load(args.groups) if args.groups else None
+    if groups is not None and len(groups) != len(X):
+        raise InputError("--groups: one group per row of --features (%d rows) is needed" % len(X))
+    split = owndata.make_split(owndata.feature_classes(labels, names),
+                               key=(lambda r: groups[r].item()) if groups is not None else (lambda r: r),
+                               **split_args)
+    B = (owndata.read_matrix(args.background, "--background")[0] if args.background
+         else np.zeros((0, X.shape[1]), dtype=np.float32))
+    if B.shape[1] != X.shape[1]:
+        raise InputError("--background has %d dimensions, --features %d" % (B.shape[1], X.shape[1]))
+    if not os.path.isfile(os.path.join(ddir, "own_data.json")):
+        os.makedirs(os.path.dirname(files["background"]), exist_ok=True)
+        for key, part in (("train", "train"), ("val", "test")):
+            rows = [r for r, _ in split[part]]
+            owndata.write_features(files[key], X[rows], [c for _, c in split[part]])
+        if len(B):
+            owndata.write_features(files["blocks"] % 0, B, -np.ones(len(B), dtype=np.int64))
+        write_json(os.path.join(ddir, "label_idx.json"), split["label_idx"])
+        write_json(os.path.join(ddir, "own_data.json"), {
+            "classes": split["classes"], "dropped": split["dropped"], "ntrain": len(split["train"]),
+            "ntest": len(split["test"]), "nbackground": len(B)})
+        log("%d classes, %d training, %d test and %d background rows written" % (
+            len(split["classes"]), len(split["train"]), len(split["test"]), len(B)))
+    return split, len(B)
+
+
 def main(argv=None):
     args = parse_args(argv)
     print_args(args)
@@ -87,28 +139,35 @@ def main(argv=None):
     ddir = get_ddir(args.ddir)
     files = data.feature_paths(ddir)
     lists = {part: os.path.join(ddir, "lists", part + ".json") for part in ("train", "test", "background")}
-    # 1. split
-    split = owndata.make_split(owndata.scan_classes(args.images), seed=args.seed, group=args.group,
-                               test_fraction=args.test_fraction, val_fraction=args.val_fraction,
-                               novel_fraction=args.novel_fraction)
-    if not os.path.isfile(os.path.join(ddir, "own_data.json")):
-        nbg = owndata.write_lists(ddir, split, args.unlabelled)
+    if (args.images is None) == (args.features is None):
+        raise InputError("give --images (a folder of class folders) or --features (precomputed), not both")
+    split_args = dict(seed=args.seed, test_fraction=args.test_fraction, val_fraction=args.val_fraction,
+                      novel_fraction=args.novel_fraction)
+    if args.images is not None:
+        # 1. split
+        split = owndata.make_split(owndata.scan_classes(args.images), group=args.group, **split_args)
+        if not os.path.isfile(os.path.join(ddir, "own_data.json")):
+            nbg = owndata.write_lists(ddir, split, args.unlabelled)
+        else:
+            with open(os.path.join(ddir, "own_data.json")) as f:
+                nbg = int(json.load(f)["nbackground"])
+            log("split exists: %s" % os.path.join(ddir, "own_data.json"))
+        # 2. features
+        fcfg = os.path.join(ddir, "features.yaml")
+        if not os.path.isfile(fcfg):
+            features_config(args, fcfg)
+        model = ["--model", args.model] + (["--modelfile", args.modelfile] if args.modelfile else [])
+        for part, out in (("train", files["train"]), ("test", files["val"]),
+                          ("background", files["blocks"] % 0)):
+            if part == "background" and not nbg:
+                continue
+            if os.path.isfile(out):
+                log("exists: %s" % out)
+                continue
+            run(["save_features.py", "--cfg", fcfg] + model + ["--data", lists[part], "--root", ddir,
+                                                                "--outfile", out])
     else:
-        with open(os.path.join(ddir, "own_data.json")) as f:
-            nbg = int(json.load(f)["nbackground"])
-        log("split exists: %s" % os.path.join(ddir, "own_data.json"))
-    # 2. features
-    fcfg = os.path.join(ddir, "features.yaml")
-    if not os.path.isfile(fcfg):
-        features_config(args, fcfg)
-    model = ["--model", args.model] + (["--modelfile", args.modelfile] if args.modelfile else [])
-    for part, out in (("train", files["train"]), ("test", files["val"]), ("background", files["blocks"] % 0)):
-        if part == "background" and not nbg:
-            continue
-        if os.path.isfile(out):
-            log("exists: %s" % out)
-            continue
-        run(["save_features.py", "--cfg", fcfg] + model + ["--data", lists[part], "--root", ddir, "--outfile", out])
+        split, nbg = precomputed(args, ddir, files, split_args)
     # 3. PCA, trained on the unlabelled images when there are enough of them, else the training images
     if not os.path.isfile(files["pca"]):
         with open(os.path.join(ddir, "own_data.json")) as f:

@@ -64,8 +64,10 @@ def group_of(path, group):
     return m.group(1) if m.groups() else m.group(0)
 
 
-def make_split(classes, seed=0, test_fraction=0.3, val_fraction=0.5, novel_fraction=0.5, group=None):
-    """Draw the split of :func:`scan_classes`' classes (see the module docstring).
+def make_split(classes, seed=0, test_fraction=0.3, val_fraction=0.5, novel_fraction=0.5, group=None,
+               key=None):
+    """Draw the split of :func:`scan_classes`' classes (see the module docstring). ``classes`` may
+    also hold rows of a feature matrix (:func:`feature_classes`) with ``key`` giving each row's group.
 
     Returns
     -------
@@ -87,7 +89,7 @@ def make_split(classes, seed=0, test_fraction=0.3, val_fraction=0.5, novel_fract
     for cid, (name, files) in enumerate(classes):
         groups = {}
         for f in files:
-            groups.setdefault(group_of(f, pattern), []).append(f)
+            groups.setdefault(key(f) if key else group_of(f, pattern), []).append(f)
         keys = sorted(groups)
         if len(keys) < 2:
             dropped.append(name)
@@ -135,7 +137,8 @@ def write_lists(ddir, split, unlabelled):
         "classes": split["classes"], "dropped": split["dropped"], "ntrain": len(split["train"]),
         "ntest": len(split["test"]), "nbackground": len(background)})
     log("%d classes (%d left out), %d training, %d test and %d background images" % (
-        len(split["classes"]), len(split["dropped"]), len(split["train"]), len(split["test"]), len(background)))
+        len(split["classes"]), len(split["dropped"]), len(split["train"]), len(split["test"]),
+        len(background)))
     return len(background)
 
 
@@ -154,8 +157,54 @@ def phases_config(ddir, nbg, split, kmax=30):
         "split": os.path.join(os.path.abspath(ddir), "label_idx.json"),
         "seeds": [1, 2, 3, 4, 5], "nlabeled": nlabeled,
         "logreg": {"lr": [0.1, 0.01], "wd": [0, 0.1], "batchsize": [64], "maxiter": 1500},
-        "diffusion": {"nbg": [0, nbg] if nbg else [0], "indomain": [False], "k": max(1, min(30, nodes - 1, kmax)),
-                      "niter": 20},
+        "diffusion": {"nbg": [0, nbg] if nbg else [0], "indomain": [False],
+                      "k": max(1, min(30, nodes - 1, kmax)), "niter": 20},
         "fusion": {"nbg": [nbg] if nbg else [0]},
         "local": {"threads_per_run": 1},
     }
+
+
+def feature_classes(labels, names=None):
+    """[(class name, [row numbers])] of a label vector (0-based class ids; rows of a feature matrix)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.dtype.kind not in "iu" or (labels.size and labels.min() < 0):
+        raise InputError("labels must be one non-negative integer per row, not %s %s" % (
+            labels.dtype, labels.shape))
+    ncls = int(labels.max()) + 1 if labels.size else 0
+    names = names or ["class%d" % c for c in range(ncls)]
+    if len(names) < ncls:
+        raise InputError("%d class names for %d classes" % (len(names), ncls))
+    return [(names[c], [int(i) for i in np.flatnonzero(labels == c)]) for c in range(ncls)]
+
+
+def write_features(path, X, labels):
+    """An hdf5 feature file in the published layout (all_feats, all_labels, count), atomically."""
+    import h5py
+    from lowshot.common import atomic_output
+    with atomic_output(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f["all_feats"] = np.ascontiguousarray(X, dtype=np.float32)
+            f["all_labels"] = np.asarray(labels, dtype=np.int64)
+            f["count"] = np.array([len(X)], dtype=np.int64)
+
+
+def read_matrix(path, what):
+    """A (rows, D) float32 matrix from a .npy file or a feature hdf5 (all_feats, first count rows),
+    with the hdf5's all_labels when it has them."""
+    if path.endswith(".npy"):
+        try:
+            X = np.load(path)
+        except (OSError, ValueError) as e:
+            raise InputError("%s %s is not a .npy array: %s" % (what, path, e))
+        labels = None
+    else:
+        from lowshot import data
+        n, _ = data.feature_shape(path)
+        X = data.read_row_range(path, 0, n)
+        import h5py
+        with h5py.File(path, "r") as f:
+            labels = np.asarray(f["all_labels"][:n]) if "all_labels" in f else None
+    if X.ndim != 2 or not np.isfinite(X).all():
+        raise InputError("%s %s must be a finite (rows, D) matrix, not %s" % (what, path, X.shape))
+    return np.asarray(X, dtype=np.float32), labels
+

@@ -104,7 +104,7 @@ def test_own_images_to_results_table(tmp_path):
     assert bad == ["broken.jpg"]
     assert meta["nbackground"] == 12 and os.path.getsize(f["background"]) == 12 * 16 * 4
     assert data.load_pca(f["pca"]).d_out == 16
-    assert os.path.isfile(data.graph_paths(ddir, 12, 32)["I"]) or os.path.isfile(data.graph_paths(ddir, 12, 8)["I"])
+    assert os.path.isfile(data.graph_paths(ddir, 12, 8)["I"])     # K = 8: the power of two below 12
     # the generated config, shrunk to one seed, one n and a tiny logreg grid, through the phases
     cfg = yaml.safe_load(open(os.path.join(ddir, "phases.yaml")))
     cfg.update(seeds=[1], nlabeled=[1])
@@ -119,3 +119,46 @@ def test_own_images_to_results_table(tmp_path):
     # a second run has nothing to do
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and "exists:" in r.stdout and "running: save_features" not in r.stdout
+
+
+def test_precomputed_features(tmp_path, capsys):
+    """--features/--labels/--background instead of images: the rows go to the published layout with
+    the same split rules, and diffusion.py runs on the result."""
+    import diffusion
+    rs = np.random.RandomState(2)
+    centres = 4 * rs.randn(8, 24)
+    labels = np.repeat(np.arange(8), 9)
+    X = (centres[labels] + rs.randn(len(labels), 24)).astype(np.float32)
+    B = (centres[rs.randint(8, size=80)] + rs.randn(80, 24)).astype(np.float32)
+    groups = np.arange(len(labels)) // 3                 # rows in threes
+    for name, a in (("X", X), ("y", labels), ("B", B), ("g", groups)):
+        np.save(str(tmp_path / (name + ".npy")), a)
+    ddir = str(tmp_path / "ddir")
+    cmd = [sys.executable, os.path.join(ROOT, "own_data.py"), ddir, "--features", str(tmp_path / "X.npy"),
+           "--labels", str(tmp_path / "y.npy"), "--background", str(tmp_path / "B.npy"),
+           "--groups", str(tmp_path / "g.npy"), "--pca_dim", "8"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    split = json.load(open(os.path.join(ddir, "label_idx.json")))
+    yte, rows_te = data.load_labels(data.feature_paths(ddir)["val"], data.load_split(
+        os.path.join(ddir, "label_idx.json"), "test"))
+    assert len(split["base_classes_2"]) + len(split["novel_classes_2"]) == len(np.unique(yte))
+    # the test rows are whole groups of three rows of X
+    import h5py
+    with h5py.File(data.feature_paths(ddir)["val"], "r") as h:
+        te = np.asarray(h["all_feats"])
+    hit = [int(np.flatnonzero((X == row).all(1))[0]) for row in te]
+    assert sorted(set(hit)) == sorted(hit)
+    assert all(set(range(3 * (i // 3), 3 * (i // 3) + 3)) <= set(hit) for i in hit)
+    capsys.readouterr()
+    diffusion.main(["--ddir", ddir, "--mode", "test", "--nlabeled", "1", "--seed", "1", "--nbg", "80",
+                    "--k", "10", "--niter", "2"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["graph"]["nodes"] > 80 and 0 < res["top5"] <= 1
+    # both inputs, or labels of another length: one-line errors
+    r = subprocess.run(cmd + ["--images", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "give --images (a folder of class folders) or --features" in r.stderr
+    np.save(str(tmp_path / "y.npy"), labels[:-1])
+    r = subprocess.run(cmd[:2] + [str(tmp_path / "other")] + cmd[3:], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "one class per row of --features (72 rows)" in r.stderr
