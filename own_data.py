@@ -59,6 +59,10 @@ def parse_args(argv):
     g.add_argument("--groups", default=None, help="group id of each labelled row (.npy): a group stays on "
                                                   "one side of the training/test split")
     g.add_argument("--class_names", default=None, help="text file, one class name per line")
+    g = p.add_argument_group("a split made elsewhere")
+    g.add_argument("--prepared", action="store_true",
+                   help="DDIR already holds lists/{train,test,background}.json and label_idx.json (e.g. "
+                        "`demo.py prepare`): no split, and no phases config (its maker writes one)")
     g = p.add_argument_group("split")
     g.add_argument("--test_fraction", type=float, default=0.3, help="share of each class's groups for test")
     g.add_argument("--val_fraction", type=float, default=0.5,
@@ -67,6 +71,8 @@ def parse_args(argv):
     g.add_argument("--seed", type=int, default=0, help="seed of the split")
     g = p.add_argument_group("features")
     g.add_argument("--model", default="EfficientNetLite0", help="save_features.py --model")
+    g.add_argument("--features_cfg", default=None,
+                   help="save_features.py config to use (default: one written for --size and --model)")
     g.add_argument("--modelfile", default=None, help="save_features.py --modelfile (ResNet checkpoints)")
     g.add_argument("--size", type=int, default=224, help="input side of the network")
     g.add_argument("--pca_dim", type=int, default=256, help="dimension after the PCA (at most the features')")
@@ -139,21 +145,27 @@ def main(argv=None):
     ddir = get_ddir(args.ddir)
     files = data.feature_paths(ddir)
     lists = {part: os.path.join(ddir, "lists", part + ".json") for part in ("train", "test", "background")}
-    if (args.images is None) == (args.features is None):
-        raise InputError("give --images (a folder of class folders) or --features (precomputed), not both")
+    if (args.images is not None) + (args.features is not None) + args.prepared != 1:
+        raise InputError("give --images (a folder of class folders) or --features (precomputed) or --prepared, "
+                         "one of them")
     split_args = dict(seed=args.seed, test_fraction=args.test_fraction, val_fraction=args.val_fraction,
                       novel_fraction=args.novel_fraction)
-    if args.images is not None:
+    if args.images is not None or args.prepared:
         # 1. split
-        split = owndata.make_split(owndata.scan_classes(args.images), group=args.group, **split_args)
-        if not os.path.isfile(os.path.join(ddir, "own_data.json")):
+        split = None
+        if args.prepared:
+            with open(lists["background"]) as f:
+                nbg = len(json.load(f)["image_names"])
+        elif not os.path.isfile(os.path.join(ddir, "own_data.json")):
+            split = owndata.make_split(owndata.scan_classes(args.images), group=args.group, **split_args)
             nbg = owndata.write_lists(ddir, split, args.unlabelled)
         else:
+            split = owndata.make_split(owndata.scan_classes(args.images), group=args.group, **split_args)
             with open(os.path.join(ddir, "own_data.json")) as f:
                 nbg = int(json.load(f)["nbackground"])
             log("split exists: %s" % os.path.join(ddir, "own_data.json"))
         # 2. features
-        fcfg = os.path.join(ddir, "features.yaml")
+        fcfg = args.features_cfg or os.path.join(ddir, "features.yaml")
         if not os.path.isfile(fcfg):
             features_config(args, fcfg)
         model = ["--model", args.model] + (["--modelfile", args.modelfile] if args.modelfile else [])
@@ -170,8 +182,7 @@ def main(argv=None):
         split, nbg = precomputed(args, ddir, files, split_args)
     # 3. PCA, trained on the unlabelled images when there are enough of them, else the training images
     if not os.path.isfile(files["pca"]):
-        with open(os.path.join(ddir, "own_data.json")) as f:
-            ntrain = int(json.load(f)["ntrain"])
+        ntrain = data.feature_shape(files["train"])[0]
         use_bg = nbg > args.pca_dim or nbg >= ntrain
         rows = nbg if use_bg else ntrain
         dout = min(args.pca_dim, rows - 1)
@@ -187,7 +198,7 @@ def main(argv=None):
         run(["build_graph.py", str(nbg), "--ddir", ddir, "--k", str(kg)])
     # 5. phases config
     cpath = os.path.join(ddir, "phases.yaml")
-    if not os.path.isfile(cpath):
+    if split is not None and not os.path.isfile(cpath):
         with atomic_output(cpath) as tmp:
             with open(tmp, "w") as f:
                 f.write("# written by own_data.py; keys and meanings: configs/paper.yaml\n")

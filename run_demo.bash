@@ -4,11 +4,11 @@
 #   2. python demo.py fetch: `npm pack emoji-datasource-{google,twitter}@16.0.0` (64x64 emoji PNGs)
 #   3. python demo.py prepare: 57 classes (Unicode subcategories), split by emoji identity, the
 #      class split label_idx.json (validation base/novel, test base/novel), image lists
-#   4. save_features.py --model EfficientNetLite0 (real ImageNet weights from its pip wheel):
-#      features/train.hdf5, features/val.hdf5 (the test images) and the out-of-domain background
-#      features/f100m/block0.hdf5
-#   5. train_apply_pca.py train + apply: features/PCAR256.vt, features/f100m/concatenated_PCAR256.raw
-#   6. build_graph.py: the background k-NN graph knngraph/ndis{N}_k32_*
+#   4-6. own_data.py --prepared, the path of your own data from this point: save_features.py --model
+#      EfficientNetLite0 (real ImageNet weights from its pip wheel) -> features/train.hdf5,
+#      features/val.hdf5 (the test images), features/f100m/block0.hdf5 (the out-of-domain
+#      background); train_apply_pca.py train + apply -> features/PCAR256.vt,
+#      features/f100m/concatenated_PCAR256.raw; build_graph.py -> knngraph/ndis{N}_k32_*
 #   7. phases 1-4 of run_logreg.bash and run_diffusion.bash with configs/demo.yaml (validation
 #      chooses the logreg parameters, the diffusion iterations and the fusion weight)
 #   8. python demo.py table: results/demo.md (the table the README shows) and results/demo.png
@@ -47,39 +47,8 @@ else
   echo "exists: $DD/demo_meta.json"
 fi
 
-feats() {  # list json -> hdf5
-  if [ ! -f "$2" ]; then
-    $PY save_features.py --cfg "$FCFG" --model EfficientNetLite0 \
-      --data "$1" --root "$DD" --outfile "$2"
-  else
-    echo "exists: $2"
-  fi
-}
-path() {   # a feature file of the demo's data root, as lowshot.data names it
-  $PY -m lowshot.data path "$DD" "$@"
-}
-step "EfficientNet-Lite0 features: training images"
-feats "$DD/lists/train.json" "$(path train)"
-step "EfficientNet-Lite0 features: test images"
-feats "$DD/lists/test.json" "$(path val)"
-step "EfficientNet-Lite0 features: out-of-domain background"
-feats "$DD/lists/background.json" "$(path blocks 0)"
-
-step "PCA-R256 of the background features"
-if [ ! -f "$(path pca)" ]; then
-  $PY train_apply_pca.py train --ddir "$DD"
-else
-  echo "exists: $(path pca)"
-fi
-if [ ! -f "$(path background)" ]; then
-  $PY train_apply_pca.py apply --ddir "$DD" --nblock 1
-else
-  echo "exists: $(path background)"
-fi
-
-step "background k-NN graph"
-NBG=$($PY -c 'import json, sys; print(json.load(open(sys.argv[1]))["nbackground"])' "$DD/demo_meta.json")
-$PY build_graph.py "$NBG" --ddir "$DD"
+step "features, PCA-R256 and the background k-NN graph (own_data.py on the prepared lists)"
+$PY own_data.py "$DD" --prepared --features_cfg "$FCFG" --model EfficientNetLite0
 
 step "phases config"
 $PY demo.py config --ddir "$DD" --template "$TEMPLATE"
