@@ -238,14 +238,9 @@ def check_reuse(record, explicit, N):
     with; otherwise a one-line error names both."""
     if not explicit:
         return
-    asked = ", ".join("%s %s" % kv for kv in sorted(explicit.items()))
-    if record is None:
+    if record is None or any(record.get(k) != v for k, v in explicit.items()):
         raise InputError("a background graph for N = %d exists, %s; %s was asked: `--force` rebuilds it" % (
-            N, describe(None), asked))
-    differ = {k: v for k, v in explicit.items() if record.get(k) != v}
-    if differ:
-        raise InputError("a background graph for N = %d exists, %s; %s was asked: `--force` rebuilds it" % (
-            N, describe(record), asked))
+            N, describe(record), ", ".join("%s %s" % kv for kv in sorted(explicit.items()))))
 
 
 if __name__ == "__main__":

@@ -36,8 +36,7 @@ import numpy as np
 import yaml
 
 from lowshot import data, owndata
-from lowshot.common import (HelpFormatter, InputError, atomic_output, get_ddir, log, print_args, run_main,
-                            write_json)
+from lowshot.common import HelpFormatter, InputError, atomic_output, get_ddir, log, print_args, run_main
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -129,12 +128,7 @@ def precomputed(args, ddir, files, split_args):
             owndata.write_features(files[key], X[rows], [c for _, c in split[part]])
         if len(B):
             owndata.write_features(files["blocks"] % 0, B, -np.ones(len(B), dtype=np.int64))
-        write_json(os.path.join(ddir, "label_idx.json"), split["label_idx"])
-        write_json(os.path.join(ddir, "own_data.json"), {
-            "classes": split["classes"], "dropped": split["dropped"], "ntrain": len(split["train"]),
-            "ntest": len(split["test"]), "nbackground": len(B)})
-        log("%d classes, %d training, %d test and %d background rows written" % (
-            len(split["classes"]), len(split["train"]), len(split["test"]), len(B)))
+        owndata.write_split(ddir, split, len(B))
     return split, len(B)
 
 

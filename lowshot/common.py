@@ -110,7 +110,15 @@ def _host():
     return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0]) or "host"
 
 
-def _fsync(path, directory=False):
+def temporary_path(path):
+    """``.{name}.tmp{pid}-{host}`` next to ``path``: the temporary of an atomic write (the form
+    :func:`remove_stale_temporaries` reads back)."""
+    d = os.path.dirname(os.path.abspath(path))
+    return os.path.join(d, ".%s.tmp%d-%s" % (os.path.basename(path), os.getpid(), _host()))
+
+
+def fsync_path(path, directory=False):
+    """Flush a file (or, with ``directory``, a folder's entries) to the disk."""
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:
         os.fsync(fd)
@@ -129,12 +137,12 @@ def atomic_output(path):
     """
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, ".%s.tmp%d-%s" % (os.path.basename(path), os.getpid(), _host()))
+    tmp = temporary_path(path)
     try:
         yield tmp
-        _fsync(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
-        _fsync(d, directory=True)
+        fsync_path(d, directory=True)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

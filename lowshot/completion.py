@@ -31,13 +31,12 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import time
 
 import faiss
 import numpy as np
 
-from lowshot.common import InputError, anon_rss_gib, log, write_json
+from lowshot.common import InputError, anon_rss_gib, fsync_path, log, temporary_path, write_json
 from lowshot.search import BF16_EXTRA, SEARCH_BS, _blocks, exact_knn, knn_search, normalized, to_gpus
 
 # Candidate rows per call of KnnScan.add: 8192 x d bf16 (4 MB at d = 256) stay in the L3 cache
@@ -182,18 +181,9 @@ def _open_cache(path, sig):
     return tables
 
 
-def _fsync(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _build_cache(path, sig, xB, xt, bg_x, kc):
     """Compute the three searches into a temporary folder next to ``path`` and rename it."""
-    tmp = os.path.join(os.path.dirname(path), ".%s.tmp%d-%s" % (os.path.basename(path), os.getpid(),
-                                                                 socket.gethostname()))
+    tmp = temporary_path(path)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     t0 = time.time()
@@ -210,7 +200,7 @@ def _build_cache(path, sig, xB, xt, bg_x, kc):
             uncertain += exact_search(xq, xB, kc, preproc=pre, out=out, progress="cache " + name)[2]
             for a in out:
                 a.flush()
-                _fsync(a.filename)
+                fsync_path(a.filename)
             del out
         write_json(os.path.join(tmp, "meta.json"), {"signature": sig, "rows": {k: v for k, v in rows.items() if v},
                                                     "seconds": round(time.time() - t0, 2),
@@ -219,7 +209,7 @@ def _build_cache(path, sig, xB, xt, bg_x, kc):
             os.rename(tmp, path)
         except OSError:      # another process published it first (same inputs, same bytes)
             shutil.rmtree(tmp, ignore_errors=True)
-        _fsync(os.path.dirname(path))
+        fsync_path(os.path.dirname(path), directory=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

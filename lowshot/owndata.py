@@ -132,14 +132,18 @@ def write_lists(ddir, split, unlabelled):
                         ("background", [(f, -1) for f in background])):
         write_json(os.path.join(ddir, "lists", part + ".json"),
                    {"image_names": [f for f, _ in items], "image_labels": [int(c) for _, c in items]})
+    write_split(ddir, split, len(background))
+    return len(background)
+
+
+def write_split(ddir, split, nbackground):
+    """label_idx.json and own_data.json (what was found and drawn) of a split under ``ddir``."""
     write_json(os.path.join(ddir, "label_idx.json"), split["label_idx"])
     write_json(os.path.join(ddir, "own_data.json"), {
         "classes": split["classes"], "dropped": split["dropped"], "ntrain": len(split["train"]),
-        "ntest": len(split["test"]), "nbackground": len(background)})
-    log("%d classes (%d left out), %d training, %d test and %d background images" % (
-        len(split["classes"]), len(split["dropped"]), len(split["train"]), len(split["test"]),
-        len(background)))
-    return len(background)
+        "ntest": len(split["test"]), "nbackground": nbackground})
+    log("%d classes (%d left out), %d training, %d test and %d background images or rows" % (
+        len(split["classes"]), len(split["dropped"]), len(split["train"]), len(split["test"]), nbackground))
 
 
 def phases_config(ddir, nbg, split, kmax=30):
