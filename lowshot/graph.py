@@ -46,7 +46,7 @@ EXACT_MAX_CPU = 50000
 # 0.968; 26.9k, 0.985; 24.2k, 0.992), but k-means costs nlist^2 and the probes N nlist.
 # The same nominal scan finds fewer neighbours in a larger set (recall@10 0.985 at 1M, 0.940 at 10M
 # with 16000), so above 1M it grows as N^(1/6): 23.5k at 10M, where recall@10 reaches 0.95
-# (benchmarks/bench_ivf_recall.py --nprobes 21,28,35 at 10M: 0.940, 0.950, 0.958)
+# (benchmarks/bench_ivf_recall.py --nprobes 21,28,35 at 10M: 0.9403, 0.9495, 0.9580)
 IVF_LISTS_PER_SQRT = 4
 IVF_SCAN = 16000
 IVF_SCAN_GROWTH = 1 / 6

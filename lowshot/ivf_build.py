@@ -117,8 +117,8 @@ def probed_lists(quantizer, x, nprobe, bf16):
     Xa[:, :d] = x
     Xa[:, d] = 1
     nprobe = min(nprobe, C.shape[0])
-    # deferred: only the kept candidates near the cut are re-scored, at the end (1.7x faster than
-    # re-scoring each one as it enters, for the same lists)
+    # deferred: only the kept candidates near the cut are re-scored, at the end, instead of each
+    # one as it enters (fewer exact products, the same lists)
     scan = graph_utils.KnnScan(Xa, nprobe + (8 if bf16 else 0), bf16=bf16, deferred=True)
     scan.add(np.arange(n), Ca, np.arange(C.shape[0], dtype=np.int32))
     return scan.finish(nprobe, base=Ca)[1]
