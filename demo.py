@@ -4,22 +4,21 @@ Subcommands (DDIR = --ddir or $DDIR; run_demo.bash uses demo_ddir/ at the reposi
 
   fetch     `npm pack emoji-datasource-{google,twitter}@16.0.0` into DDIR/npm (skipped when the
             tarballs are there), extract emoji.json and img/<vendor>/64/*.png (64x64 PNG) from them
-  prepare   choose the classes (Unicode subcategories with >= 10 emoji, country-flag excluded: 57),
-            split each class's emoji (never single images) into training and test emoji, split the
-            classes into validation base/novel and test base/novel, and write
-              DDIR/lists/{train,test,background}.json  {"image_names": [paths relative to DDIR],
-                                                        "image_labels": [0-based class, -1]}
-              DDIR/label_idx.json   the class split, 1-based ids (data/label_idx.json form)
-              DDIR/demo_meta.json   per class: name, group, emoji and images per side
-  config    write DDIR/phases.yaml: the phases config (--template, default configs/demo.yaml)
-            with ddir, split and rundir pointing into DDIR and the background size "all" replaced
-            by the number of background images
+  prepare   choose the classes (Unicode subcategories with >= 10 emoji, country-flag excluded: 57)
+            and lay them out as own_data.py's input, symbolic links to the fetched images:
+              DDIR/images/<subcategory>/<emoji>__<vendor>__<file>.png   the class folders
+              DDIR/unlabelled/<vendor>__<file>.png    the other subcategories' emoji (background)
+              DDIR/demo_meta.json                     what was chosen
+            (run_demo.bash then runs own_data.py on them: split by emoji identity, features,
+            PCA, graph, phases config)
   table     read the phases' results (DDIR/runs/results/diffusion.json) and chosen parameters,
             write the demo's Markdown table (--out, default results/demo.md: top-5 accuracy,
             mean +- std over seeds, all and novel classes, chance level) and plot (--png)
 
 Example (what run_demo.bash runs):
   python demo.py fetch --ddir demo_ddir && python demo.py prepare --ddir demo_ddir
+  python own_data.py demo_ddir --images demo_ddir/images --unlabelled demo_ddir/unlabelled \
+      --group '^(.+?)__' ...            (the flags are in run_demo.bash)
 """
 import argparse
 import os
@@ -32,23 +31,14 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("command", choices=["fetch", "prepare", "config", "table"])
+    p.add_argument("command", choices=["fetch", "prepare", "table"])
     g = p.add_argument_group("data")
     g.add_argument("--ddir", default=None, help="the demo's data root (default: $DDIR)")
     g.add_argument("--npm", default="npm", help="fetch: the npm executable")
     g = p.add_argument_group("prepare (defaults: the full demo; smaller values for quick runs)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the class and emoji splits")
+    g.add_argument("--seed", type=int, default=0, help="seed of the choice of classes and background")
     g.add_argument("--nclass", type=int, default=None, help="use this many classes (default: all)")
-    g.add_argument("--sizes", default=None,
-                   help="group sizes val-base,val-novel,test-base,test-novel (default: equal)")
-    g.add_argument("--max_test_per_class", type=int, default=demo.MAX_TEST_PER_CLASS)
-    g.add_argument("--max_train_per_class", type=int, default=None)
-    g.add_argument("--max_background", type=int, default=None)
-    g.add_argument("--min_novel_train", type=int, default=demo.MIN_NOVEL_TRAIN,
-                   help="training images a novel class needs (the largest n)")
-    g = p.add_argument_group("config")
-    g.add_argument("--template", default=os.path.join(ROOT, "configs", "demo.yaml"))
-    g.add_argument("--config_out", default=None, help="default: DDIR/phases.yaml")
+    g.add_argument("--max_background", type=int, default=None, help="keep this many background images")
     g = p.add_argument_group("table")
     g.add_argument("--out", default=os.path.join(ROOT, "results", "demo.md"))
     g.add_argument("--png", default=os.path.join(ROOT, "results", "demo.png"))
@@ -63,18 +53,8 @@ def main(argv=None):
         result = {"npm_dir": demo.npm_paths(ddir)["dir"]}
     elif args.command == "prepare":
         ddir = get_ddir(args.ddir)
-        sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
-        log("preparing the demo's lists and class split in %s" % ddir)
-        result = demo.prepare(ddir, seed=args.seed, nclass=args.nclass, sizes=sizes,
-                              max_test_per_class=args.max_test_per_class,
-                              max_train_per_class=args.max_train_per_class,
-                              max_background=args.max_background,
-                              min_novel_train=args.min_novel_train)
-    elif args.command == "config":
-        ddir = get_ddir(args.ddir)
-        out = args.config_out or os.path.join(ddir, "phases.yaml")
-        demo.write_phases_config(ddir, args.template, out)
-        result = {"config": out}
+        log("laying out the demo's classes and background in %s" % ddir)
+        result = demo.prepare(ddir, seed=args.seed, nclass=args.nclass, max_background=args.max_background)
     else:
         ddir = get_ddir(args.ddir)
         res = demo.write_table(ddir, args.out, args.png, title=args.title)

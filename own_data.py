@@ -16,7 +16,8 @@ Steps (each is skipped when its output exists, so a stopped run continues):
   3. PCA to --pca_dim (train_apply_pca.py; on the unlabelled images, or on the training images
      when there are none) -> DDIR/features/PCAR256.vt, f100m/concatenated_PCAR256.raw
   4. the background graph (build_graph.py), when there are unlabelled images
-  5. DDIR/phases.yaml: small grids (as configs/demo.yaml), n up to the smallest novel class
+  5. DDIR/phases.yaml: small grids (as configs/demo.yaml), n up to the smallest novel class, or
+     --phases_template's grids
 
 With --features (a .npy matrix, or a feature hdf5 whose all_labels give the classes), step 2 writes
 the rows of the training and test images and the --background rows in the published layout; the
@@ -35,7 +36,7 @@ import sys
 import numpy as np
 import yaml
 
-from lowshot import data, owndata
+from lowshot import data, owndata, phase_config
 from lowshot.common import HelpFormatter, InputError, atomic_output, get_ddir, log, print_args, run_main
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -68,6 +69,13 @@ def parse_args(argv):
                    help="share of the classes in the validation split")
     g.add_argument("--novel_fraction", type=float, default=0.5, help="share of novel classes in each split")
     g.add_argument("--seed", type=int, default=0, help="seed of the split")
+    g.add_argument("--min_novel_train", type=int, default=0,
+                   help="novel classes are drawn among the classes with at least this many training images "
+                        "(the largest n you will use)")
+    g.add_argument("--max_train_per_class", type=int, default=None,
+                   help="keep at most this many training images per class (round-robin over its groups)")
+    g.add_argument("--max_test_per_class", type=int, default=None,
+                   help="keep at most this many test images per class (round-robin over its groups)")
     g = p.add_argument_group("features")
     g.add_argument("--model", default="EfficientNetLite0", help="save_features.py --model")
     g.add_argument("--features_cfg", default=None,
@@ -75,6 +83,10 @@ def parse_args(argv):
     g.add_argument("--modelfile", default=None, help="save_features.py --modelfile (ResNet checkpoints)")
     g.add_argument("--size", type=int, default=224, help="input side of the network")
     g.add_argument("--pca_dim", type=int, default=256, help="dimension after the PCA (at most the features')")
+    g = p.add_argument_group("phases")
+    g.add_argument("--phases_template", default=None,
+                   help="your grids (a phases config, e.g. configs/demo.yaml) instead of the ones sized to the "
+                        "data: ddir, split and rundir are set, nbg 'all' becomes the number of unlabelled images")
     return p.parse_args(argv)
 
 
@@ -143,7 +155,8 @@ def main(argv=None):
         raise InputError("give --images (a folder of class folders) or --features (precomputed) or --prepared, "
                          "one of them")
     split_args = dict(seed=args.seed, test_fraction=args.test_fraction, val_fraction=args.val_fraction,
-                      novel_fraction=args.novel_fraction)
+                      novel_fraction=args.novel_fraction, min_novel_train=args.min_novel_train,
+                      max_train_per_class=args.max_train_per_class, max_test_per_class=args.max_test_per_class)
     if args.images is not None or args.prepared:
         # 1. split
         split = None
@@ -192,12 +205,16 @@ def main(argv=None):
         run(["build_graph.py", str(nbg), "--ddir", ddir, "--k", str(kg)])
     # 5. phases config
     cpath = os.path.join(ddir, "phases.yaml")
-    if split is not None and not os.path.isfile(cpath):
+    if args.phases_template:
+        cfg, origin = owndata.phases_from_template(ddir, nbg, args.phases_template), args.phases_template
+    elif split is not None:
+        cfg, origin = owndata.phases_config(ddir, nbg, split, kg), "grids sized to the data"
+    if (args.phases_template or split is not None) and not os.path.isfile(cpath):
         with atomic_output(cpath) as tmp:
             with open(tmp, "w") as f:
-                f.write("# written by own_data.py; keys and meanings: configs/paper.yaml\n")
-                yaml.safe_dump(owndata.phases_config(ddir, nbg, split, kg), f, sort_keys=False,
-                               default_flow_style=None)
+                f.write("# written by own_data.py (%s); keys and meanings: configs/paper.yaml\n" % origin)
+                yaml.safe_dump(cfg, f, sort_keys=False, default_flow_style=None)
+            phase_config.load_config(tmp)
     log("ready: CONFIG=%s bash run_logreg.bash 1 (... 4), then bash run_diffusion.bash 1 (... 4)" % cpath)
 
 

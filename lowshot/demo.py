@@ -11,24 +11,21 @@ are split by emoji identity (``unified``), never by image: all images of one emo
 training or test images. Emoji of the other subcategories (and of the country flags) form the
 out-of-domain background, the stand-in for the paper's YFCC100M images.
 
-Layout written under the demo's data root (the same names the experiment scripts read)::
+The demo is one use of own_data.py: :func:`prepare` lays the chosen emoji out as class folders of
+symbolic links named ``<emoji>__<vendor>__<file>`` (and a folder of unlabelled background emoji),
+and run_demo.bash runs ``own_data.py --group '^(.+?)__'`` on them, which draws the split (by emoji
+identity), computes the features, the PCA, the graph and the phases config. Layout under the demo's
+data root::
 
     npm/emoji-datasource-{google,twitter}-16.0.0.tgz   what `npm pack` fetched
     npm/{google,twitter}/emoji.json, npm/{vendor}/img/{vendor}/64/*.png   extracted from them
-    lists/{train,test,background}.json   {"image_names": [paths relative to the data root],
-                               "image_labels": [0-based class id, -1 for background]}
-                               (save_features.py composites the transparent PNGs on white)
-    label_idx.json             class split in the form of the repository's data/label_idx.json
-    demo_meta.json             per class: name, split group, number of emoji and images per side
-
-Class split (``label_idx.json``, 1-based ids, four disjoint groups as in the paper: validation
-base + novel, test base + novel) of 15/14/14/14 of the 57 classes. Novel classes are drawn among
-the classes with at least 20 training images (n = 20 labelled images must exist), base classes
-among the others and the leftovers; see :func:`make_split` for the exact draws.
+    images/<subcategory>/*.png, unlabelled/*.png   links to them (own_data.py's input)
+    demo_meta.json             what prepare chose (classes, background images, seed)
+    label_idx.json, lists/, own_data.json, features/, knngraph/, phases.yaml   own_data.py's output
 
 Nothing here reads the environment or touches files at import time.
 
-Over 400 lines: the npm fetch, the split, the config and the table of the demo (its plot and the
+Over 400 lines: the npm fetch, the choice of classes and the table of the demo (its plot and the
 summary are lowshot/report.py's, shared with the phases).
 """
 import collections
@@ -46,19 +43,6 @@ VENDORS = ("google", "twitter")
 NPM_VERSION = "16.0.0"
 MIN_EMOJI = 10
 EXCLUDED_SUBCATEGORIES = ("country-flag",)
-# Class groups in the order val-base, val-novel, test-base, test-novel, of equal sizes. (The paper
-# has ~39% base classes; here novel classes need >= 20 training images, which only 41 of the 57
-# classes have, and equal groups leave the base groups a mix of small and large classes.)
-GROUP_NAMES = ("base_classes_1", "novel_classes_1", "base_classes_2", "novel_classes_2")
-GROUP_WEIGHTS = (1, 1, 1, 1)
-# Fraction of each class's emoji (not images) that become test emoji.
-TEST_FRACTION = 0.4
-# The largest n of the protocol: a novel class needs that many training images.
-MIN_NOVEL_TRAIN = 20
-# The person-* classes have up to 52 skin-tone images per emoji; capping the test images per class
-# keeps the all-classes accuracy from being an accuracy on 5 of the 57 classes (ImageNet's test set,
-# 50 images per class, is balanced too).
-MAX_TEST_PER_CLASS = 30
 
 
 def package_name(vendor):
@@ -215,131 +199,36 @@ def eligible_classes(emoji, min_emoji=MIN_EMOJI, excluded=EXCLUDED_SUBCATEGORIES
     return sorted(s for s, c in counts.items() if c >= min_emoji and s not in excluded)
 
 
-def group_sizes(nclass):
-    """Split ``nclass`` classes into (val-base, val-novel, test-base, test-novel) sizes.
+def choose(emoji, seed=0, nclass=None, max_background=None, min_emoji=MIN_EMOJI):
+    """The demo's classes and background images (the split itself is own_data.py's).
 
-    Proportional to ``GROUP_WEIGHTS`` (largest remainders, ties to the first group), each at least 1.
-    """
-    if nclass < 4:
-        raise InputError("the demo needs at least 4 classes (one per split group), got %d" % nclass)
-    w = np.array(GROUP_WEIGHTS, dtype=float)
-    exact = w / w.sum() * nclass
-    sizes = np.maximum(np.floor(exact).astype(int), 1)
-    while sizes.sum() < nclass:
-        sizes[np.argmax(exact - sizes)] += 1
-    while sizes.sum() > nclass:
-        sizes[np.argmax(np.where(sizes > 1, sizes - exact, -np.inf))] -= 1
-    return [int(s) for s in sizes]
-
-
-def _round_robin(groups):
-    """Interleave lists: first element of each, then the second of each, ..."""
-    out = []
-    for i in range(max((len(g) for g in groups), default=0)):
-        out.extend(g[i] for g in groups if i < len(g))
-    return out
-
-
-def make_split(emoji, seed=0, nclass=None, sizes=None, test_fraction=TEST_FRACTION,
-               max_test_per_class=MAX_TEST_PER_CLASS, max_train_per_class=None,
-               max_background=None, min_novel_train=MIN_NOVEL_TRAIN, min_emoji=MIN_EMOJI):
-    """Choose the classes, split every class's emoji into training and test emoji, then the groups.
-
-    One ``np.random.RandomState(seed)`` drives everything, in this order:
-
-    1. a permutation of the eligible classes, of which the first ``nclass`` are used (all by
-       default); classes get ids in name order;
-    2. class by class in id order, a permutation of its ``m`` emoji (the first
-       ``max(1, round(test_fraction * m))`` are test emoji, the others training emoji) and one
-       permutation per emoji of its images; test (training) images are taken round-robin over the
-       test (training) emoji, up to ``max_test_per_class`` (``max_train_per_class``);
-    3. a permutation of the classes having at least ``min_novel_train`` training images: its first
-       classes are the validation novel classes, the next ones the test novel classes (the largest
-       n of the protocol needs that many labelled images per novel class);
-    4. a permutation of the other classes: validation base classes, then test base classes;
-    5. when capped, a permutation of the background images (the first ``max_background`` kept).
-
-    Parameters
-    ----------
-    emoji : list of dict
-        From :func:`load_emoji`.
-    seed : int
-    nclass : int or None
-        Use only this many classes (None: all eligible ones); for scaled-down runs.
-    sizes : sequence of 4 int or None
-        Group sizes, order val-base, val-novel, test-base, test-novel (None: :func:`group_sizes`).
-    test_fraction : float
-    max_test_per_class, max_train_per_class, max_background : int or None
-        Caps (None: no cap).
-    min_novel_train : int
-        Training images a novel class needs.
-    min_emoji : int
-        Distinct emoji a subcategory needs to be a class.
+    One ``np.random.RandomState(seed)``: a permutation of the eligible classes, of which the first
+    ``nclass`` are used (all by default; for scaled-down runs), then, when capped, a permutation of
+    the background images (the first ``max_background`` kept, in their listed order).
 
     Returns
     -------
     dict
-        ``label_names`` (class names sorted, class id = position), ``groups`` (group name ->
-        sorted 1-based class ids), ``train``/``test``/``background``: lists of (vendor, file name,
-        0-based class id or -1), ``classes``: per-class statistics.
+        ``classes``: class name -> list of (emoji id, vendor, file name) of its images;
+        ``background``: list of (vendor, file name) of the emoji of the other subcategories.
     """
     rs = np.random.RandomState(seed)
     names = eligible_classes(emoji, min_emoji)
     nclass = len(names) if nclass is None else nclass
     if not 4 <= nclass <= len(names):
         raise InputError("nclass=%d: must be between 4 and the %d eligible classes" % (nclass, len(names)))
-    sizes = group_sizes(nclass) if sizes is None else [int(s) for s in sizes]
-    if len(sizes) != 4 or min(sizes) < 1 or sum(sizes) != nclass:
-        raise InputError("group sizes %s must be 4 positive numbers summing to %d" % (sizes, nclass))
-    chosen = sorted(names[i] for i in rs.permutation(len(names))[:nclass])
-    cid = {n: i for i, n in enumerate(chosen)}
-    by_class = collections.defaultdict(list)
+    chosen = set(names[i] for i in rs.permutation(len(names))[:nclass])
+    classes = {n: [] for n in sorted(chosen)}
     background = []
     for e in emoji:
-        if e["subcategory"] in cid:
-            by_class[e["subcategory"]].append(e)
+        if e["subcategory"] in chosen:
+            classes[e["subcategory"]].extend((e["unified"], v, n) for v, n in e["images"])
         elif e["subcategory"] not in names:
-            background.extend((v, n, -1) for v, n in e["images"])
-    train, test, stats = [], [], []
-    for c, name in enumerate(chosen):
-        es = by_class[name]
-        ntest = max(1, int(round(test_fraction * len(es))))
-        per_emoji = [[es[i]["images"][j] for j in rs.permutation(len(es[i]["images"]))]
-                     for i in rs.permutation(len(es))]
-        te = _round_robin(per_emoji[:ntest])[:max_test_per_class]
-        tr = _round_robin(per_emoji[ntest:])[:max_train_per_class]
-        test.extend((v, n, c) for v, n in te)
-        train.extend((v, n, c) for v, n in tr)
-        stats.append({"name": name, "id": c + 1, "emoji": len(es), "test_emoji": ntest,
-                      "train_images": len(tr), "test_images": len(te)})
-    big = np.array([c for c in range(nclass) if stats[c]["train_images"] >= min_novel_train])
-    nnovel = sizes[1] + sizes[3]
-    if big.size < nnovel:
-        raise InputError("only %d classes have >= %d training images, %d novel classes are needed: "
-                         "lower the largest n or the number of novel classes" % (
-                             big.size, min_novel_train, nnovel))
-    novel = big[rs.permutation(big.size)[:nnovel]]
-    rest = np.setdiff1d(np.arange(nclass), novel)
-    base = rest[rs.permutation(rest.size)]
-    members = {GROUP_NAMES[0]: base[:sizes[0]], GROUP_NAMES[1]: novel[:sizes[1]],
-               GROUP_NAMES[2]: base[sizes[0]:], GROUP_NAMES[3]: novel[sizes[1]:]}
-    groups = {g: sorted(int(c) + 1 for c in members[g]) for g in GROUP_NAMES}
-    for g in GROUP_NAMES:
-        for c in groups[g]:
-            stats[c - 1]["group"] = g
+            background.extend(e["images"])
     if max_background is not None and len(background) > max_background:
         keep = np.sort(rs.permutation(len(background))[:max_background])
         background = [background[i] for i in keep]
-    return {"label_names": chosen, "groups": groups, "train": train, "test": test,
-            "background": background, "classes": stats}
-
-
-def label_idx(split):
-    """The split in the form of data/label_idx.json (1-based ids); ``base_classes`` = both base groups."""
-    out = {"label_names": list(split["label_names"])}
-    out.update({g: list(split["groups"][g]) for g in GROUP_NAMES})
-    out["base_classes"] = sorted(out["base_classes_1"] + out["base_classes_2"])
-    return out
+    return {"classes": classes, "background": background}
 
 
 def image_relpath(vendor, name):
@@ -347,89 +236,43 @@ def image_relpath(vendor, name):
     return os.path.join("npm", vendor, "img", vendor, "64", name)
 
 
-def prepare(ddir, seed=0, **split_kw):
-    """Lay out the demo's data root: RGB images, image lists, label_idx.json and demo_meta.json.
+# own_data.py's --group for the class folders that prepare() writes: the emoji before "__"
+GROUP_REGEX = r"^(.+?)__"
 
-    Parameters
-    ----------
-    ddir : str
-        Data root holding ``npm/`` (see :func:`fetch`).
-    seed : int
-    **split_kw
-        Passed to :func:`make_split` (scaled-down runs).
+
+def prepare(ddir, seed=0, **choose_kw):
+    """Lay out the chosen emoji as own_data.py's input, symbolic links to the fetched images::
+
+        DDIR/images/<subcategory>/<emoji>__<vendor>__<file>.png   one folder per class
+        DDIR/unlabelled/<vendor>__<file>.png                       the out-of-domain background
+        DDIR/demo_meta.json                                        what was chosen
+
+    ``own_data.py DDIR --images DDIR/images --unlabelled DDIR/unlabelled --group '^(.+?)__'`` then
+    splits by emoji identity. Folders are written under temporary names and renamed.
 
     Returns
     -------
     dict
-        Summary: numbers of classes per group and of images per list.
+        Summary: numbers of classes and background images, the seed.
     """
-    emoji = load_emoji(ddir)
-    split = make_split(emoji, seed=seed, **split_kw)
-    for part in ("train", "test", "background"):
-        write_json(os.path.join(ddir, "lists", part + ".json"),
-                   {"image_names": [image_relpath(v, n) for v, n, _ in split[part]],
-                    "image_labels": [int(c) for _, _, c in split[part]]})
-    write_json(os.path.join(ddir, "label_idx.json"), label_idx(split))
-    summary = {"nclass": len(split["label_names"]),
-               "groups": {g: len(split["groups"][g]) for g in GROUP_NAMES},
-               "ntrain": len(split["train"]), "ntest": len(split["test"]),
-               "nbackground": len(split["background"]), "seed": seed}
-    write_json(os.path.join(ddir, "demo_meta.json"), dict(summary, classes=split["classes"]))
+    ch = choose(load_emoji(ddir), seed=seed, **choose_kw)
+    links = {"images": [(os.path.join(c, "%s__%s__%s" % (u, v, n)), (v, n))
+                        for c, imgs in ch["classes"].items() for u, v, n in imgs],
+             "unlabelled": [("%s__%s" % (v, n), (v, n)) for v, n in ch["background"]]}
+    for folder, items in links.items():
+        final = os.path.join(ddir, folder)
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        for rel, (v, n) in items:
+            path = os.path.join(tmp, rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.symlink(os.path.relpath(os.path.join(ddir, image_relpath(v, n)), os.path.dirname(path)), path)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+    summary = {"nclass": len(ch["classes"]), "nimages": len(links["images"]),
+               "nbackground": len(ch["background"]), "seed": seed}
+    write_json(os.path.join(ddir, "demo_meta.json"), summary)
     return summary
-
-
-def phases_paths(ddir):
-    """Where the demo keeps its phases config and runs: ``ddir/phases.yaml``, ``ddir/runs``."""
-    return {"config": os.path.join(ddir, "phases.yaml"), "rundir": os.path.join(ddir, "runs")}
-
-
-def read_meta(ddir):
-    """``ddir/demo_meta.json`` as written by :func:`prepare` (InputError when missing)."""
-    path = os.path.join(ddir, "demo_meta.json")
-    if not os.path.isfile(path):
-        raise InputError("%s does not exist: run `python demo.py prepare --ddir %s` first" % (path, ddir))
-    with open(path) as f:
-        return json.load(f)
-
-
-def write_phases_config(ddir, template, out):
-    """Write the phases config of the demo: ``template`` with its paths pointing into ``ddir``.
-
-    ``ddir``, ``split`` (``ddir/label_idx.json``) and ``rundir`` (``ddir/runs``) are set to absolute
-    paths; the background size ``all`` in ``diffusion.nbg`` / ``fusion.nbg`` becomes the number of
-    background images that :func:`prepare` listed. The result is checked with
-    :func:`lowshot.phase_config.load_config`.
-    """
-    import yaml
-
-    from lowshot import phase_config
-
-    nbg = int(read_meta(ddir)["nbackground"])
-    try:
-        with open(template) as f:
-            cfg = yaml.safe_load(f) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise InputError("phases config template %s: %s" % (template, e))
-    ddir = os.path.abspath(ddir)
-    cfg.update(ddir=ddir, split=os.path.join(ddir, "label_idx.json"),
-               rundir=phases_paths(ddir)["rundir"])
-
-    def fill(values):
-        return values if values is None else [nbg if v == "all" else int(v) for v in values]
-
-    cfg.setdefault("diffusion", {})
-    cfg["diffusion"]["nbg"] = fill(cfg["diffusion"].get("nbg", ["all"]))
-    if "fusion" in cfg:
-        cfg["fusion"]["nbg"] = fill(cfg["fusion"].get("nbg"))
-    if any(v > nbg for v in cfg["diffusion"]["nbg"]):
-        raise InputError("%s: diffusion.nbg %s exceeds the %d background images of %s"
-                         % (template, cfg["diffusion"]["nbg"], nbg, ddir))
-    with atomic_output(out) as tmp:
-        with open(tmp, "w") as f:
-            f.write("# written by `python demo.py config` from %s\n" % template)
-            yaml.safe_dump(cfg, f, sort_keys=False, default_flow_style=None)
-    phase_config.load_config(out)
-    return cfg
 
 
 def chance_top5(nclass):
@@ -474,11 +317,11 @@ def write_table(ddir, out_md, out_png, title="emoji demo"):
     """
     from lowshot import data, phase_config, phases, report
 
-    meta = read_meta(ddir)
-    paths = phases_paths(ddir)
-    if not os.path.isfile(paths["config"]):
-        raise InputError("%s does not exist: run `python demo.py config --ddir %s`" % (paths["config"], ddir))
-    cfg = phase_config.load_config(paths["config"])
+    meta = read_own_data(ddir)
+    config = os.path.join(ddir, "phases.yaml")
+    if not os.path.isfile(config):
+        raise InputError("%s does not exist: run run_demo.bash (own_data.py writes it)" % config)
+    cfg = phase_config.load_config(config)
     ph = phases.Phases(cfg)
     summary = report.summarize(ph.result_columns("diffusion"), cfg["nlabeled"])
     nseeds = len(cfg["seeds"])
@@ -526,9 +369,18 @@ def write_table(ddir, out_md, out_png, title="emoji demo"):
     return {"columns": summary, "missing": missing, "chance": chance, "out": out_md, "png": out_png}
 
 
+def read_own_data(ddir):
+    """``ddir/own_data.json``: the split own_data.py drew (InputError when missing)."""
+    path = os.path.join(ddir, "own_data.json")
+    if not os.path.isfile(path):
+        raise InputError("%s does not exist: run run_demo.bash (own_data.py writes it)" % path)
+    with open(path) as f:
+        return json.load(f)
+
+
 def _count_split_rows(meta, split, side):
     ids = set(int(c) + 1 for c in split.classes)
-    return sum(c["%s_images" % side] for c in meta["classes"] if c["id"] in ids)
+    return sum(c[side] for c in meta["classes"] if c["id"] in ids)
 
 
 def _chosen_lines(chosen, nlabeled):

@@ -13,9 +13,13 @@ The split, with one ``np.random.RandomState(seed)``:
   name; its first group, or its whole match, names the group; without it each image is its own
   group), and a ``test_fraction`` of the groups (at least one) gives the test images, the others
   the training images, so near-duplicates of one group never straddle the two;
-- classes: shuffled, a ``val_fraction`` of them form the validation split, the others the test
-  split; in each, a ``novel_fraction`` (at least one) are the novel classes, the others the base
-  classes. Classes with fewer than two groups are left out (named in the log).
+  (``max_train_per_class``/``max_test_per_class`` cap a side, taking the images round-robin over
+  its groups: a capped class keeps the variety of its groups);
+- classes: a ``val_fraction`` of them form the validation split, the others the test split; in
+  each, a ``novel_fraction`` (at least one) are novel classes, the others base classes. The novel
+  classes of both splits are drawn first, among the classes with at least ``min_novel_train``
+  training images (n labelled images must exist for the largest n of the protocol), then the base
+  classes among the others. Classes with fewer than two groups are left out (named in the log).
 """
 import os
 import re
@@ -64,10 +68,19 @@ def group_of(path, group):
     return m.group(1) if m.groups() else m.group(0)
 
 
+def _round_robin(lists):
+    """Interleave lists: the first element of each, then the second of each, ..."""
+    return [x[i] for i in range(max(map(len, lists), default=0)) for x in lists if i < len(x)]
+
+
 def make_split(classes, seed=0, test_fraction=0.3, val_fraction=0.5, novel_fraction=0.5, group=None,
-               key=None):
+               key=None, min_novel_train=0, max_train_per_class=None, max_test_per_class=None):
     """Draw the split of :func:`scan_classes`' classes (see the module docstring). ``classes`` may
     also hold rows of a feature matrix (:func:`feature_classes`) with ``key`` giving each row's group.
+
+    ``min_novel_train``: novel classes are drawn among the classes with at least that many training
+    images (the largest n of the protocol needs them). ``max_train_per_class``/``max_test_per_class``
+    (None: no cap): images kept per class and side, taken round-robin over its groups.
 
     Returns
     -------
@@ -78,6 +91,9 @@ def make_split(classes, seed=0, test_fraction=0.3, val_fraction=0.5, novel_fract
                     ("novel_fraction", novel_fraction)):
         if not 0 < v < 1:
             raise InputError("--%s %g: must be between 0 and 1" % (name, v))
+    for name, v in (("max_train_per_class", max_train_per_class), ("max_test_per_class", max_test_per_class)):
+        if v is not None and v < 1:
+            raise InputError("--%s %d: must be at least 1" % (name, v))
     pattern = None
     if group:
         try:
@@ -96,24 +112,32 @@ def make_split(classes, seed=0, test_fraction=0.3, val_fraction=0.5, novel_fract
             continue
         keys = [keys[i] for i in rs.permutation(len(keys))]
         ntest = min(len(keys) - 1, max(1, int(round(test_fraction * len(keys)))))
-        te = [f for k in keys[:ntest] for f in groups[k]]
-        tr = [f for k in keys[ntest:] for f in groups[k]]
+        shuffled = [[groups[k][i] for i in rs.permutation(len(groups[k]))] for k in keys]
+        te = _round_robin(shuffled[:ntest])[:max_test_per_class]
+        tr = _round_robin(shuffled[ntest:])[:max_train_per_class]
         train += [(f, cid) for f in sorted(tr)]
         test += [(f, cid) for f in sorted(te)]
         kept.append(cid)
-        info.append({"name": name, "id": cid + 1, "groups": len(keys), "train": len(tr), "test": len(te)})
+        info.append({"name": name, "id": cid + 1, "groups": len(keys), "test_groups": ntest,
+                     "train": len(tr), "test": len(te)})
     if len(kept) < 4:
         raise InputError("%d classes have images in two groups or more (%s left out): the split needs 4 "
                          "(validation and test, base and novel)" % (len(kept), ", ".join(dropped) or "none"))
-    order = [kept[i] for i in rs.permutation(len(kept))]
-    nval = min(len(order) - 2, max(2, int(round(val_fraction * len(order)))))
-    parts = {}
-    for side, ids in (("1", sorted(order[:nval])), ("2", sorted(order[nval:]))):
-        ids = [ids[i] for i in rs.permutation(len(ids))]
-        nnov = min(len(ids) - 1, max(1, int(round(novel_fraction * len(ids)))))
-        parts["novel_classes_" + side] = sorted(c + 1 for c in ids[:nnov])
-        parts["base_classes_" + side] = sorted(c + 1 for c in ids[nnov:])
-    role = {c: key for key, ids in parts.items() for c in ids}
+    nval = min(len(kept) - 2, max(2, int(round(val_fraction * len(kept)))))
+    sizes = [nval, len(kept) - nval]
+    nnov = [min(m - 1, max(1, int(round(novel_fraction * m)))) for m in sizes]
+    ntrain = {c["id"] - 1: c["train"] for c in info}
+    big = [c for c in kept if ntrain[c] >= min_novel_train]
+    if len(big) < sum(nnov):
+        raise InputError("only %d classes have >= %d training images (--min_novel_train), %d novel classes "
+                         "are needed: lower it or --novel_fraction" % (len(big), min_novel_train, sum(nnov)))
+    novel = [big[i] for i in rs.permutation(len(big))[:sum(nnov)]]
+    rest = sorted(set(kept) - set(novel))
+    base = [rest[i] for i in rs.permutation(len(rest))]
+    parts = {"base_classes_1": base[:nval - nnov[0]], "novel_classes_1": novel[:nnov[0]],
+             "base_classes_2": base[nval - nnov[0]:], "novel_classes_2": novel[nnov[0]:]}
+    parts = {g: sorted(c + 1 for c in ids) for g, ids in parts.items()}
+    role = {c: g for g, ids in parts.items() for c in ids}
     for c in info:
         c["group"] = role[c["id"]]
     label_idx = dict(parts, base_classes=sorted(parts["base_classes_1"] + parts["base_classes_2"]),
@@ -166,6 +190,40 @@ def phases_config(ddir, nbg, split, kmax=30):
         "fusion": {"nbg": [nbg] if nbg else [0]},
         "local": {"threads_per_run": 1},
     }
+
+
+def phases_from_template(ddir, nbg, template):
+    """A phases config from a template (your grids): ``ddir``, ``split`` and ``rundir`` pointing into
+    ``ddir``, and the background size ``all`` in ``diffusion.nbg``/``fusion.nbg`` replaced by ``nbg``
+    (the template's other keys are kept; the caller checks the result with phase_config.load_config)."""
+    import yaml
+
+    try:
+        with open(template) as f:
+            cfg = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise InputError("--phases_template %s: %s" % (template, e))
+    if not isinstance(cfg, dict):
+        raise InputError("--phases_template %s: not a mapping of config keys" % template)
+    ddir = os.path.abspath(ddir)
+    cfg.update(ddir=ddir, split=os.path.join(ddir, "label_idx.json"), rundir=os.path.join(ddir, "runs"))
+
+    def fill(values, key):
+        if values is None:
+            return None
+        if not isinstance(values, list):
+            raise InputError("--phases_template %s: %s must be a list of sizes or 'all'" % (template, key))
+        out = [nbg if v == "all" else v for v in values]
+        if any(not isinstance(v, int) or not 0 <= v <= nbg for v in out):
+            raise InputError("--phases_template %s: %s %s: sizes must be 'all' or 0..%d (the unlabelled images)"
+                             % (template, key, values, nbg))
+        return out
+
+    for sec in ("diffusion", "fusion"):
+        if sec == "diffusion" or sec in cfg:
+            cfg.setdefault(sec, {})
+            cfg[sec]["nbg"] = fill(cfg[sec].get("nbg", ["all"] if sec == "diffusion" else None), sec + ".nbg")
+    return cfg
 
 
 def feature_classes(labels, names=None):

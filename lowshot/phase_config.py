@@ -78,7 +78,7 @@ def load_config(path):
         if not isinstance(nbgs, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
                                                  for v in nbgs):
             raise InputError("config %s: %s.nbg must be a list of background sizes (integers >= 0), not %r%s" % (
-                path, key, nbgs, "; 'all' is filled in by `python demo.py config` (the demo's template)"
+                path, key, nbgs, "; 'all' is filled in by `own_data.py --phases_template`"
                 if isinstance(nbgs, list) and "all" in nbgs else ""))
     return cfg
 

@@ -1,6 +1,7 @@
 """own_data.py: a folder of class sub-folders made here (drawn shapes, one unreadable file, RGBA,
 greyscale, CMYK and EXIF-rotated images, near-duplicate versions grouped by --group) through the
 published layout to the phases' results table."""
+import collections
 import json
 import os
 import subprocess
@@ -82,6 +83,38 @@ def test_split_keeps_groups_together_and_covers_the_classes(tmp_path):
         owndata.make_split(classes, test_fraction=1)
     with pytest.raises(InputError, match="the split needs 4"):
         owndata.make_split(classes[:3])
+
+
+def test_split_caps_and_novel_classes_with_enough_training_images():
+    """Caps taken round-robin over groups, novel classes only among classes with enough training
+    images: checked by brute force on made-up file names (class c: groups g0..g{c+2}, c+1 files each)."""
+    classes = [("c%02d" % c, ["/x/c%02d/g%d_%d.png" % (c, g, i) for g in range(c + 3) for i in range(c + 1)])
+               for c in range(12)]
+    group = lambda f: os.path.basename(f).split("_")[0]    # noqa: E731
+    split = owndata.make_split(classes, seed=5, group=r"^(g\d+)_", min_novel_train=20,
+                               max_train_per_class=30, max_test_per_class=9)
+    ntrain = collections.Counter(c for _, c in split["train"])
+    li = split["label_idx"]
+    for c in li["novel_classes_1"] + li["novel_classes_2"]:
+        assert ntrain[c - 1] >= 20
+    for cid, (name, files) in enumerate(classes):
+        tr = [f for f, c in split["train"] if c == cid]
+        te = [f for f, c in split["test"] if c == cid]
+        assert not {group(f) for f in tr} & {group(f) for f in te}
+        ntest_groups = len({group(f) for f in te})
+        assert len(te) == min(9, ntest_groups * (cid + 1))
+        assert len(tr) == min(30, (cid + 3 - ntest_groups) * (cid + 1))
+        for side in (tr, te):        # round-robin: group sizes differ by at most one
+            sizes = collections.Counter(group(f) for f in side).values()
+            assert max(sizes) - min(sizes) <= 1
+    uncapped = owndata.make_split(classes, seed=5, group=r"^(g\d+)_")
+    assert sorted(f for p in ("train", "test") for f, _ in uncapped[p]) == sorted(sum((f for _, f in classes), []))
+    big = sum(n >= 45 for n in collections.Counter(c for _, c in uncapped["train"]).values())
+    assert big < 6      # 12 classes: 6 novel needed
+    with pytest.raises(InputError, match="only %d classes have >= 45 training images" % big):
+        owndata.make_split(classes, seed=5, group=r"^(g\d+)_", min_novel_train=45)
+    with pytest.raises(InputError, match="--max_test_per_class 0"):
+        owndata.make_split(classes, max_test_per_class=0)
 
 
 def test_own_images_to_results_table(tmp_path):

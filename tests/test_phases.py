@@ -70,7 +70,7 @@ def test_config_rejects_unknown_key(tmp_path):
     with pytest.raises(phases.InputError, match="unknown key 'lrs' in logreg"):
         phase_config.load_config(str(p))
     # the demo's template used as a config: a one-line error naming the key, not a traceback
-    with pytest.raises(phases.InputError, match=r"diffusion.nbg must be a list of background sizes .*demo.py config"):
+    with pytest.raises(phases.InputError, match=r"diffusion.nbg must be a list of background sizes .*own_data.py --phases_template"):
         phase_config.load_config(os.path.join(ROOT, "configs", "demo.yaml"))
     p.write_text("fusion:\n  nbg: [-5]\n")
     with pytest.raises(phases.InputError, match=r"fusion.nbg must be a list"):
