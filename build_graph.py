@@ -48,6 +48,7 @@ from lowshot import data
 from lowshot import graph
 from lowshot import ivf_build
 from lowshot import search
+from lowshot import torch_backend
 from lowshot.common import (HelpFormatter, InputError, OwnMemoryPeak, get_ddir, log, print_args, print_result,
                             remove_stale_temporaries, run_main, write_json)
 
@@ -81,6 +82,9 @@ def parse_args(argv):
     g.add_argument("--method", choices=graph.METHODS, default=None,
                    help="search method (default: chosen by N and GPUs, see above)")
     g.add_argument("--bs", type=positive_int, default=search.SEARCH_BS, help="rows searched per block")
+    g.add_argument("--device", choices=torch_backend.DEVICES, default="auto",
+                   help="auto: faiss-gpu if faiss sees GPUs, else torch on CUDA if torch sees one, else CPU; cpu: "
+                        "graph_utils only; cuda: torch on the GPU; torch-cpu: the torch code on the CPU")
     g = p.add_argument_group("resumable ivf build (CPU)")
     g.add_argument("--prepare", action="store_true",
                    help="only train the lists and find the probes (then --shard tasks, then a plain run)")
@@ -112,6 +116,7 @@ def main(argv=None):
     args = parse_args(argv)
     print_args(args)
     ddir = get_ddir(args.ddir)
+    torch_backend.use(args.device)
     if args.N < 2:
         raise InputError("N = %d: a graph needs at least 2 background vectors" % args.N)
     K = graph.graph_K(args.k)
@@ -124,10 +129,10 @@ def main(argv=None):
         for p in remove_stale_temporaries(os.path.dirname(paths["I"])):
             log("removed %s (its writer is gone)" % p)
     method = args.method or graph.default_method(args.N)
-    resumable = method == "ivf" and faiss.get_num_gpus() == 0
+    resumable = method == "ivf" and torch_backend.faiss_gpus() == 0
     if (args.shard or args.prepare) and not resumable:
         raise InputError("--shard and --prepare need the CPU ivf method (method %s, %d GPUs)" % (
-            method, faiss.get_num_gpus()))
+            method, torch_backend.faiss_gpus()))
     in_progress = resumable and ivf_build.read_plan(paths["work"]) is not None
     if in_progress:
         log("a build is in progress in %s: continuing it" % paths["work"])
@@ -144,8 +149,8 @@ def main(argv=None):
             print_result({"script": "build_graph", "nbg": args.N, "K": int(I.shape[1]),
                           "index": idx_path, "reused": True, "built_with": record})
             return
-    log("method %s, K = %d, %d GPUs, %d threads" % (
-        method, K, faiss.get_num_gpus(), faiss.omp_get_max_threads()))
+    log("method %s, K = %d, %s, %d faiss GPUs, %d threads" % (
+        method, K, torch_backend.describe(), torch_backend.faiss_gpus(), faiss.omp_get_max_threads()))
     own = OwnMemoryPeak()
     t0 = time.time()
     stats = graph.build_background_graph(
@@ -156,6 +161,7 @@ def main(argv=None):
                       "chunk_rows": args.chunk_rows, "shard": args.shard, "prepare_only": args.prepare,
                       "force": args.force} if resumable else None)
     stats["time_total"] = time.time() - t0
+    stats["backend"] = torch_backend.describe()
     stats["own_peak_gib"] = round(own.gib, 3)     # anonymous pages: mapped files' page cache left out
     if not stats.get("done", True):
         log("%s: not merged (%s); a plain `build_graph.py %d` merges once every chunk exists" % (

@@ -41,7 +41,7 @@ import time
 import faiss
 import numpy as np
 
-from lowshot import completion, data, evaluate, graph, search
+from lowshot import completion, data, evaluate, graph, search, torch_backend
 from lowshot import diffuse as dif
 from lowshot.common import (HelpFormatter, InputError, get_ddir, log, peak_rss_gib, print_args, print_result,
                             require_file, run_main, write_json, atomic_output, OwnMemoryPeak)
@@ -82,6 +82,10 @@ def parse_args(argv):
     g.add_argument("--bg_ef_search", type=int, default=None, help="override efSearch of an HNSW background index")
     g.add_argument("--bg_search_L", type=int, default=None,
                    help="override search_L of an NN-descent background index")
+    g.add_argument("--device", choices=torch_backend.DEVICES, default="auto",
+                   help="auto: faiss-gpu if faiss sees GPUs, else torch on CUDA if torch sees one, else CPU; cpu: "
+                        "graph_utils only; cuda: torch on the GPU (completion scans, W products); torch-cpu: the "
+                        "torch code on the CPU")
     g = p.add_argument_group("diffusion")
     g.add_argument("--reorder", default="auto", choices=["auto", "on", "off"],
                    help="renumber the nodes breadth-first before diffusing (same result, faster "
@@ -215,6 +219,7 @@ def main(argv=None):
             write_json(args.result, res)
         print_result(res)
         return
+    torch_backend.use(args.device)
     if args.k < 1:
         raise InputError("--k %d: need at least 1 neighbour" % args.k)
     if args.nbg < 0:
@@ -305,8 +310,9 @@ def main(argv=None):
 
     t0 = time.time()
     lslice = dif.auto_lslice(n, c1 - c0) if args.lslice is None else args.lslice
-    log("diffusion of classes %d:%d, %d iterations%s" % (
-        c0, c1, args.niter, ", blocks of %d classes" % lslice if 0 < lslice < c1 - c0 else ""))
+    log("diffusion of classes %d:%d, %d iterations%s (%s)" % (
+        c0, c1, args.niter, ", blocks of %d classes" % lslice if 0 < lslice < c1 - c0 else "",
+        "torch.sparse on %s" % torch_backend.active() if torch_backend.active() else "graph_utils' spmm"))
     scores = dif.diffuse(W, T, y_lab, split.nclass, args.niter, class_range=(c0, c1),
                          lslice=lslice, lab_nodes=lab_nodes, on_iter=store_L if args.storeLiters else None)
     times["diffusion"] = time.time() - t0
@@ -336,6 +342,7 @@ def main(argv=None):
                     pickle.dump([np.ascontiguousarray(S) for S in scores], f, 2)
             log("wrote %s" % args.storeLname)
     res["graph"] = {"nodes": n, "W_nnz": int(W.nnz)}
+    res["backend"] = torch_backend.describe()
     res["graph"].update({key: ginfo[key] for key in ("node_index", "bg_index_recall@10", "node_index_recall@10",
                                                      "cache", "cache_built", "rows_beyond_bf16_bound")
                          if key in ginfo})

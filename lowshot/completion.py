@@ -36,6 +36,7 @@ import time
 import faiss
 import numpy as np
 
+from lowshot import torch_backend
 from lowshot.common import InputError, anon_rss_gib, fsync_path, log, temporary_path, write_json
 from lowshot.search import BF16_EXTRA, SEARCH_BS, _blocks, exact_knn, knn_search, normalized, to_gpus
 
@@ -73,8 +74,6 @@ def exact_search(xq, X, k, preproc=None, bs=SEARCH_BS, out=None, progress=None, 
     past X's rows), uncertain (rows whose k-th neighbour is not guaranteed by the bfloat16 error
     bound: more than k + BF16_EXTRA candidates within it; 0 with float32 products)
     """
-    import graph_utils
-
     nq = xq.shape[0]
     n = X.shape[0]
     D, I = out if out is not None else (np.empty((nq, k), dtype=np.float32), np.empty((nq, k), dtype=np.int32))
@@ -83,7 +82,7 @@ def exact_search(xq, X, k, preproc=None, bs=SEARCH_BS, out=None, progress=None, 
         I[:] = -1
         return D, I, 0
     X = np.ascontiguousarray(X, dtype=np.float32)
-    bf16 = graph_utils.cpu_has_bf16() and X.shape[1] % 2 == 0
+    bf16 = torch_backend.bf16_scan(X.shape[1])
     ids = np.arange(n, dtype=np.int32)
     # worst-case bf16 error of a score: 2^-8 |q| |x| (and float32 rounding), as in KnnScan
     xmax = float(np.sqrt(np.einsum("ij,ij->i", X, X).max()))
@@ -95,7 +94,7 @@ def exact_search(xq, X, k, preproc=None, bs=SEARCH_BS, out=None, progress=None, 
         if floor is not None:
             qn = np.sqrt(np.einsum("ij,ij->i", q, q))
             fl = np.asarray(floor[i0:i1], dtype=np.float32) - ((2.0**-7 if bf16 else 2.0**-20) * qn * xmax + 1e-5)
-        scan = graph_utils.KnnScan(q, min(512, k + BF16_EXTRA) if bf16 else k, bf16=bf16, deferred=True, floor=fl)
+        scan = torch_backend.knn_scan(q, min(512, k + BF16_EXTRA) if bf16 else k, bf16=bf16, deferred=True, floor=fl)
         rows = np.arange(i1 - i0)
         for j0, j1 in _blocks(n, DB_SLICE):
             scan.add(rows, X[j0:j1], ids[j0:j1])
@@ -292,7 +291,7 @@ def make_node_index(x0, method, nprobe=16, hnsw_M=32, ef_search=64):
         desc = "HNSW%d efSearch=%d" % (hnsw_M, ef_search)
     else:
         raise InputError("unknown labelled-set index %r (expected exact, ivf or hnsw)" % method)
-    if method == "ivf" and faiss.get_num_gpus() > 0:
+    if method == "ivf" and torch_backend.faiss_gpus() > 0:
         index = to_gpus(index, shard=False)
     return index, desc
 
@@ -390,8 +389,8 @@ def complete_graph(x0, xt, k, bg=None, node_index="exact", node_nprobe=16, nbase
                 np.array(cached[name][1][i0:i1, :k], dtype=np.int32, order="C"))       # into in place
 
     t0 = time.time()
-    log("searching 0->0 and 2->0 exactly (%d labelled%s, %d test)" % (
-        n0, ", %d of them cached" % nbase if nbase else "", xt.shape[0]))
+    log("searching 0->0 and 2->0 exactly (%d labelled%s, %d test; %s)" % (
+        n0, ", %d of them cached" % nbase if nbase else "", xt.shape[0], torch_backend.describe()))
     D_00 = np.empty((n0, k), dtype=np.float32)
     I_00 = np.empty((n0, k), dtype=np.int32)
     if nbase:
@@ -433,8 +432,9 @@ def complete_graph(x0, xt, k, bg=None, node_index="exact", node_nprobe=16, nbase
         index0 = None
         if node_index != "exact":
             index0, info["node_index"] = make_node_index(x0, node_index, nprobe=node_nprobe)
-        log("searching 1->0 for %d background vectors (%s), merging with the stored 1->1 table" % (
-            nbg, info["node_index"] + (", base-class part cached" if cached is not None else "")))
+        log("searching 1->0 for %d background vectors (%s; %s), merging with the stored 1->1 table" % (
+            nbg, info["node_index"] + (", base-class part cached" if cached is not None else ""),
+            torch_backend.describe()))
         tlast = time.time()
         for i0, i1 in _blocks(nbg, bs):
             D_11 = np.ascontiguousarray(Dbg[i0:i1, :k])

@@ -13,7 +13,7 @@ blocks (``lslice``) and job-array slices (``class_range``) give the result of on
 """
 import numpy as np
 
-from lowshot import evaluate
+from lowshot import evaluate, torch_backend
 from lowshot.common import InputError, log
 
 
@@ -133,7 +133,6 @@ def diffuse(W, T, y_lab, nclass, niter, class_range=None, lslice=0, on_iter=None
     -------
     list of niter+1 ndarrays float32 (nt, c1-c0): test scores after 0, 1, ..., niter iterations.
     """
-    import graph_utils
     n = W.shape[0]
     if T.shape[1] != n:
         raise ValueError("T has %d columns but W has %d nodes" % (T.shape[1], n))
@@ -143,28 +142,58 @@ def diffuse(W, T, y_lab, nclass, niter, class_range=None, lslice=0, on_iter=None
     lslice = lslice if lslice and lslice > 0 else c1 - c0
     nt = T.shape[0]
     scores = [np.empty((nt, c1 - c0), dtype=np.float32) for _ in range(niter + 1)]
-    # the two (n, lslice) blocks are allocated once: fresh pages cost a fault each on first write
-    # (at F1M, 1 s per 512 MB block on this VM: as long as the block's 3 products)
-    bufs = [np.empty(n * min(lslice, c1 - c0), dtype=np.float32) for _ in range(2)]
+    ops = torch_backend.TorchDiffusionOps(W, T) if torch_backend.active() else _GraphUtilsOps(W, T, min(lslice, c1 - c0))
     for b0 in range(c0, c1, lslice):
         b1 = min(c1, b0 + lslice)
         if lslice < c1 - c0:
             log("classes %d:%d" % (b0, b1))
-        L, L2 = (buf[:n * (b1 - b0)].reshape(n, b1 - b0) for buf in bufs)
-        label_matrix(y_lab, n, b0, b1, lab_nodes, out=L)
-        scores[0][:, b0 - c0:b1 - c0] = graph_utils.spmm(T, L)
+        L = ops.start(label_matrix(y_lab, n, b0, b1, lab_nodes, out=ops.label_buffer(b1 - b0)))
+        scores[0][:, b0 - c0:b1 - c0] = ops.scores(L)
         if on_iter:
-            on_iter(0, b0, b1, L)
+            on_iter(0, b0, b1, ops.numpy(L))
         for t in range(1, niter + 1):
-            graph_utils.spmm(W, L, out=L2)
-            L, L2 = L2, L
-            graph_utils.col_normalize(L)
-            scores[t][:, b0 - c0:b1 - c0] = graph_utils.spmm(T, L)
+            L = ops.step(L)
+            scores[t][:, b0 - c0:b1 - c0] = ops.scores(L)
             if on_iter:
-                on_iter(t, b0, b1, L)
-        del L, L2
-    del bufs
+                on_iter(t, b0, b1, ops.numpy(L))
+        del L
+    del ops
     return scores
+
+
+class _GraphUtilsOps:
+    """The diffusion's products with graph_utils: two (n, lslice) blocks allocated once and swapped
+    (fresh pages cost a fault each on first write: at F1M, ~1 s per 512 MB block on this VM, as
+    long as the block's 3 products). :class:`lowshot.torch_backend.TorchDiffusionOps` has the same
+    methods."""
+
+    def __init__(self, W, T, lslice):
+        self.W, self.T, self.n = W, T, W.shape[0]
+        self.bufs = [np.empty(self.n * lslice, dtype=np.float32) for _ in range(2)]
+        self.cur = 0
+
+    def _view(self, i, c):
+        return self.bufs[i][:self.n * c].reshape(self.n, c)
+
+    def label_buffer(self, c):
+        self.cur = 0
+        return self._view(0, c)
+
+    def start(self, L0):
+        return L0
+
+    def step(self, L):
+        import graph_utils
+        self.cur = 1 - self.cur
+        out = graph_utils.spmm(self.W, L, out=self._view(self.cur, L.shape[1]))
+        return graph_utils.col_normalize(out)
+
+    def scores(self, L):
+        import graph_utils
+        return graph_utils.spmm(self.T, L)
+
+    def numpy(self, L):
+        return L
 
 
 ############################################################################################

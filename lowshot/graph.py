@@ -16,7 +16,7 @@ say which sets they connect (query set first):
 so ``I_10`` lists, for each labelled image, background neighbours. Graph nodes are numbered set 0
 first (``0 .. n0-1``) then background (``n0 .. n0+nbg-1``).
 
-Nothing is read at import time; GPU code is used when ``faiss.get_num_gpus() > 0``, CPU otherwise.
+Nothing is read at import time; GPU code is used when ``torch_backend.faiss_gpus() > 0``, CPU otherwise.
 
 About 400 lines: the methods' defaults are kept next to the measurements behind them.
 """
@@ -26,7 +26,7 @@ import time
 import faiss
 import numpy as np
 
-from lowshot import data
+from lowshot import data, torch_backend
 from lowshot.common import InputError, atomic_output, log, require_file
 from lowshot.search import SEARCH_BS, _blocks, exact_knn, knn_search, normalized, to_gpus
 
@@ -70,8 +70,8 @@ def graph_K(k):
 
 def default_method(nbg, ngpu=None):
     """The background-graph method chosen by measurement (see EXACT_MAX_CPU / EXACT_MAX_GPU)."""
-    ngpu = faiss.get_num_gpus() if ngpu is None else ngpu
-    if ngpu > 0:
+    ngpu = torch_backend.faiss_gpus() if ngpu is None else ngpu
+    if ngpu > 0 or torch_backend.active() == "cuda":
         return "exact" if nbg <= EXACT_MAX_GPU else "ivf"
     return "exact" if nbg <= EXACT_MAX_CPU else "ivf"
 
@@ -83,7 +83,7 @@ def _add_normalized(index, xb, bs, what):
 
 def default_nlist(nbg, ngpu=None):
     """IVF lists for nbg vectors: IVF_LISTS_PER_SQRT * sqrt(nbg) (4 * sqrt(nbg) with GPUs, the original)."""
-    ngpu = faiss.get_num_gpus() if ngpu is None else ngpu
+    ngpu = torch_backend.faiss_gpus() if ngpu is None else ngpu
     f = 4 if ngpu > 0 else IVF_LISTS_PER_SQRT
     return int(max(1, min(nbg, round(f * np.sqrt(nbg)))))
 
@@ -92,7 +92,7 @@ def default_nprobe(nbg, nlist, ngpu=None):
     """IVF lists visited per query: 256 with GPUs (the original); on CPU enough lists to scan about
     IVF_SCAN vectors, times (N / 1M)^IVF_SCAN_GROWTH above 1M (at the default number of lists: 203
     of 1265 at 100k, 64 of 4000 at 1M, 30 of 12649 at 10M, 14 of 40000 at 100M)."""
-    ngpu = faiss.get_num_gpus() if ngpu is None else ngpu
+    ngpu = torch_backend.faiss_gpus() if ngpu is None else ngpu
     if ngpu > 0:
         return min(256, nlist)
     scan = IVF_SCAN * max(1.0, nbg / 1e6) ** IVF_SCAN_GROWTH
@@ -115,7 +115,7 @@ def train_ivf(xb, nlist, what="background", seed=1234):
     ntrain = min(nbg, 64 * nlist)
     rs = np.random.RandomState(seed)
     sample = np.sort(rs.choice(nbg, ntrain, replace=False))
-    if faiss.get_num_gpus() > 0:
+    if torch_backend.faiss_gpus() > 0:
         index.clustering_index = to_gpus(faiss.IndexFlatL2(d))
     log("training IVF%d on %d vectors" % (nlist, ntrain))
     index.train(normalized(xb[sample], what))
@@ -208,13 +208,15 @@ def _write_tables(index, xb, K, paths, method, bs):
     nbg = xb.shape[0]
     t0 = time.time()
     search_index = index
-    if method in ("exact", "ivf") and faiss.get_num_gpus() > 0:
-        log("moving the index to %d GPUs" % faiss.get_num_gpus())
+    if method in ("exact", "ivf") and torch_backend.faiss_gpus() > 0:
+        log("moving the index to %d GPUs" % torch_backend.faiss_gpus())
         search_index = to_gpus(index, shard=True)
     with atomic_output(paths["I"]) as tmpI, atomic_output(paths["D"]) as tmpD:
         with open(tmpI, "wb") as fI, open(tmpD, "wb") as fD:
             if method == "nndescent":
                 blocks = _nndescent_tables(index, K, bs)
+            elif method == "exact" and torch_backend.active():
+                blocks = torch_backend.exact_blocks(xb, K, bs, lambda x: normalized(x, "background"))
             else:
                 def preproc(x):
                     return normalized(x, "background")
@@ -260,7 +262,7 @@ def build_background_graph(xb, K, paths, method=None, bs=SEARCH_BS, build_params
     if K > nbg:
         raise InputError("K = %d neighbours but the background has only %d vectors" % (K, nbg))
     method = method or default_method(nbg)
-    if method == "ivf" and faiss.get_num_gpus() == 0:
+    if method == "ivf" and torch_backend.faiss_gpus() == 0:
         # CPU: resumable and shardable, list by list (lowshot.ivf_build)
         from lowshot import ivf_build
         paths = dict(paths)
@@ -377,7 +379,7 @@ def read_background_index(path, nbg, d, nprobe=None, ef_search=None, search_L=No
     try:
         # IVF on CPU: the lists stay in the file, memory-mapped (page cache, shared by the tasks of a
         # node, not the process' own memory: 10 GB at F10M)
-        ivf_cpu = faiss.get_num_gpus() == 0 and _is_ivf_file(path)
+        ivf_cpu = torch_backend.faiss_gpus() == 0 and _is_ivf_file(path)
         index = faiss.read_index(path, faiss.IO_FLAG_MMAP if ivf_cpu else 0)
     except RuntimeError as e:
         raise InputError("background index %s cannot be read by faiss: %s" % (
@@ -396,6 +398,6 @@ def read_background_index(path, nbg, d, nprobe=None, ef_search=None, search_L=No
             "background (labelled and test images) is poor (recall@10 0.57 at 100k generated "
             "vectors, lower at 1M); rebuild with `build_graph.py %d --force --method hnsw`" % (
                 path, nbg))
-    if isinstance(index, (faiss.IndexFlat, faiss.IndexIVF)) and faiss.get_num_gpus() > 0:
+    if isinstance(index, (faiss.IndexFlat, faiss.IndexIVF)) and torch_backend.faiss_gpus() > 0:
         index = to_gpus(index, shard=True)
     return index

@@ -38,7 +38,7 @@ import numpy as np
 
 from lowshot.common import (InputError, anon_rss_gib, atomic_output, log, remove_stale_temporaries,
                             write_json)
-from lowshot import graph, search
+from lowshot import graph, search, torch_backend
 
 PLAN_VERSION = 1
 # Rows per chunk: the unit of resumption and of sharding. A chunk reads every list once (N d floats),
@@ -104,8 +104,6 @@ def probed_lists(quantizer, x, nprobe, bf16):
     """The nprobe lists nearest to each (normalised) row of x, nearest first, as faiss' L2 quantizer
     ranks them: argmin ||x - c||^2 = argmax <x, c> - ||c||^2 / 2, one inner product with
     [x, 1] . [c, -||c||^2 / 2]. Scanned with KnnScan (bf16 where available, exact re-score)."""
-    import graph_utils
-
     C = faiss.rev_swig_ptr(quantizer.get_xb(), quantizer.ntotal * quantizer.d).reshape(
         quantizer.ntotal, quantizer.d)
     n, d = x.shape
@@ -119,7 +117,7 @@ def probed_lists(quantizer, x, nprobe, bf16):
     nprobe = min(nprobe, C.shape[0])
     # deferred: only the kept candidates near the cut are re-scored, at the end, instead of each
     # one as it enters (fewer exact products, the same lists)
-    scan = graph_utils.KnnScan(Xa, nprobe + (8 if bf16 else 0), bf16=bf16, deferred=True)
+    scan = torch_backend.knn_scan(Xa, nprobe + (8 if bf16 else 0), bf16=bf16, deferred=True)
     scan.add(np.arange(n), Ca, np.arange(C.shape[0], dtype=np.int32))
     return scan.finish(nprobe, base=Ca)[1]
 
@@ -220,8 +218,6 @@ def prepare(xb, K, work, nlist, nprobe, bf16, chunk_rows, bs=search.SEARCH_BS):
 
 def compute_chunk(xb, work, plan, j):
     """Table rows of chunk j, written to ``chunk{j}.I`` / ``.D``. Returns (pairs scored, seconds)."""
-    import graph_utils
-
     t0 = time.time()
     f = _files(work)
     nbg, d, nlist, nprobe, K = plan["nbg"], plan["d"], plan["nlist"], plan["nprobe"], plan["K"]
@@ -235,7 +231,7 @@ def compute_chunk(xb, work, plan, j):
     Qf = search.normalized(xb[i0:i1], "background rows %d:%d" % (i0, i1))
     # candidates are named by their row in L (list order) while scanning, so that the exact
     # re-score reads them there; their ids at the end
-    scan = graph_utils.KnnScan(Qf, plan["kp"], bf16=plan["precision"] == "bf16", deferred=True)
+    scan = torch_backend.knn_scan(Qf, plan["kp"], bf16=plan["precision"] == "bf16", deferred=True)
     pos = np.arange(nbg, dtype=np.int32)
     pairs = search.scan_probed(scan, P, nlist, lambda c: (L[offsets[c]:offsets[c + 1]],
                                                          pos[offsets[c]:offsets[c + 1]]))
@@ -324,8 +320,6 @@ def build(xb, K, paths, nlist=None, nprobe=None, bf16=None, chunk_rows=None, sha
 
     Returns a dict of statistics (``done`` is True once the published tables are written).
     """
-    import graph_utils
-
     nbg = xb.shape[0]
     work = paths["work"]
     if force and os.path.isdir(work):
@@ -346,9 +340,10 @@ def build(xb, K, paths, nlist=None, nprobe=None, bf16=None, chunk_rows=None, sha
     nlist = nlist or graph.default_nlist(nbg, ngpu=0)
     nprobe = nprobe or graph.default_nprobe(nbg, nlist, ngpu=0)
     if bf16 is None:
-        bf16 = graph_utils.cpu_has_bf16() and xb.shape[1] % 2 == 0
-    elif bf16 and not (graph_utils.cpu_has_bf16() and xb.shape[1] % 2 == 0):
-        raise InputError("--precision bf16 needs a CPU with AVX512-BF16 and an even d (d = %d)" % xb.shape[1])
+        bf16 = torch_backend.bf16_scan(xb.shape[1])
+    elif bf16 and not (torch_backend.bf16_scan(xb.shape[1])):
+        raise InputError("--precision bf16 needs graph_utils on a CPU with AVX512-BF16 (not --device cuda or "
+                         "torch-cpu) and an even d (d = %d)" % xb.shape[1])
     if plan is None:
         if shard is not None:
             raise InputError("%s is not prepared: run `build_graph.py %d --prepare` (one task) before the "
@@ -359,9 +354,10 @@ def build(xb, K, paths, nlist=None, nprobe=None, bf16=None, chunk_rows=None, sha
     else:
         log("%s already prepared (%d chunks of %d rows)" % (work, plan["nchunks"], plan["chunk_rows"]))
         stats["time_index"] = 0.0
-        if plan["precision"] == "bf16" and not graph_utils.cpu_has_bf16():
-            raise InputError("%s was prepared for the bf16 scan, which this CPU lacks (AVX512-BF16): run the "
-                             "chunks on such a CPU, or start again with --force" % work)
+        if plan["precision"] == "bf16" and not torch_backend.bf16_scan(xb.shape[1]):
+            raise InputError("%s was prepared for the bf16 scan, which %s lacks (AVX512-BF16): run the chunks "
+                             "on such a CPU with --device cpu, or start again with --force" % (
+                                 work, torch_backend.describe()))
     stats.update({k: plan[k] for k in ("nlist", "nprobe", "precision", "kp", "nchunks", "chunk_rows")})
     if prepare_only:
         stats["done"] = False

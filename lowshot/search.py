@@ -10,6 +10,7 @@ import time
 import faiss
 import numpy as np
 
+from lowshot import torch_backend
 from lowshot.common import InputError
 
 # bf16 scans keep K + BF16_EXTRA candidates per query before the exact re-score; build_graph.py
@@ -49,7 +50,7 @@ def to_gpus(index, shard=False, float16=True):
     float16 : bool
         Store vectors / lists in float16 on the GPUs (as the 2018 original), halving memory.
     """
-    ngpu = faiss.get_num_gpus()
+    ngpu = torch_backend.faiss_gpus()
     if ngpu == 0:
         return index
     co = faiss.GpuMultipleClonerOptions()
@@ -159,8 +160,6 @@ def ivf_knn(index, x, K, bf16=None, bs=SEARCH_BS):
     D float32 (n, K), I int32 (n, K) (-inf / -1 where the probed lists hold fewer than K vectors),
     stats (dict: time_probes, time_table in s, pairs_scored = (query, list vector) pairs)
     """
-    import graph_utils
-
     n, d = x.shape
     x = np.ascontiguousarray(x, dtype=np.float32)
     nlist, nprobe = index.nlist, min(index.nprobe, index.nlist)
@@ -172,8 +171,8 @@ def ivf_knn(index, x, K, bf16=None, bs=SEARCH_BS):
     stats = {"time_probes": time.time() - t0}
     t0 = time.time()
     if bf16 is None:
-        bf16 = graph_utils.cpu_has_bf16() and d % 2 == 0
-    scan = graph_utils.KnnScan(x, K + (BF16_EXTRA if bf16 else 0), bf16=bf16)
+        bf16 = torch_backend.bf16_scan(d)
+    scan = torch_backend.knn_scan(x, K + (BF16_EXTRA if bf16 else 0), bf16=bf16)
     stats["pairs_scored"] = scan_probed(scan, P, nlist, lists.__getitem__)
     D, I = scan.finish(K)
     stats["time_table"] = time.time() - t0
@@ -205,11 +204,9 @@ def exact_knn(xq, xb, k, bs=SEARCH_BS * 4):
     -------
     D : ndarray, float32 (nq, k); I : ndarray, int64 (nq, k)
     """
-    import graph_utils
-
     xq = np.ascontiguousarray(xq, dtype=np.float32)
-    bf16 = graph_utils.cpu_has_bf16() and xq.shape[1] % 2 == 0
-    scan = graph_utils.KnnScan(xq, min(512, k + BF16_EXTRA) if bf16 else k, bf16=bf16)
+    bf16 = torch_backend.bf16_scan(xq.shape[1])
+    scan = torch_backend.knn_scan(xq, min(512, k + BF16_EXTRA) if bf16 else k, bf16=bf16)
     rows = np.arange(xq.shape[0])
     for i0, i1 in _blocks(xb.shape[0], bs):
         scan.add(rows, normalized(xb[i0:i1]), np.arange(i0, i1, dtype=np.int32))
