@@ -192,8 +192,20 @@ class TorchKnnScan:
             S = self.Q[r] @ X.T
             if self.floor is not None:
                 S = S.masked_fill(S < self.floor[r, None], -float("inf"))
+            I = cid.expand(len(r), nc)
+            if nc > self.kp:
+                # the block's kp best by score alone, then by (score, id) only where equal scores
+                # straddle the kp-th place (duplicates): keys are built for 2 kp columns, not nc
+                top = S.topk(self.kp, dim=1)
+                v = top.values[:, -1:]
+                tied = ((S >= v).sum(1) > self.kp) & (v[:, 0] > -float("inf"))   # -inf: never kept
+                sel = top.indices
+                if bool(tied.any()):
+                    sel = sel.clone()
+                    sel[tied] = _keys(torch, S[tied], I[tied]).topk(self.kp, dim=1).indices
+                S, I = S.gather(1, sel), I.gather(1, sel)
             S = torch.cat([self.S[r], S], 1)
-            I = torch.cat([self.I[r], cid.expand(len(r), nc)], 1)
+            I = torch.cat([self.I[r], I], 1)
             keep = _keys(torch, S, I).topk(self.kp, dim=1).indices
             self.S[r] = S.gather(1, keep)
             self.I[r] = I.gather(1, keep)
