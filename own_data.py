@@ -87,7 +87,14 @@ def parse_args(argv):
     g.add_argument("--phases_template", default=None,
                    help="your grids (a phases config, e.g. configs/demo.yaml) instead of the ones sized to the "
                         "data: ddir, split and rundir are set, nbg 'all' becomes the number of unlabelled images")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # the steps run from the repository's folder: every path absolute
+    for key in ("ddir", "images", "features", "labels", "background", "groups", "class_names", "features_cfg",
+                "modelfile", "phases_template"):
+        if getattr(args, key) is not None:
+            setattr(args, key, os.path.abspath(getattr(args, key)))
+    args.unlabelled = [os.path.abspath(u) for u in args.unlabelled]
+    return args
 
 
 def run(cmd):
@@ -214,7 +221,10 @@ def main(argv=None):
             with open(tmp, "w") as f:
                 f.write("# written by own_data.py (%s); keys and meanings: configs/paper.yaml\n" % origin)
                 yaml.safe_dump(cfg, f, sort_keys=False, default_flow_style=None)
-            phase_config.load_config(tmp)
+            try:
+                phase_config.load_config(tmp)
+            except InputError as e:      # name the template, not the temporary file
+                raise InputError(str(e).replace("config %s" % tmp, origin if args.phases_template else "config"))
     log("ready: CONFIG=%s bash run_logreg.bash 1 (... 4), then bash run_diffusion.bash 1 (... 4)" % cpath)
 
 

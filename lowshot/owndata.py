@@ -201,8 +201,10 @@ def phases_from_template(ddir, nbg, template):
     try:
         with open(template) as f:
             cfg = yaml.safe_load(f) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise InputError("--phases_template %s: %s" % (template, e))
+    except OSError as e:
+        raise InputError("--phases_template %s: %s" % (template, e.strerror))
+    except yaml.YAMLError as e:
+        raise InputError("--phases_template %s is not valid yaml: %s" % (template, str(e).replace("\n", " ")))
     if not isinstance(cfg, dict):
         raise InputError("--phases_template %s: not a mapping of config keys" % template)
     ddir = os.path.abspath(ddir)

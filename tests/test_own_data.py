@@ -195,3 +195,36 @@ def test_precomputed_features(tmp_path, capsys):
     r = subprocess.run(cmd[:2] + [str(tmp_path / "other")] + cmd[3:], cwd=ROOT, capture_output=True,
                        text=True)
     assert r.returncode == 2 and "one class per row of --features (72 rows)" in r.stderr
+
+
+def test_phases_template_relative_paths_and_errors(tmp_path):
+    """--phases_template: 'all' becomes the background size, the other keys are kept; relative paths
+    work from any folder; a missing, broken or wrong template is a one-line error naming it."""
+    rs = np.random.RandomState(4)
+    labels = np.repeat(np.arange(8), 10)
+    np.save(str(tmp_path / "X.npy"), rs.randn(80, 16).astype(np.float32))
+    np.save(str(tmp_path / "y.npy"), labels)
+    np.save(str(tmp_path / "B.npy"), rs.randn(50, 16).astype(np.float32))
+    (tmp_path / "t.yaml").write_text("seeds: [1, 2]\nnlabeled: [1]\ndiffusion: {nbg: [0, all], k: 5}\n"
+                                     "fusion: {nbg: [all]}\n")
+    (tmp_path / "key.yaml").write_text("diffusion: {nbgs: [all]}\n")
+    (tmp_path / "big.yaml").write_text("diffusion: {nbg: [51]}\n")
+    (tmp_path / "broken.yaml").write_text("a: [1\n")
+
+    def own(ddir, template):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "own_data.py"), ddir, "--features", "X.npy",
+                               "--labels", "y.npy", "--background", "B.npy", "--pca_dim", "8",
+                               "--phases_template", template], cwd=str(tmp_path), capture_output=True, text=True)
+
+    r = own("dd", "t.yaml")                                   # relative to the caller's folder
+    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = yaml.safe_load((tmp_path / "dd" / "phases.yaml").read_text())
+    assert cfg["diffusion"]["nbg"] == [0, 50] and cfg["fusion"]["nbg"] == [50] and cfg["seeds"] == [1, 2]
+    assert cfg["ddir"] == str(tmp_path / "dd") and cfg["split"] == str(tmp_path / "dd" / "label_idx.json")
+    for template, msg in (("none.yaml", "--phases_template %s: No such file or directory"),
+                          ("broken.yaml", "--phases_template %s is not valid yaml"),
+                          ("key.yaml", "%s: unknown key 'nbgs' in diffusion"),
+                          ("big.yaml", "--phases_template %s: diffusion.nbg [51]: sizes must be 'all' or 0..50")):
+        r = own("dd_" + template, template)
+        assert r.returncode == 2 and (msg % (tmp_path / template)) in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
