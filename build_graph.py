@@ -83,8 +83,8 @@ def parse_args(argv):
                    help="search method (default: chosen by N and GPUs, see above)")
     g.add_argument("--bs", type=positive_int, default=search.SEARCH_BS, help="rows searched per block")
     g.add_argument("--device", choices=torch_backend.DEVICES, default="auto",
-                   help="auto: faiss-gpu if faiss sees GPUs, else torch on CUDA if torch sees one, else CPU; cpu: "
-                        "graph_utils only; cuda: torch on the GPU; torch-cpu: the torch code on the CPU")
+                   help="auto: torch on CUDA if torch sees a GPU, else CPU, and faiss-gpu for faiss' searches if "
+                        "faiss sees GPUs; cpu: graph_utils only; cuda: torch on the GPU; torch-cpu: the torch code on the CPU")
     g = p.add_argument_group("resumable ivf build (CPU)")
     g.add_argument("--prepare", action="store_true",
                    help="only train the lists and find the probes (then --shard tasks, then a plain run)")

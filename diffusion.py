@@ -83,8 +83,8 @@ def parse_args(argv):
     g.add_argument("--bg_search_L", type=int, default=None,
                    help="override search_L of an NN-descent background index")
     g.add_argument("--device", choices=torch_backend.DEVICES, default="auto",
-                   help="auto: faiss-gpu if faiss sees GPUs, else torch on CUDA if torch sees one, else CPU; cpu: "
-                        "graph_utils only; cuda: torch on the GPU (completion scans, W products); torch-cpu: the "
+                   help="auto: torch on CUDA if torch sees a GPU, else CPU, and faiss-gpu for faiss' searches if "
+                        "faiss sees GPUs; cpu: graph_utils only; cuda: torch on the GPU (completion scans, W products); torch-cpu: the "
                         "torch code on the CPU")
     g = p.add_argument_group("diffusion")
     g.add_argument("--reorder", default="auto", choices=["auto", "on", "off"],

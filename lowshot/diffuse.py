@@ -142,7 +142,10 @@ def diffuse(W, T, y_lab, nclass, niter, class_range=None, lslice=0, on_iter=None
     lslice = lslice if lslice and lslice > 0 else c1 - c0
     nt = T.shape[0]
     scores = [np.empty((nt, c1 - c0), dtype=np.float32) for _ in range(niter + 1)]
-    ops = torch_backend.TorchDiffusionOps(W, T) if torch_backend.active() else _GraphUtilsOps(W, T, min(lslice, c1 - c0))
+    if torch_backend.active():
+        ops = torch_backend.TorchDiffusionOps(W, T)
+    else:
+        ops = _GraphUtilsOps(W, T, min(lslice, c1 - c0))
     for b0 in range(c0, c1, lslice):
         b1 = min(c1, b0 + lslice)
         if lslice < c1 - c0:

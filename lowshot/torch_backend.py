@@ -3,10 +3,10 @@
 
 Which code runs is chosen once per process by :func:`use` (the scripts' ``--device``):
 
-  auto       faiss-gpu when faiss sees a GPU (the faiss paths of the graph, as before), else torch on
-             CUDA when torch sees a GPU, else the CPU kernels of graph_utils
-  cpu        graph_utils (bf16/float32 scans, hand-written sparse products)
-  cuda       torch on the GPU (an error when torch sees none)
+  auto       torch on CUDA when torch sees a GPU, else the CPU kernels of graph_utils; and faiss-gpu,
+             when faiss sees a GPU, for faiss' own index searches (the GPU paths of graph.py)
+  cpu        graph_utils (bf16/float32 scans, hand-written sparse products), faiss on the CPU
+  cuda       torch on the GPU (an error when torch sees none), faiss on the CPU
   torch-cpu  the torch code on CPU tensors (tests; comparisons against graph_utils)
 
 Scans (:class:`TorchKnnScan`, the interface of ``graph_utils.KnnScan``): float32 products with
@@ -64,12 +64,13 @@ def use(device="auto", faiss_gpus=None):
     """Choose the backend of this process (``--device``); logs and returns a one-line description.
 
     ``faiss_gpus``: GPUs faiss sees (None: ask faiss). With ``auto``, faiss-gpu keeps the GPU work
-    it already does and graph_utils does the rest, as before this backend existed. torch is only
-    imported when its code is chosen or may be (:func:`torch_sees_cuda`).
+    it already does (faiss' own index searches) and torch on CUDA, when torch sees a GPU, does the
+    scans and products; an explicit ``cuda`` leaves faiss on the CPU. torch is only imported when
+    its code is chosen or may be (:func:`torch_sees_cuda`).
     """
     if device not in DEVICES:
         raise InputError("--device %s: one of %s" % (device, ", ".join(DEVICES)))
-    dev, why = None, "graph_utils on the CPU"
+    dev, nfaiss = None, 0
     if device == "cuda":
         if not torch_sees_cuda():
             torch = _torch()
@@ -82,24 +83,27 @@ def use(device="auto", faiss_gpus=None):
         if faiss_gpus is None:
             import faiss
             faiss_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-        if faiss_gpus:
-            why = "faiss-gpu (%d GPUs) for faiss' searches, graph_utils elsewhere" % faiss_gpus
-        elif torch_sees_cuda():
+        nfaiss = faiss_gpus
+        if torch_sees_cuda():
             dev = "cuda"
+    why = "graph_utils on the CPU"
     if dev is not None:
         torch = _torch()
         torch.backends.cuda.matmul.allow_tf32 = False    # exact float32 products
         torch.backends.cudnn.allow_tf32 = False
         why = "torch on %s" % (torch.cuda.get_device_name(0) if dev == "cuda" else "CPU tensors")
-    _STATE.update(device=dev, why=why, forced_cpu=device == "cpu")
+    if nfaiss:
+        why += ", faiss-gpu (%d GPUs) for faiss' index searches" % nfaiss
+    _STATE.update(device=dev, why=why, faiss_gpus=nfaiss)
     log("backend: %s (--device %s)" % (why, device))
     return why
 
 
 def faiss_gpus():
-    """GPUs for faiss' own GPU paths: faiss.get_num_gpus(), 0 when --device chose the CPU or torch."""
-    if _STATE["device"] is not None or _STATE.get("forced_cpu"):
-        return 0
+    """GPUs for faiss' own GPU paths: those faiss sees with --device auto, none otherwise (the
+    default, before :func:`use`: faiss.get_num_gpus())."""
+    if "faiss_gpus" in _STATE:
+        return _STATE["faiss_gpus"]
     import faiss
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 

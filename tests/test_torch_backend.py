@@ -106,7 +106,7 @@ def test_diffusion_products_equal_graph_utils(torch_device):
     np.testing.assert_allclose(seen[-1][:-1], 1, rtol=1e-5)
 
 
-def test_device_cuda_without_gpu_is_a_one_line_error():
+def test_device_choice_without_gpu():
     import torch
     if torch.cuda.is_available():
         pytest.skip("torch sees a GPU here")
@@ -116,6 +116,12 @@ def test_device_cuda_without_gpu_is_a_one_line_error():
             torch_backend.use("cuda")
         with pytest.raises(InputError, match="--device gpu: one of auto, cpu, cuda, torch-cpu"):
             torch_backend.use("gpu")
+        # auto: faiss-gpu keeps faiss' index searches; cpu turns them off
+        why = torch_backend.use("auto", faiss_gpus=2)
+        assert why == "graph_utils on the CPU, faiss-gpu (2 GPUs) for faiss' index searches"
+        assert torch_backend.faiss_gpus() == 2 and torch_backend.active() is None
+        torch_backend.use("cpu")
+        assert torch_backend.faiss_gpus() == 0
     finally:
         torch_backend._STATE.clear()
         torch_backend._STATE.update(saved)
