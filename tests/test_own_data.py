@@ -4,6 +4,7 @@ published layout to the phases' results table."""
 import collections
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -152,6 +153,18 @@ def test_own_images_to_results_table(tmp_path):
     # a second run has nothing to do
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and "exists:" in r.stdout and "running: save_features" not in r.stdout
+    # --prepared: the same lists and split made elsewhere give the same feature files
+    ddir2 = str(tmp_path / "ddir2")
+    shutil.copytree(os.path.join(ddir, "lists"), os.path.join(ddir2, "lists"))
+    shutil.copy(os.path.join(ddir, "label_idx.json"), ddir2)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "own_data.py"), ddir2, "--prepared", "--size", "32",
+                        "--pca_dim", "16"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    f2 = data.feature_paths(ddir2)
+    for key in ("train", "val"):
+        with h5py.File(f[key], "r") as a, h5py.File(f2[key], "r") as b:
+            np.testing.assert_array_equal(a["all_feats"][()], b["all_feats"][()])
+    assert open(f["background"], "rb").read() == open(f2["background"], "rb").read()
 
 
 def test_precomputed_features(tmp_path, capsys):
