@@ -27,6 +27,7 @@ import re
 import numpy as np
 
 from lowshot.common import InputError, log, write_json
+from lowshot.phase_config import read_mapping
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -196,17 +197,7 @@ def phases_from_template(ddir, nbg, template):
     """A phases config from a template (your grids): ``ddir``, ``split`` and ``rundir`` pointing into
     ``ddir``, and the background size ``all`` in ``diffusion.nbg``/``fusion.nbg`` replaced by ``nbg``
     (the template's other keys are kept; the caller checks the result with phase_config.load_config)."""
-    import yaml
-
-    try:
-        with open(template) as f:
-            cfg = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise InputError("--phases_template %s: %s" % (template, e.strerror))
-    except yaml.YAMLError as e:
-        raise InputError("--phases_template %s is not valid yaml: %s" % (template, str(e).replace("\n", " ")))
-    if not isinstance(cfg, dict):
-        raise InputError("--phases_template %s: not a mapping of config keys" % template)
+    cfg = read_mapping(template, "--phases_template")
     ddir = os.path.abspath(ddir)
     cfg.update(ddir=ddir, split=os.path.join(ddir, "label_idx.json"), rundir=os.path.join(ddir, "runs"))
 

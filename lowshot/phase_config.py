@@ -42,6 +42,21 @@ _FREE = {("logreg", "slurm"), ("diffusion", "slurm"), ("diffusion", "slurm_by_nb
 METRICS = ("top5", "top5_novel")
 
 
+def read_mapping(path, what="config"):
+    """The yaml mapping in ``path`` (empty file: {}); a one-line InputError naming ``what path`` when it
+    cannot be read, is not yaml or is not a mapping."""
+    try:
+        with open(path) as f:
+            given = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise InputError("%s %s: %s" % (what, path, e.strerror))
+    except yaml.YAMLError as e:
+        raise InputError("%s %s is not valid yaml: %s" % (what, path, str(e).replace("\n", " ")))
+    if not isinstance(given, dict):
+        raise InputError("%s %s: expected a mapping at the top level" % (what, path))
+    return given
+
+
 def load_config(path):
     """Read a phases config (yaml) and fill in the defaults; unknown keys are errors.
 
@@ -52,15 +67,7 @@ def load_config(path):
     dict
         Same structure as :data:`DEFAULTS`.
     """
-    try:
-        with open(path) as f:
-            given = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise InputError("config %s: %s" % (path, e.strerror))
-    except yaml.YAMLError as e:
-        raise InputError("config %s is not valid yaml: %s" % (path, str(e).replace("\n", " ")))
-    if not isinstance(given, dict):
-        raise InputError("config %s: expected a mapping at the top level" % path)
+    given = read_mapping(path)
     cfg = merge_config(DEFAULTS, given, path, free=_FREE)
     for key in ("rundir", "ddir", "split", "python"):
         if isinstance(cfg[key], str):
