@@ -16,7 +16,8 @@ say which sets they connect (query set first):
 so ``I_10`` lists, for each labelled image, background neighbours. Graph nodes are numbered set 0
 first (``0 .. n0-1``) then background (``n0 .. n0+nbg-1``).
 
-Nothing is read at import time; GPU code is used when ``torch_backend.faiss_gpus() > 0``, CPU otherwise.
+Nothing is read at import time; faiss' GPU code is used when ``torch_backend.faiss_gpus() > 0``, the
+scans go through ``torch_backend.knn_scan`` (graph_utils, or torch on a GPU: ``--device``).
 
 About 400 lines: the methods' defaults are kept next to the measurements behind them.
 """
