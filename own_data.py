@@ -61,8 +61,8 @@ def parse_args(argv):
     g.add_argument("--class_names", default=None, help="text file, one class name per line")
     g = p.add_argument_group("a split made elsewhere")
     g.add_argument("--prepared", action="store_true",
-                   help="DDIR already holds lists/{train,test,background}.json and label_idx.json (e.g. "
-                        "`demo.py prepare`): no split, and no phases config (its maker writes one)")
+                   help="DDIR already holds lists/{train,test,background}.json and label_idx.json (a split "
+                        "made by other rules): no split; a phases config only with --phases_template")
     g = p.add_argument_group("split")
     g.add_argument("--test_fraction", type=float, default=0.3, help="share of each class's groups for test")
     g.add_argument("--val_fraction", type=float, default=0.5,
