@@ -97,6 +97,10 @@ def parse_args(argv):
                    help="diffuse classes by blocks of this many columns (0: all at once; default: "
                         "auto, see lowshot.diffuse.auto_lslice); same result, peak memory ~2 (n, lslice) "
                         "float32 matrices instead of (n, C)")
+    g.add_argument("--sparse_iterations", default="auto", choices=["auto", "off"],
+                   help="auto: the first iterations on a sparse label matrix while it is sparse "
+                        "(lowshot.diffuse.sparse_iterations); off: dense blocks throughout. Same scores "
+                        "to float rounding")
     g.add_argument("--class_range", default=None,
                    help="a:b, diffuse only classes [a, b) (job-array slice; needs --store_slice)")
     g = p.add_argument_group("outputs")
@@ -314,7 +318,8 @@ def main(argv=None):
         c0, c1, args.niter, ", blocks of %d classes" % lslice if 0 < lslice < c1 - c0 else "",
         "torch.sparse on %s" % torch_backend.active() if torch_backend.active() else "graph_utils' spmm"))
     scores = dif.diffuse(W, T, y_lab, split.nclass, args.niter, class_range=(c0, c1),
-                         lslice=lslice, lab_nodes=lab_nodes, on_iter=store_L if args.storeLiters else None)
+                         lslice=lslice, lab_nodes=lab_nodes, on_iter=store_L if args.storeLiters else None,
+                         sparse_start=args.sparse_iterations == "auto")
     times["diffusion"] = time.time() - t0
     meta = _meta(args)
 

@@ -16,7 +16,7 @@ try:
 except ImportError as e:  # pragma: no cover - only without a build
     raise ImportError("graph_utils C++ module not built or not loadable (%s): run bash graph_utils/compile.bash" % e)
 
-__all__ = ["CSR", "csr_from_knn", "transpose", "sort_rows", "knn_to_graph", "col_normalize", "spmm", "MklSpmm",
+__all__ = ["CSR", "csr_from_knn", "transpose", "spgemm", "sort_rows", "knn_to_graph", "col_normalize", "spmm", "MklSpmm",
            "merge_knn_results", "locality_order", "permute", "permute_columns", "inverse_permutation", "max_threads",
            "cpu_has_bf16", "to_bf16", "KnnScan"]
 
@@ -174,6 +174,16 @@ def transpose(A):
     """A^T as a new CSR; its rows are sorted by column id."""
     _check_csr_arg(A)
     return _from_tuple(_gu.transpose(*A._args()), A.shape[::-1])
+
+
+def spgemm(A, B):
+    """``A @ B`` for CSR matrices as a new CSR (rows sorted by column id), for products with few
+    columns (a dense accumulator of B.shape[1] floats per thread): the diffusion's first iterations."""
+    _check_csr_arg(A, "A")
+    _check_csr_arg(B, "B")
+    if A.shape[1] != B.shape[0]:
+        raise ValueError("A has %d columns but B has %d rows" % (A.shape[1], B.shape[0]))
+    return _from_tuple(_gu.spgemm(*A._args(), *B._args()), (A.shape[0], B.shape[1]))
 
 
 def sort_rows(A):

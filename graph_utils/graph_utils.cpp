@@ -399,6 +399,76 @@ void knn_to_graph(const TI* I, int64_t n, int64_t k, int64_t ldi, CSROwned& out)
     row_normalize(out.view());
 }
 
+// ---------------------------------------------------------------- sparse x sparse (few columns)
+
+void spgemm(const CSRView& A, const CSRView& B, CSROwned& out) {
+    if (A.ncol != B.nrow)
+        throw std::invalid_argument(fmt("A has %lld columns but B has %lld rows", A.ncol, B.nrow));
+    const int64_t m = A.nrow, n = B.ncol;
+    out.alloc_rows(m, n);
+    std::vector<int64_t> counts(m);
+    const int nt = omp_get_max_threads();
+    // per thread, over B's columns: the last row that touched a column, its running sum, the touched list
+    std::vector<int64_t> marks((size_t)nt * n, -1);
+    std::vector<float> accs((size_t)nt * n);
+    std::vector<int32_t> lists((size_t)nt * n);
+    // pass 1: entries per row of the product
+#pragma omp parallel num_threads(nt)
+    {
+        int64_t* mark = marks.data() + (size_t)omp_get_thread_num() * n;
+#pragma omp for schedule(dynamic, 4096)
+        for (int64_t i = 0; i < m; i++) {
+            int64_t cnt = 0;
+            for (int64_t p = A.indptr[i]; p < A.indptr[i + 1]; p++) {
+                const int64_t j = A.indices[p];
+                for (int64_t q = B.indptr[j]; q < B.indptr[j + 1]; q++) {
+                    const int32_t c = B.indices[q];
+                    if (mark[c] != i) {
+                        mark[c] = i;
+                        cnt++;
+                    }
+                }
+            }
+            counts[i] = cnt;
+        }
+    }
+    prefix_sum(counts.data(), m, out.indptr);
+    out.alloc_nnz(out.indptr[m]);
+    std::fill(marks.begin(), marks.end(), (int64_t)-1);
+    // pass 2: the sums, each row's columns sorted; A's entries of a row are added in their order
+#pragma omp parallel num_threads(nt)
+    {
+        const size_t off = (size_t)omp_get_thread_num() * n;
+        int64_t* mark = marks.data() + off;
+        float* acc = accs.data() + off;
+        int32_t* list = lists.data() + off;
+#pragma omp for schedule(dynamic, 4096)
+        for (int64_t i = 0; i < m; i++) {
+            int64_t len = 0;
+            for (int64_t p = A.indptr[i]; p < A.indptr[i + 1]; p++) {
+                const int64_t j = A.indices[p];
+                const float a = A.data[p];
+                for (int64_t q = B.indptr[j]; q < B.indptr[j + 1]; q++) {
+                    const int32_t c = B.indices[q];
+                    if (mark[c] != i) {
+                        mark[c] = i;
+                        acc[c] = a * B.data[q];
+                        list[len++] = c;
+                    } else {
+                        acc[c] += a * B.data[q];
+                    }
+                }
+            }
+            std::sort(list, list + len);
+            int64_t o = out.indptr[i];
+            for (int64_t t = 0; t < len; t++) {
+                out.indices[o + t] = list[t];
+                out.data[o + t] = acc[list[t]];
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------- sparse x dense, hand-written kernel
 
 namespace {

@@ -81,6 +81,12 @@ void col_normalize(float* X, int64_t n, int64_t C);
 template <class TI>
 void knn_to_graph(const TI* I, int64_t n, int64_t k, int64_t ldi, CSROwned& out);
 
+// out = A @ B for CSR matrices whose product has few columns (B.ncol: a dense accumulator of B.ncol
+// floats per thread): the diffusion's first iterations, while the label matrix is sparse. Rows of the
+// result are sorted; each sum adds A's entries of the row in their order. A and B must be valid
+// (check_csr).
+void spgemm(const CSRView& A, const CSRView& B, CSROwned& out);
+
 // Y (A.nrow x C, row-major, leading dimension C) = A @ X (A.ncol x C, row-major).
 // Hand-written kernel: row-parallel over nnz-balanced chunks, software prefetch of upcoming rows of X.
 void spmm_hand(const CSRView& A, const float* X, int64_t C, float* Y);

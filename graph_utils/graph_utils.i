@@ -254,6 +254,19 @@ PyObject* transpose(CSR_ARGS(A)) {
     return to_python(out);
 }
 
+PyObject* spgemm(CSR_ARGS(A), CSR_ARGS(B)) {
+    gu::CSRView A = CSR_GET(A);
+    gu::CSRView B = CSR_GET(B);
+    gu::CSROwned out;
+    {
+        NoGIL nogil;
+        gu::check_csr(A, false);
+        gu::check_csr(B, false);
+        gu::spgemm(A, B, out);
+    }
+    return to_python(out);
+}
+
 void sort_rows(CSR_ARGS(A)) {
     gu::CSRView A = CSR_GET(A);
     NoGIL nogil;

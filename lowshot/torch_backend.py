@@ -270,7 +270,7 @@ class TorchDiffusionOps:
                                            check_invariants=False).to(self.device)
 
     def label_buffer(self, c):
-        return None           # label_matrix allocates the block; it is copied to the device
+        return None           # the block is made in numpy, then copied to the device
 
     def start(self, L0):
         """The block's initial label matrix (numpy (n, c)) on the device."""

@@ -204,6 +204,39 @@ def test_diffuse_dense_and_lslice():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_sparse_first_iterations():
+    """Few labelled nodes in a large graph: the first iterations run on a sparse L (spgemm), then
+    dense blocks; the same scores as the dense numpy loop and as all-dense, whatever the blocks."""
+    rs = np.random.RandomState(5)
+    import graph_utils
+    n, nl, nt, k, C, niter = 3000, 12, 40, 4, 10, 5
+    I_nodes = np.array([rs.choice(n, k, replace=False) for _ in range(n)], dtype=np.int32)
+    I_test = np.array([rs.choice(n, k, replace=False) for _ in range(nt)], dtype=np.int32)
+    y_lab = rs.randint(C - 1, size=nl)     # class C-1 has no labelled node
+    W = graph_utils.knn_to_graph(I_nodes, n)
+    T = graph_utils.csr_from_knn(I_test, n)
+    ref = dense_diffusion(I_nodes, I_test, y_lab, C, niter)
+    stored = {}
+    t0, _ = dif.sparse_iterations(W, T, y_lab, None, 0, C, niter, [np.empty((nt, C), np.float32)] * (niter + 1))
+    assert 1 <= t0 < niter                   # both phases run
+    got = dif.diffuse(W, T, y_lab, C, niter, lslice=4, on_iter=lambda t, b0, b1, L: stored.__setitem__((t, b0), L.copy()))
+    dense = dif.diffuse(W, T, y_lab, C, niter, lslice=4, sparse_start=False)
+    for a, b, r in zip(got, dense, ref):
+        np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+    assert not got[-1][:, C - 1].any()
+    # on_iter: every iteration and block once, dense (n, block) with columns summing to 1 (or 0)
+    assert sorted(stored) == [(t, b) for t in range(niter + 1) for b in (0, 4, 8)]
+    for (t, b0), L in stored.items():
+        assert L.shape == (n, min(C, b0 + 4) - b0)
+        s = L.sum(0)
+        assert np.allclose(s[s > 0], 1, rtol=1e-5)
+    # class slices give the same scores
+    part = dif.diffuse(W, T, y_lab, C, niter, class_range=(3, 9), lslice=2)
+    for a, b in zip(got, part):
+        np.testing.assert_allclose(a[:, 3:9], b, rtol=1e-6, atol=1e-9)
+
+
 def test_auto_lslice():
     # 128 columns, fewer when two (n, lslice) float32 blocks would exceed 4 GiB, multiples of 16
     assert dif.auto_lslice(10**6, 507) == 128

@@ -208,6 +208,28 @@ def test_spmm(kernel, C):
     np.testing.assert_allclose(out, Y, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("ncol", [1, 7, 507])
+def test_spgemm(ncol):
+    """A @ B for CSR matrices against scipy in float64: empty rows on both sides, unsorted rows of A,
+    rows of the result sorted; shapes must agree."""
+    rs = np.random.RandomState(ncol)
+    A = graph_for_spmm(1001, 733, rs)                   # empty rows, -1 entries skipped
+    Bs = sp.random(733, ncol, density=min(1.0, 3.0 / ncol), random_state=rs, format="csr", dtype=np.float32)
+    Bs = sp.diags((np.arange(733) % 5 != 0).astype(np.float32)) @ Bs     # every fifth row of B empty
+    Bs.eliminate_zeros()
+    B = gu.CSR.from_scipy(Bs.tocsr())
+    P = gu.spgemm(A, B)
+    ref = (A.to_scipy().astype(np.float64) @ Bs.astype(np.float64)).toarray()
+    assert P.shape == (1001, ncol)
+    np.testing.assert_allclose(P.to_scipy().toarray(), ref, rtol=1e-6, atol=1e-7)
+    for r in range(P.shape[0]):                          # sorted, no duplicate columns
+        cols = P.indices[P.indptr[r]:P.indptr[r + 1]]
+        assert np.all(np.diff(cols) > 0)
+    assert P.nnz == np.count_nonzero((np.abs(A.to_scipy()) @ np.abs(Bs)).toarray())
+    with pytest.raises(ValueError, match="A has 733 columns but B has 1001 rows"):
+        gu.spgemm(A, A)
+
+
 def test_mkl_row_blocks():
     # blocks of at most 50 entries: every block after the first has absolute offsets beyond what one
     # block may hold, as 2^31 would at full size; each block must be rebased to start at 0
