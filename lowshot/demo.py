@@ -263,6 +263,7 @@ def prepare(ddir, seed=0, **choose_kw):
         final = os.path.join(ddir, folder)
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
         for rel, (v, n) in items:
             path = os.path.join(tmp, rel)
             os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -147,12 +147,14 @@ def diffuse(W, T, y_lab, nclass, niter, class_range=None, lslice=0, on_iter=None
 
 
 # The first iterations run on a sparse L (graph_utils.spgemm) while L_t fills at most SPARSE_MAX_FILL of
-# the (n, C) matrix and the next one (at most nnz(L_t) x the mean degree of W entries, 8 bytes each)
-# fits LSLICE_BYTES. Measured at F1M (1M nodes, 38 entries per row of W, 507 classes, 2 cores): a
+# the (n, C) matrix and the next one (at most sum_j nnz(row j of L_t) x deg(j) entries, W's pattern
+# being symmetric; 8 bytes each) fits SPARSE_MAX_BYTES, so that with the dense blocks that follow
+# (LSLICE_BYTES) the diffusion stays within 1.25 LSLICE_BYTES. Measured at F1M (1M nodes, 38 entries per row of W, 507 classes, 2 cores): a
 # sparse product costs ~16-22 ns per (entry of L_t, neighbour) pair, a dense iteration ~1.4 s, equal
 # near 0.4% fill. The generated F1M run (10k labelled nodes): L1 0.03%, L2 0.15% full, so its 3
 # iterations are all sparse.
 SPARSE_MAX_FILL = 0.004
+SPARSE_MAX_BYTES = LSLICE_BYTES // 4
 
 
 def sparse_iterations(W, T, y_lab, lab_nodes, c0, c1, niter, scores, on_iter=None, lslice=0):
@@ -167,9 +169,11 @@ def sparse_iterations(W, T, y_lab, lab_nodes, c0, c1, niter, scores, on_iter=Non
     cnt = np.bincount(y_lab[sel] - c0, minlength=C).astype(np.float32)
     cnt[cnt == 0] = 1
     rows, cols = lab_nodes[sel], y_lab[sel] - c0
+    if len(rows) and not 0 <= rows.min() <= rows.max() < n:
+        raise InputError("labelled node ids must lie in 0..%d, got %d..%d" % (n - 1, rows.min(), rows.max()))
     order = np.lexsort((cols, rows))
     L = _csr(rows[order], cols[order], (1 / cnt[cols[order]]).astype(np.float32), n, C)
-    mean_degree = W.nnz / max(1, n)
+    degree = np.diff(W.indptr)
     t = 0
     while True:
         _dense_scores(graph_utils.spgemm(T, L), scores[t])
@@ -177,7 +181,8 @@ def sparse_iterations(W, T, y_lab, lab_nodes, c0, c1, niter, scores, on_iter=Non
             for b0 in range(0, C, lslice or C):
                 b1 = min(C, b0 + (lslice or C))
                 on_iter(t, c0 + b0, c0 + b1, _dense_columns(L, b0, b1, None))
-        if t == niter or L.nnz > SPARSE_MAX_FILL * n * C or 8 * L.nnz * mean_degree > LSLICE_BYTES:
+        next_bound = int(np.diff(L.indptr) @ degree)          # entries of W L_t at most
+        if t == niter or L.nnz > SPARSE_MAX_FILL * n * C or 8 * next_bound > SPARSE_MAX_BYTES:
             break
         L = graph_utils.spgemm(W, L)
         sums = np.zeros(C)

@@ -95,6 +95,9 @@ def make_split(classes, seed=0, test_fraction=0.3, val_fraction=0.5, novel_fract
     for name, v in (("max_train_per_class", max_train_per_class), ("max_test_per_class", max_test_per_class)):
         if v is not None and v < 1:
             raise InputError("--%s %d: must be at least 1" % (name, v))
+    if max_train_per_class is not None and max_train_per_class < min_novel_train:
+        raise InputError("--max_train_per_class %d is below --min_novel_train %d: no class could be novel"
+                         % (max_train_per_class, min_novel_train))
     pattern = None
     if group:
         try:
@@ -210,11 +213,14 @@ def phases_from_template(ddir, nbg, template):
         if any(not isinstance(v, int) or not 0 <= v <= nbg for v in out):
             raise InputError("--phases_template %s: %s %s: sizes must be 'all' or 0..%d (the unlabelled images)"
                              % (template, key, values, nbg))
-        return out
+        return list(dict.fromkeys(out))       # [0, all] without unlabelled images: one size, not two
 
     for sec in ("diffusion", "fusion"):
         if sec == "diffusion" or sec in cfg:
-            cfg.setdefault(sec, {})
+            if cfg.get(sec) is None:
+                cfg[sec] = {}
+            if not isinstance(cfg[sec], dict):
+                raise InputError("--phases_template %s: %s must be a mapping of its keys" % (template, sec))
             cfg[sec]["nbg"] = fill(cfg[sec].get("nbg", ["all"] if sec == "diffusion" else None), sec + ".nbg")
     return cfg
 

@@ -16,7 +16,6 @@ the score, then the inverted id), so ties are broken as graph_utils does. Diffus
 (:class:`TorchDiffusionOps`): W and T as ``torch.sparse_csr_tensor`` (cuSPARSE on CUDA), the
 (n, lslice) label blocks on the device, column normalisation in torch.
 """
-import glob
 import importlib.util
 import os
 import re
@@ -41,21 +40,20 @@ def _torch():
 
 
 def torch_sees_cuda():
-    """Whether torch sees a CUDA device, without importing torch where it cannot (a CPU-only build of
-    torch, or no /dev/nvidia* device): importing torch beside graph_utils costs ~1.5 s and brings a
-    second OpenMP runtime into the process, which slowed the CPU diffusion's products (measured)."""
+    """Whether torch sees a GPU, without importing torch where it is a CPU-only build (torch/version.py
+    names neither CUDA nor ROCm): importing torch beside graph_utils costs ~1.5 s and brings a second
+    OpenMP runtime into the process, which slowed the CPU diffusion's products (measured)."""
     if "torch" not in sys.modules:
         spec = importlib.util.find_spec("torch")
         if spec is None or spec.origin is None:
             return False
         try:
             with open(os.path.join(os.path.dirname(spec.origin), "version.py")) as f:
-                m = re.search(r"^cuda(?::[^=]*)?\s*=\s*(.+)$", f.read(), re.M)
+                text = f.read()
         except OSError:
-            m = None
-        if m is not None and m.group(1).strip() == "None":
-            return False
-        if not glob.glob("/dev/nvidia[0-9]*"):
+            text = ""
+        builds = re.findall(r"^(cuda|hip)(?::[^=]*)?\s*=\s*(.+)$", text, re.M)
+        if builds and all(v.strip() == "None" for _, v in builds):
             return False
     return _torch().cuda.is_available()
 
@@ -72,8 +70,11 @@ def use(device="auto", faiss_gpus=None):
         raise InputError("--device %s: one of %s" % (device, ", ".join(DEVICES)))
     dev, nfaiss = None, 0
     if device == "cuda":
-        if not torch_sees_cuda():
+        try:
             torch = _torch()
+        except ImportError as e:
+            raise InputError("--device cuda: torch cannot be imported (%s)" % e)
+        if not torch.cuda.is_available():
             raise InputError("--device cuda: torch sees no CUDA device (torch %s, built for CUDA %s)"
                              % (torch.__version__, torch.version.cuda))
         dev = "cuda"
@@ -206,7 +207,11 @@ class TorchKnnScan:
                 sel = top.indices
                 if bool(tied.any()):
                     sel = sel.clone()
-                    sel[tied] = _keys(torch, S[tied], I[tied]).topk(self.kp, dim=1).indices
+                    rows_t = tied.nonzero().flatten()
+                    tstep = max(1, int(self.block_bytes // (2 * BYTES_PER_PAIR * nc)))   # keys over nc columns
+                    for a in range(0, len(rows_t), tstep):
+                        rt = rows_t[a:a + tstep]
+                        sel[rt] = _keys(torch, S[rt], I[rt]).topk(self.kp, dim=1).indices
                 S, I = S.gather(1, sel), I.gather(1, sel)
             S = torch.cat([self.S[r], S], 1)
             I = torch.cat([self.I[r], I], 1)
@@ -263,9 +268,11 @@ class TorchDiffusionOps:
     def _csr(self, A):
         """graph_utils.CSR -> torch CSR tensor on the device (its invariants are graph_utils')."""
         torch = self.torch
+        # int32 row offsets and column ids where the entries fit (4 bytes each instead of 8)
+        itype = np.int32 if A.nnz < 2**31 else np.int64
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)     # "sparse CSR support is in beta"
-            return torch.sparse_csr_tensor(_tensor(torch, A.indptr, np.int64), _tensor(torch, A.indices, np.int64),
+            return torch.sparse_csr_tensor(_tensor(torch, A.indptr, itype), _tensor(torch, A.indices, itype),
                                            _tensor(torch, A.data, np.float32), size=tuple(A.shape),
                                            check_invariants=False).to(self.device)
 

@@ -79,9 +79,10 @@ def test_prepare_lays_out_class_folders_for_own_data(tmp_path, monkeypatch):
     for part in ("train", "test"):
         for f, c in split[part]:
             assert side.setdefault(os.path.basename(f).split("__")[0], part) == part
-    # a second prepare replaces the folders, never mixes them
-    demo.prepare(str(tmp_path), seed=2, nclass=5)
+    # a second prepare replaces the folders, never mixes them; no background: an empty folder
+    demo.prepare(str(tmp_path), seed=2, nclass=5, max_background=0)
     assert len(owndata.scan_classes(str(tmp_path / "images"))) == 5
+    assert os.listdir(str(tmp_path / "unlabelled")) == []
 
 
 def test_fetch_without_npm(tmp_path):

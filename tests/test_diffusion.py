@@ -231,6 +231,8 @@ def test_sparse_first_iterations():
         assert L.shape == (n, min(C, b0 + 4) - b0)
         s = L.sum(0)
         assert np.allclose(s[s > 0], 1, rtol=1e-5)
+    with pytest.raises(dif.InputError, match="labelled node ids must lie in 0..2999, got 5..3000"):
+        dif.diffuse(W, T, y_lab[:2], C, niter, lab_nodes=np.array([5, 3000]))
     # class slices give the same scores
     part = dif.diffuse(W, T, y_lab, C, niter, class_range=(3, 9), lslice=2)
     for a, b in zip(got, part):

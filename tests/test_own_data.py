@@ -241,3 +241,20 @@ def test_phases_template_relative_paths_and_errors(tmp_path):
         r = own("dd_" + template, template)
         assert r.returncode == 2 and (msg % (tmp_path / template)) in r.stderr, r.stderr[-2000:]
         assert "Traceback" not in r.stderr
+
+
+def test_phases_from_template_edge_cases(tmp_path):
+    """No unlabelled images: [0, all] is one size; a null section gets the defaults; a list section
+    is refused; a cap below --min_novel_train is refused before any draw."""
+    t = tmp_path / "t.yaml"
+    t.write_text("diffusion:\nfusion: {nbg: [all]}\n")
+    cfg = owndata.phases_from_template(str(tmp_path), 0, str(t))
+    assert cfg["diffusion"]["nbg"] == [0] and cfg["fusion"]["nbg"] == [0]
+    t.write_text("diffusion: {nbg: [0, all, 7]}\n")
+    assert owndata.phases_from_template(str(tmp_path), 7, str(t))["diffusion"]["nbg"] == [0, 7]
+    t.write_text("diffusion: [1, 2]\n")
+    with pytest.raises(InputError, match="diffusion must be a mapping"):
+        owndata.phases_from_template(str(tmp_path), 7, str(t))
+    classes = [("c%d" % c, ["/x/c%d/%d.png" % (c, i) for i in range(10)]) for c in range(6)]
+    with pytest.raises(InputError, match="--max_train_per_class 3 is below --min_novel_train 5"):
+        owndata.make_split(classes, max_train_per_class=3, min_novel_train=5)
