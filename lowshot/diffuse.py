@@ -148,13 +148,13 @@ def diffuse(W, T, y_lab, nclass, niter, class_range=None, lslice=0, on_iter=None
 
 # The first iterations run on a sparse L (graph_utils.spgemm) while L_t fills at most SPARSE_MAX_FILL of
 # the (n, C) matrix and the next one (at most sum_j nnz(row j of L_t) x deg(j) entries, W's pattern
-# being symmetric; 8 bytes each) fits SPARSE_MAX_BYTES, so that with the dense blocks that follow
-# (LSLICE_BYTES) the diffusion stays within 1.25 LSLICE_BYTES. Measured at F1M (1M nodes, 38 entries per row of W, 507 classes, 2 cores): a
+# being symmetric; 8 bytes each) fits SPARSE_MAX_BYTES (the dense blocks' budget: a sparse L kept for
+# the dense blocks that may follow is at most as large as they are). Measured at F1M (1M nodes, 38 entries per row of W, 507 classes, 2 cores): a
 # sparse product costs ~16-22 ns per (entry of L_t, neighbour) pair, a dense iteration ~1.4 s, equal
 # near 0.4% fill. The generated F1M run (10k labelled nodes): L1 0.03%, L2 0.15% full, so its 3
-# iterations are all sparse.
+# iterations are all sparse; at F10M L2 fills 0.08% and W L2 has at most 173M entries (1.4 GB).
 SPARSE_MAX_FILL = 0.004
-SPARSE_MAX_BYTES = LSLICE_BYTES // 4
+SPARSE_MAX_BYTES = LSLICE_BYTES
 
 
 def sparse_iterations(W, T, y_lab, lab_nodes, c0, c1, niter, scores, on_iter=None, lslice=0):
