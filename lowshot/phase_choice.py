@@ -44,18 +44,23 @@ class Choices:
         runs = [r for r in first + merges if r.outputs[0].endswith(".json")]
         got = self.collect_validation(runs, "diffusion")
         chosen = {}
+        for n, vn, names in self._complete_cells(got, self.variants(), "diffusion"):
+            best = choose_best([({}, [got[nm]["iters"] for nm in names])], "iter", self.cfg["choose_on"])
+            _, it, stats = best
+            chosen.setdefault(n, {})[vn] = dict(niter=it, **stats)
+        return chosen
+
+    def _complete_cells(self, got, variants, what=None):
+        """(n, variant name, run names over the seeds) of every cell of the grid whose seeds all have
+        a result in ``got``; the others are skipped (logged when ``what`` names the experiment)."""
         for n in self.cfg["nlabeled"]:
-            for nbg, ind in self.variants():
+            for nbg, ind in variants:
                 vn = variant_name(nbg, ind)
                 names = [run_name(n, s, vn) for s in self.cfg["seeds"]]
-                if not all(nm in got for nm in names):
-                    log("diffusion n=%d %s: seeds missing: nothing chosen" % (n, vn))
-                    continue
-                best = choose_best([({}, [got[nm]["iters"] for nm in names])], "iter",
-                                   self.cfg["choose_on"])
-                _, it, stats = best
-                chosen.setdefault(n, {})[vn] = dict(niter=it, **stats)
-        return chosen
+                if all(nm in got for nm in names):
+                    yield n, vn, names
+                elif what:
+                    log("%s n=%d %s: seeds missing: nothing chosen" % (what, n, vn))
 
     def choose_fusion(self):
         """Per (n, background), the fusion weight with the best mean validation metric."""
@@ -65,20 +70,13 @@ class Choices:
         if missing and not self.partial:
             return None
         chosen = {}
-        for n in self.cfg["nlabeled"]:
-            for nbg, ind in self.fusion_variants():
-                vn = variant_name(nbg, ind)
-                names = [run_name(n, s, vn) for s in self.cfg["seeds"]]
-                if not all(nm in got for nm in names):
-                    continue
-                per_seed = []
-                for nm in names:
-                    r = got[nm]
-                    per_seed.append([{"weight": w, "top5": a, "top5_novel": b}
-                                     for w, a, b in zip(r["weights"], r["top5"], r["top5_novel"])])
-                best = choose_best([({}, per_seed)], "weight", self.cfg["choose_on"])
-                _, w, stats = best
-                chosen.setdefault(n, {})[vn] = dict(weight=w, **stats)
+        for n, vn, names in self._complete_cells(got, self.fusion_variants()):
+            per_seed = [[{"weight": w, "top5": a, "top5_novel": b}
+                         for w, a, b in zip(got[nm]["weights"], got[nm]["top5"], got[nm]["top5_novel"])]
+                        for nm in names]
+            best = choose_best([({}, per_seed)], "weight", self.cfg["choose_on"])
+            _, w, stats = best
+            chosen.setdefault(n, {})[vn] = dict(weight=w, **stats)
         return chosen
 
     def chosen_path(self, experiment):
