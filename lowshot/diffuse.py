@@ -176,7 +176,7 @@ def sparse_iterations(W, T, y_lab, lab_nodes, c0, c1, niter, scores, on_iter=Non
     degree = np.diff(W.indptr)
     t = 0
     while True:
-        _dense_scores(graph_utils.spgemm(T, L), scores[t])
+        scores[t][:] = graph_utils.spgemm(T, L).to_scipy().toarray()
         if on_iter:
             for b0 in range(0, C, lslice or C):
                 b1 = min(C, b0 + (lslice or C))
@@ -203,13 +203,6 @@ def _csr(rows, cols, vals, n, C):
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=n), out=indptr[1:])
     return graph_utils.CSR(indptr, np.asarray(cols, dtype=np.int32), np.asarray(vals, dtype=np.float32), (n, C))
-
-
-def _dense_scores(S, out):
-    """The CSR (nt, C) S written densely into ``out``."""
-    out[:] = 0
-    rows = np.repeat(np.arange(S.shape[0]), np.diff(S.indptr))
-    out[rows, S.indices] = S.data
 
 
 def _entry_chunks(L, size=2**22):
