@@ -47,10 +47,6 @@ from lowshot.common import (HelpFormatter, InputError, get_ddir, log, peak_rss_g
                             require_file, run_main, write_json, atomic_output, OwnMemoryPeak)
 
 
-# Below this many nodes L fits in cache and renumbering costs more than it saves.
-REORDER_MIN_NODES = 200000
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("protocol")
@@ -89,7 +85,7 @@ def parse_args(argv):
     g = p.add_argument_group("diffusion")
     g.add_argument("--reorder", default="auto", choices=["auto", "on", "off"],
                    help="renumber the nodes breadth-first before diffusing (same result, faster "
-                        "products); auto: from %d nodes" % REORDER_MIN_NODES)
+                        "products); auto: from %d nodes" % dif.REORDER_MIN_NODES)
     g.add_argument("--niter", type=int, default=None,
                    help="diffusion iterations (default: the value the 2018 code validated for this --nbg, "
                         "--nlabeled and k = 30: 3 for F1M at n = 1, 2, 5, 4 for F10M...; 3 elsewhere)")
@@ -285,23 +281,6 @@ def main(argv=None):
     del bg, x0, xt
     times["graph_completion"] = time.time() - t0
 
-    import graph_utils
-    t0 = time.time()
-    log("W = rownorm(W0 + W0^T) over %d nodes" % n)
-    W = graph_utils.knn_to_graph(I_nodes, n)
-    del I_nodes
-    T = graph_utils.csr_from_knn(I_test, n)
-    del I_test
-    log("W: %d nnz (%.1f per row); T: %d x %d" % (W.nnz, W.nnz / n, T.shape[0], T.shape[1]))
-    times["make_W"] = time.time() - t0
-    lab_nodes = new_id = None
-    if args.reorder == "on" or (args.reorder == "auto" and n >= REORDER_MIN_NODES):
-        t0 = time.time()
-        log("renumbering the %d nodes breadth-first (locality of the products)" % n)
-        W, T, new_id = dif.reorder(W, T)
-        lab_nodes = new_id[:len(y_lab)]
-        times["reorder"] = time.time() - t0
-
     def store_L(t, b0, b1, L):
         """--storeLiters: L after step t - 1 (the 2018 numbering), rows in graph order."""
         if t == 0:
@@ -309,18 +288,15 @@ def main(argv=None):
         fname = args.storeLiters % (t - 1, b0, b1)
         with atomic_output(fname) as tmp:
             with open(tmp, "wb") as f:
-                np.save(f, L if new_id is None else L[new_id])
+                np.save(f, L)
         log("wrote %s" % fname)
 
-    t0 = time.time()
-    lslice = dif.auto_lslice(n, c1 - c0) if args.lslice is None else args.lslice
-    log("diffusion of classes %d:%d, %d iterations%s (%s)" % (
-        c0, c1, args.niter, ", blocks of %d classes" % lslice if 0 < lslice < c1 - c0 else "",
-        "torch.sparse on %s" % torch_backend.active() if torch_backend.active() else "graph_utils' spmm"))
-    scores = dif.diffuse(W, T, y_lab, split.nclass, args.niter, class_range=(c0, c1),
-                         lslice=lslice, lab_nodes=lab_nodes, on_iter=store_L if args.storeLiters else None,
-                         sparse_start=args.sparse_iterations == "auto")
-    times["diffusion"] = time.time() - t0
+    scores, _, dinfo = dif.diffuse_knn(I_nodes, I_test, y_lab, split.nclass, args.niter, class_range=(c0, c1),
+                                       lslice=args.lslice, renumber=args.reorder,
+                                       on_iter=store_L if args.storeLiters else None,
+                                       sparse_start=args.sparse_iterations == "auto")
+    del I_nodes, I_test
+    times.update(dinfo["times"])
     meta = _meta(args)
 
     if args.store_slice:
@@ -346,7 +322,7 @@ def main(argv=None):
                 with open(tmp, "wb") as f:
                     pickle.dump([np.ascontiguousarray(S) for S in scores], f, 2)
             log("wrote %s" % args.storeLname)
-    res["graph"] = {"nodes": n, "W_nnz": int(W.nnz)}
+    res["graph"] = {"nodes": n, "W_nnz": dinfo["W_nnz"]}
     res["backend"] = torch_backend.describe()
     res["graph"].update({key: ginfo[key] for key in ("node_index", "bg_index_recall@10", "node_index_recall@10",
                                                      "cache", "cache_built", "rows_beyond_bf16_bound")

@@ -129,7 +129,7 @@ def _check_table(I, name, dtypes=(np.int32, np.int64)):
                                                            I.dtype))
     if I.ndim != 2:
         raise ValueError("%s must be 2-D, got shape %s" % (name, I.shape))
-    if I.shape[1] > 1 and I.strides[1] != I.itemsize or I.strides[0] < 0:
+    if I.size and (I.shape[1] > 1 and I.strides[1] != I.itemsize or I.strides[0] < 0):
         raise ValueError("%s must have contiguous rows (use np.ascontiguousarray)" % name)
 
 

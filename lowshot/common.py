@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import glob
 import json
+import logging
 import os
 import re
 import resource
@@ -18,7 +19,7 @@ import psutil
 _T0 = time.time()
 
 
-class InputError(Exception):
+class InputError(ValueError):
     """A problem with the user's input (missing file, wrong shape, bad flag value).
 
     Scripts turn it into a one-line ``error: ...`` message and exit status 2, never a traceback.
@@ -74,9 +75,32 @@ class OwnMemoryPeak:
         return max(self._peak, anon_rss_gib() or 0.0)
 
 
+LOG = logging.getLogger("lowshot")
+# > 0 inside library_logging(): progress goes to the "lowshot" logger instead of stdout
+_TO_LOGGER = [0]
+
+
 def log(*msg):
-    """Print one progress line prefixed with elapsed seconds and resident memory; flushes."""
-    print("[%8.2f s, RSS %6.2f GiB]" % (time.time() - _T0, rss_gib()), *msg, flush=True)
+    """Print one progress line prefixed with elapsed seconds and resident memory; flushes.
+
+    Inside :func:`library_logging` (the Python API) the line goes to the ``lowshot`` logger at INFO
+    level instead: silent unless the caller configures logging."""
+    line = "[%8.2f s, RSS %6.2f GiB] %s" % (time.time() - _T0, rss_gib(), " ".join(str(m) for m in msg))
+    if _TO_LOGGER[0]:
+        LOG.info(line)
+    else:
+        print(line, flush=True)
+
+
+@contextlib.contextmanager
+def library_logging():
+    """Within this block :func:`log` writes to ``logging.getLogger("lowshot")`` rather than stdout:
+    the scripts print their progress, the Python API's callers choose with :mod:`logging`."""
+    _TO_LOGGER[0] += 1
+    try:
+        yield
+    finally:
+        _TO_LOGGER[0] -= 1
 
 
 def print_args(args):

@@ -317,6 +317,27 @@ def bg_index_recall(index, bg_x, xq, nq=None, seed=0):
     return recall_at(Ia, Igt), len(sample)
 
 
+def search_nodes(xq, x0, k, index1=None, bs=SEARCH_BS):
+    """The graph neighbours of new rows (the 2018 one-hop scoring of test images): exact search into
+    set 0 and the background index, merged as :func:`complete_graph` merges its 2 -> 0 and 2 -> 1
+    searches (a background candidate first on equal similarities).
+
+    Parameters
+    ----------
+    xq : ndarray float32 (nq, d), normalised queries
+    x0 : ndarray float32 (n0, d), normalised set-0 vectors (node ids 0..n0-1)
+    index1 : faiss index over the normalised background (node ids n0..), or None
+
+    Returns
+    -------
+    I : ndarray int32 (nq, k), node ids (-1 where fewer than k nodes exist)
+    """
+    D, I, _ = exact_search(xq, x0, k)
+    if index1 is not None:
+        D, I = _bg_first(*knn_search(index1, xq, k, bs), x0.shape[0], D, I)
+    return I
+
+
 ############################################################################################
 # The completion
 ############################################################################################

@@ -15,6 +15,8 @@ L0 has one entry per labelled node, and L_t spreads t hops from them: while few 
 the first iterations run on a sparse L (all classes at once, :func:`sparse_iterations`), then on dense
 (n, lslice) blocks.
 """
+import time
+
 import numpy as np
 
 from lowshot import evaluate, torch_backend
@@ -144,6 +146,76 @@ def diffuse(W, T, y_lab, nclass, niter, class_range=None, lslice=0, on_iter=None
         del L
     del ops
     return scores
+
+
+# Below this many nodes L fits in cache and renumbering costs more than it saves.
+REORDER_MIN_NODES = 200000
+
+
+def diffuse_knn(I_nodes, I_test, y_lab, nclass, niter, class_range=None, lslice=None, renumber="auto",
+                sparse_start=True, on_iter=None, keep_L=False):
+    """The method from a k-NN table: W, the renumbering, the diffusion; what ``diffusion.py`` and
+    :class:`lowshot.LabelDiffusion` both run.
+
+    Parameters
+    ----------
+    I_nodes : ndarray int32 (n, k)
+        Neighbours of every graph node (node ids, -1: none); the labelled nodes are 0..nl-1.
+    I_test : ndarray int32 (nt, k)
+        Graph neighbours of the images to score (nt may be 0).
+    y_lab : ndarray int (nl,)
+        Labels in 0..nclass-1 of nodes 0..nl-1.
+    nclass, niter, class_range, sparse_start, on_iter
+        As :func:`diffuse`; ``on_iter`` gets L with its rows in node order (renumbering undone).
+    lslice : int or None
+        Class block (None: :func:`auto_lslice`; 0: all classes at once).
+    renumber : "auto", "on" or "off"
+        Renumber the nodes breadth-first (:func:`reorder`; auto: from REORDER_MIN_NODES nodes).
+    keep_L : bool
+        Also return the node matrix after the last iteration, (n, c1 - c0) float32 in node order.
+
+    Returns
+    -------
+    scores : list of niter + 1 ndarrays float32 (nt, c1 - c0)
+    L : ndarray float32 (n, c1 - c0), or None without ``keep_L``
+    info : dict: ``nodes``, ``W_nnz``, ``lslice``, times of ``make_W``, ``reorder``, ``diffusion``
+    """
+    import graph_utils
+    n = I_nodes.shape[0]
+    c0, c1 = class_range or (0, nclass)
+    info = {"nodes": n, "times": {}}
+    t0 = time.time()
+    log("W = rownorm(W0 + W0^T) over %d nodes" % n)
+    W = graph_utils.knn_to_graph(I_nodes, n)
+    T = graph_utils.csr_from_knn(I_test, n)
+    info["W_nnz"] = int(W.nnz)
+    log("W: %d nnz (%.1f per row); T: %d x %d" % (W.nnz, W.nnz / max(1, n), T.shape[0], T.shape[1]))
+    info["times"]["make_W"] = time.time() - t0
+    lab_nodes = new_id = None
+    if renumber == "on" or (renumber == "auto" and n >= REORDER_MIN_NODES):
+        t0 = time.time()
+        log("renumbering the %d nodes breadth-first (locality of the products)" % n)
+        W, T, new_id = reorder(W, T)
+        lab_nodes = new_id[:len(y_lab)]
+        info["times"]["reorder"] = time.time() - t0
+    L_last = np.zeros((n, c1 - c0), dtype=np.float32) if keep_L else None
+
+    def node_order(t, b0, b1, L):
+        if keep_L and t == niter:
+            L_last[:, b0 - c0:b1 - c0] = L if new_id is None else L[new_id]
+        if on_iter:
+            on_iter(t, b0, b1, L if new_id is None else L[new_id])
+
+    t0 = time.time()
+    lslice = auto_lslice(n, c1 - c0) if lslice is None else lslice
+    info["lslice"] = lslice
+    log("diffusion of classes %d:%d, %d iterations%s (%s)" % (
+        c0, c1, niter, ", blocks of %d classes" % lslice if 0 < lslice < c1 - c0 else "",
+        "torch.sparse on %s" % torch_backend.active() if torch_backend.active() else "graph_utils' spmm"))
+    scores = diffuse(W, T, y_lab, nclass, niter, class_range=(c0, c1), lslice=lslice, lab_nodes=lab_nodes,
+                     on_iter=node_order if (on_iter or keep_L) else None, sparse_start=sparse_start)
+    info["times"]["diffusion"] = time.time() - t0
+    return scores, L_last, info
 
 
 # The first iterations run on a sparse L (graph_utils.spgemm) while L_t fills at most SPARSE_MAX_FILL of

@@ -376,7 +376,8 @@ def _is_ivf_file(path):
 
 
 def read_background_index(path, nbg, d, nprobe=None, ef_search=None, search_L=None):
-    """Read the stored background index, check it, set search parameters, move it to GPUs if any."""
+    """Read the stored background index, check it (``nbg`` vectors, of dimension ``d`` unless None),
+    set search parameters, move it to GPUs if any."""
     try:
         # IVF on CPU: the lists stay in the file, memory-mapped (page cache, shared by the tasks of a
         # node, not the process' own memory: 10 GB at F10M)
@@ -385,9 +386,9 @@ def read_background_index(path, nbg, d, nprobe=None, ef_search=None, search_L=No
     except RuntimeError as e:
         raise InputError("background index %s cannot be read by faiss: %s" % (
             path, (str(e).strip().splitlines() or ["error"])[0]))
-    if index.ntotal != nbg or index.d != d:
-        raise InputError("background index %s holds %d vectors of d = %d, expected %d of d = %d" % (
-            path, index.ntotal, index.d, nbg, d))
+    if index.ntotal != nbg or (d is not None and index.d != d):
+        raise InputError("background index %s holds %d vectors of d = %d, expected %d of d = %s" % (
+            path, index.ntotal, index.d, nbg, "any" if d is None else d))
     if isinstance(index, faiss.IndexIVF) and nprobe:
         index.nprobe = nprobe
     if isinstance(index, faiss.IndexHNSW) and ef_search:
