@@ -238,16 +238,33 @@ class LabelDiffusion(ClassifierMixin, BaseEstimator):
     sum 1; each iteration is ``L <- colnorm(W L)`` (no clamping: labelled rows change too). After
     ``niter`` iterations a row of X gets the class of its largest entry of L, and a new row the class
     with the most mass on its ``k`` neighbours among the nodes (one hop, as the 2018 code scores test
-    images).
+    images). ``variant`` runs the classic alternatives on the same graph and the same one-hop scoring
+    (their formulas: :mod:`lowshot.method`).
 
     Parameters
     ----------
     k : int, default=30
         Neighbours per node (the paper's k).
     niter : int or None, default=None
-        Diffusion iterations. None: the count the 2018 code validated (k = 30, every class with the
-        same number n in {1, 2, 5, 10, 20} of labelled rows, and 0, 1e5, 1e6, 1e7 or 1e8 unlabelled
-        rows: e.g. 3 at n = 2 with 1e6), else 3. The value used is ``niter_``.
+        Diffusion iterations. None: for douze18, the count the 2018 code validated (k = 30, every
+        class with the same number n in {1, 2, 5, 10, 20} of labelled rows, and 0, 1e5, 1e6, 1e7 or
+        1e8 unlabelled rows: e.g. 3 at n = 2 with 1e6), else 3; for the other variants their reference
+        implementation's default (spreading 30, propagation 1000, poisson 50). The value used is
+        ``niter_``.
+    variant : {"douze18", "spreading", "propagation", "poisson"}, default="douze18"
+        douze18: the paper's; spreading: Zhou et al. 2004 (scikit-learn's ``LabelSpreading``);
+        propagation: Zhu and Ghahramani 2002, hard clamping (scikit-learn's ``LabelPropagation``);
+        poisson: Calder et al. 2020 (graphlearning's ``ssl.poisson``).
+    weights : {"binary", "similarity", "gaussian"}, default="binary"
+        Edge weights: 1 (the paper), cosine similarity to the power ``power``, or graphlearning's
+        Gaussian self-tuned by each node's k-th neighbour.
+    alpha : float, default=0.2
+        spreading: ``L <- alpha A L + (1 - alpha) Y``, in (0, 1).
+    power : float, default=3.0
+        similarity weights: the power of the cosine.
+    tol : float, None or "auto", default="auto"
+        Stop once an iteration changes L by less than this (L1 over every entry); None: always
+        ``niter`` iterations; auto: scikit-learn's 1e-3 for spreading and propagation, None otherwise.
     device : {"auto", "cpu", "cuda", "torch-cpu"}, default="auto"
         auto: torch on CUDA when torch sees a GPU (faiss-gpu for faiss' searches when faiss sees one),
         else graph_utils' C++ kernels; cpu: graph_utils only; torch-cpu: the torch code on the CPU.
@@ -286,9 +303,15 @@ class LabelDiffusion(ClassifierMixin, BaseEstimator):
     >>> clf.predict(X_new)                           # doctest: +SKIP
     """
 
-    def __init__(self, k=30, niter=None, device="auto", graph_method="auto", lslice=None):
+    def __init__(self, k=30, niter=None, variant="douze18", weights="binary", alpha=0.2, power=3.0, tol="auto",
+                 device="auto", graph_method="auto", lslice=None):
         self.k = k
         self.niter = niter
+        self.variant = variant
+        self.weights = weights
+        self.alpha = alpha
+        self.power = power
+        self.tol = tol
         self.device = device
         self.graph_method = graph_method
         self.lslice = lslice
@@ -305,6 +328,15 @@ class LabelDiffusion(ClassifierMixin, BaseEstimator):
             raise ValueError("graph_method must be auto, exact, ivf or hnsw, got %r" % (self.graph_method,))
         if self.lslice is not None and (not isinstance(self.lslice, (int, np.integer)) or self.lslice < 0):
             raise ValueError("lslice must be None or an integer >= 0, got %r" % (self.lslice,))
+        from lowshot import method
+        if self.variant not in method.VARIANTS:
+            raise ValueError("variant must be one of %s, got %r" % (", ".join(method.VARIANTS), self.variant))
+        tol = method.DEFAULT_TOL.get(self.variant) if isinstance(self.tol, str) and self.tol == "auto" else self.tol
+        try:
+            return method.Method(self.variant, self.weights, float(self.alpha), float(self.power),
+                                 None if tol is None else float(tol))
+        except (TypeError, ValueError) as e:
+            raise ValueError(str(e))
 
     def fit(self, X, y, background=None, background_graph=None):
         """Build the graph over X's rows (and the background), diffuse the labels of the rows whose
@@ -325,7 +357,7 @@ class LabelDiffusion(ClassifierMixin, BaseEstimator):
         self
         """
         from lowshot import completion, diffuse, search, torch_backend
-        self._check_params()
+        m = self._check_params()
         X, y = validate_data(self, _from_torch(X), _from_torch(y), dtype=np.float32, order="C",
                              ensure_min_samples=2)
         check_classification_targets(y)
@@ -370,14 +402,16 @@ class LabelDiffusion(ClassifierMixin, BaseEstimator):
                 bg = {"x": set1, "index": g.index, "D": g.D, "I": g.I, "exact_index": g.method == "exact"}
             else:
                 self.background_graph_ = None
-            I_nodes, _, info = completion.complete_graph(x0, np.zeros((0, d), np.float32), k, bg)
+            D_nodes = None if m.weights == "binary" else np.empty((nodes, k), dtype=np.float32)
+            I_nodes, _, info = completion.complete_graph(x0, np.zeros((0, d), np.float32), k, bg, D_out=D_nodes)
             self.niter_ = self.niter
             if self.niter_ is None:
                 counts = np.bincount(y_lab)
                 self.niter_, _ = diffuse.default_niter(nodes - nl, int(counts[0]) if (counts == counts[0]).all()
-                                                       else -1, k)
+                                                       else -1, k, m.variant)
             _, L, dinfo = diffuse.diffuse_knn(I_nodes, np.zeros((0, k), np.int32), y_lab, len(self.classes_),
-                                              self.niter_, lslice=self.lslice, keep_L=True)
+                                              self.niter_, lslice=self.lslice, keep_L=True, method=m,
+                                              D_nodes=D_nodes)
         info.update(dinfo)
         self.graph_info_ = info
         self._x0, self._k, self._L = x0, k, L
@@ -422,8 +456,12 @@ class LabelDiffusion(ClassifierMixin, BaseEstimator):
 
 
 def _rows_to_proba(S):
-    """Rows scaled to sum 1; all-zero rows become uniform."""
+    """Rows scaled to sum 1; all-zero rows become uniform. Rows with negative scores (Poisson
+    learning's) are first shifted to a minimum of 0: an order of the classes, not calibrated
+    probabilities."""
     S = np.asarray(S, dtype=np.float32)
+    if (S < 0).any():
+        S = S - S.min(axis=1, keepdims=True)
     s = S.sum(axis=1, keepdims=True)
     out = np.where(s > 0, S / np.where(s > 0, s, 1), np.float32(1.0 / max(1, S.shape[1])))
     return out.astype(np.float32)

@@ -344,7 +344,7 @@ def search_nodes(xq, x0, k, index1=None, bs=SEARCH_BS):
 
 
 def complete_graph(x0, xt, k, bg=None, node_index="exact", node_nprobe=16, nbase=0, cache_root=None,
-                   bs=SEARCH_BS, recall_nq=None):
+                   bs=SEARCH_BS, recall_nq=None, D_out=None):
     """The k-NN graph over the nodes (set 0, then background) and the test images' graph neighbours.
 
     Parameters
@@ -364,6 +364,8 @@ def complete_graph(x0, xt, k, bg=None, node_index="exact", node_nprobe=16, nbase
     nbase, cache_root : with nbase > 0, cache_root and exact search, the searches into x0[:nbase]
         come from :func:`base_searches`
     recall_nq : sampled queries for the recall of approximate searches (None: default, 0: skip)
+    D_out : array float32 (n0 + nbg, k) or None
+        Receives the similarities of ``I_nodes`` (edge weights other than binary need them).
 
     Returns
     -------
@@ -446,6 +448,8 @@ def complete_graph(x0, xt, k, bg=None, node_index="exact", node_nprobe=16, nbase
         del D_01, I_01, D_21, I_21
         info["time_search_01"] = time.time() - t0
     I_nodes[:n0] = I_00
+    if D_out is not None:
+        D_out[:n0] = D_00
     del D_00, I_00
     if bg is not None:
         t0 = time.time()
@@ -478,6 +482,8 @@ def complete_graph(x0, xt, k, bg=None, node_index="exact", node_nprobe=16, nbase
                 uncertain[0] += u
                 merge_into(D_10, I_10, D_1R, I_1R, nbase)
             I_nodes[n0 + i0:n0 + i1] = I_10
+            if D_out is not None:
+                D_out[n0 + i0:n0 + i1] = D_10
             if time.time() - tlast > 10:
                 tlast = time.time()
                 log("  background rows %d / %d (%.0f rows/s, %.0f s left)" % (

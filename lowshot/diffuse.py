@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from lowshot import evaluate, torch_backend
+from lowshot import method as method_mod
 from lowshot.common import InputError, log
 
 
@@ -37,8 +38,10 @@ VALIDATED_K = 30
 DEFAULT_NITER = 3
 
 
-def default_niter(nbg, nlabeled, k):
+def default_niter(nbg, nlabeled, k, variant="douze18"):
     """(iterations, where they come from) for a run without --niter."""
+    if variant != "douze18":
+        return method_mod.DEFAULT_NITER[variant], "the default of %s's reference implementation" % variant
     it = VALIDATED_NITER.get(nbg, {}).get(nlabeled) if k == VALIDATED_K else None
     if it is not None:
         return it, "validated by the 2018 code for nbg = %d, n = %d, k = %d" % (nbg, nlabeled, k)
@@ -55,7 +58,7 @@ def reorder(W, T):
 
     Parameters
     ----------
-    W : graph_utils.CSR (n, n); T : graph_utils.CSR (nt, n)
+    W : graph_utils.CSR (n, n) or lowshot.method.Operator; T : graph_utils.CSR (nt, n)
 
     Returns
     -------
@@ -63,9 +66,13 @@ def reorder(W, T):
     labelled nodes; ``M[new_id]`` puts the rows of a node matrix M back in the original order).
     """
     import graph_utils
-    perm = graph_utils.locality_order(W)
-    new_id = graph_utils.inverse_permutation(perm)
-    return graph_utils.permute(W, perm), graph_utils.permute_columns(T, perm), new_id
+    if isinstance(W, method_mod.Operator):
+        perm = graph_utils.locality_order(W.A)
+        W2 = W.permuted(perm)
+    else:
+        perm = graph_utils.locality_order(W)
+        W2 = graph_utils.permute(W, perm)
+    return W2, graph_utils.permute_columns(T, perm), graph_utils.inverse_permutation(perm)
 
 
 # Columns of L diffused at a time by default: 128 (rows of 512 bytes: at F1M, 3 iterations over 507
@@ -82,13 +89,14 @@ def auto_lslice(n, ncols):
 
 
 def diffuse(W, T, y_lab, nclass, niter, class_range=None, lslice=0, on_iter=None, lab_nodes=None,
-            sparse_start=True):
+            sparse_start=True, info=None):
     """Run the diffusion and score the test images after every iteration.
 
     Parameters
     ----------
-    W : graph_utils.CSR (n, n)
-        Row-normalised graph (:func:`graph_utils.knn_to_graph`).
+    W : graph_utils.CSR (n, n) or lowshot.method.Operator
+        The 2018 graph (:func:`graph_utils.knn_to_graph`), or a variant's operator
+        (:func:`lowshot.method.build_operator`).
     T : graph_utils.CSR (nt, n)
         Binary test-to-node matrix (:func:`graph_utils.csr_from_knn`).
     y_lab : ndarray, int (nl,)
@@ -104,48 +112,78 @@ def diffuse(W, T, y_lab, nclass, niter, class_range=None, lslice=0, on_iter=None
         float32 matrices instead of two (n, c1-c0).
     on_iter : callable (t, c0, c1, L) or None
         Called with the (n, c) label matrix after iteration t (t = 0: initial) of the class block
-        [c0, c1) (e.g. to store it).
+        [c0, c1) (e.g. to store it); for spreading, its row-normalised ``out``.
     lab_nodes : ndarray, int (nl,) or None
         Node ids of the labelled images after :func:`reorder` (None: 0..nl-1).
     sparse_start : bool
-        Run the first iterations on a sparse L while it is sparse (:func:`sparse_iterations`): the
-        same scores to float rounding, faster when few nodes are labelled.
+        douze18: run the first iterations on a sparse L while it is sparse (:func:`sparse_iterations`):
+        the same scores to float rounding, faster when few nodes are labelled.
+    info : dict or None
+        Receives ``iterations_run``: per class block, the iterations done before ``tol`` stopped it.
 
     Returns
     -------
     list of niter+1 ndarrays float32 (nt, c1-c0): test scores after 0, 1, ..., niter iterations.
     """
-    n = W.shape[0]
+    op = W if isinstance(W, method_mod.Operator) else method_mod.Operator(W)
+    n = op.shape[0]
     if T.shape[1] != n:
         raise ValueError("T has %d columns but W has %d nodes" % (T.shape[1], n))
     c0, c1 = class_range or (0, nclass)
     if not 0 <= c0 < c1 <= nclass:
         raise InputError("class range %d:%d is not inside 0:%d" % (c0, c1, nclass))
     lslice = lslice if lslice and lslice > 0 else c1 - c0
+    lab_nodes = np.arange(len(y_lab)) if lab_nodes is None else np.asarray(lab_nodes, dtype=np.int64)
     nt = T.shape[0]
     scores = [np.empty((nt, c1 - c0), dtype=np.float32) for _ in range(niter + 1)]
-    # L0 and the first iterations on a sparse L, while it is sparse (all classes at once)
-    t0, Ls = sparse_iterations(W, T, y_lab, lab_nodes, c0, c1, niter if sparse_start else 0, scores,
-                               on_iter=on_iter, lslice=lslice)
-    if t0 == niter:
-        return scores
+    tol = op.method.tol
+    t0, Ls = -1, None
+    if op.method.variant == "douze18" and tol is None:
+        # L0 and the first iterations on a sparse L, while it is sparse (all classes at once)
+        t0, Ls = sparse_iterations(op.A, T, y_lab, lab_nodes, c0, c1, niter if sparse_start else 0, scores,
+                                   on_iter=on_iter, lslice=lslice)
+        if t0 == niter:
+            return scores
     if torch_backend.active():
-        ops = torch_backend.TorchDiffusionOps(W, T)
+        ops = torch_backend.TorchDiffusionOps(op.A, T)
     else:
-        ops = _GraphUtilsOps(W, T, min(lslice, c1 - c0))
+        ops = _GraphUtilsOps(op.A, T, min(lslice, c1 - c0))
+    runs = []
     for b0 in range(c0, c1, lslice):
         b1 = min(c1, b0 + lslice)
         if lslice < c1 - c0:
             log("classes %d:%d" % (b0, b1))
-        L = ops.start(_dense_columns(Ls, b0 - c0, b1 - c0, ops.label_buffer(b1 - b0)))
-        for t in range(t0 + 1, niter + 1):
-            L = ops.step(L)
-            scores[t][:, b0 - c0:b1 - c0] = ops.scores(L)
-            if on_iter:
-                on_iter(t, b0, b1, ops.numpy(L))
-        del L
+        blk = method_mod.Block(op, ops, y_lab, lab_nodes, b0, b1)
+        if Ls is not None:
+            L = ops.start(_dense_columns(Ls, b0 - c0, b1 - c0, ops.label_buffer(b1 - b0)))
+        else:
+            L = blk.start(ops.label_buffer(b1 - b0))
+        out, t, done = blk.out(L), t0 + 1, False
+        if Ls is None:
+            t = _record(0, b0, b1, c0, blk.out(L), ops, scores, on_iter) + 1
+        while t <= niter:
+            if not done:
+                L_next = blk.step(L)
+                done = tol is not None and float(abs(L_next - L).sum()) < tol
+                L, out = L_next, blk.out(L_next)
+                if done:
+                    runs.append(t)
+            _record(t, b0, b1, c0, out, ops, scores, on_iter)
+            t += 1
+        if not done:
+            runs.append(niter)
+        del L, out, blk
     del ops
+    if info is not None:
+        info["iterations_run"] = runs
     return scores
+
+
+def _record(t, b0, b1, c0, out, ops, scores, on_iter):
+    scores[t][:, b0 - c0:b1 - c0] = ops.scores(out)
+    if on_iter:
+        on_iter(t, b0, b1, ops.numpy(out))
+    return t
 
 
 # Below this many nodes L fits in cache and renumbering costs more than it saves.
@@ -153,7 +191,7 @@ REORDER_MIN_NODES = 200000
 
 
 def diffuse_knn(I_nodes, I_test, y_lab, nclass, niter, class_range=None, lslice=None, renumber="auto",
-                sparse_start=True, on_iter=None, keep_L=False):
+                sparse_start=True, on_iter=None, keep_L=False, method=None, D_nodes=None):
     """The method from a k-NN table: W, the renumbering, the diffusion; what ``diffusion.py`` and
     :class:`lowshot.LabelDiffusion` both run.
 
@@ -173,20 +211,27 @@ def diffuse_knn(I_nodes, I_test, y_lab, nclass, niter, class_range=None, lslice=
         Renumber the nodes breadth-first (:func:`reorder`; auto: from REORDER_MIN_NODES nodes).
     keep_L : bool
         Also return the node matrix after the last iteration, (n, c1 - c0) float32 in node order.
+    method : lowshot.method.Method or None
+        The variant (None: douze18, the paper's).
+    D_nodes : ndarray float32 (n, k) or None
+        Similarities of I_nodes (weights other than binary need them).
 
     Returns
     -------
     scores : list of niter + 1 ndarrays float32 (nt, c1 - c0)
     L : ndarray float32 (n, c1 - c0), or None without ``keep_L``
-    info : dict: ``nodes``, ``W_nnz``, ``lslice``, times of ``make_W``, ``reorder``, ``diffusion``
+    info : dict: ``nodes``, ``W_nnz``, ``lslice``, ``iterations_run``, times of ``make_W``, ``reorder``,
+        ``diffusion``
     """
     import graph_utils
     n = I_nodes.shape[0]
     c0, c1 = class_range or (0, nclass)
+    m = method or method_mod.DOUZE18
     info = {"nodes": n, "times": {}}
     t0 = time.time()
-    log("W = rownorm(W0 + W0^T) over %d nodes" % n)
-    W = graph_utils.knn_to_graph(I_nodes, n)
+    log("W = rownorm(W0 + W0^T) over %d nodes" % n if m == method_mod.DOUZE18 else
+        "operator of %s over %d nodes" % (m.record(), n))
+    W = method_mod.build_operator(I_nodes, n, m, D_nodes)
     T = graph_utils.csr_from_knn(I_test, n)
     info["W_nnz"] = int(W.nnz)
     log("W: %d nnz (%.1f per row); T: %d x %d" % (W.nnz, W.nnz / max(1, n), T.shape[0], T.shape[1]))
@@ -213,7 +258,7 @@ def diffuse_knn(I_nodes, I_test, y_lab, nclass, niter, class_range=None, lslice=
         c0, c1, niter, ", blocks of %d classes" % lslice if 0 < lslice < c1 - c0 else "",
         "torch.sparse on %s" % torch_backend.active() if torch_backend.active() else "graph_utils' spmm"))
     scores = diffuse(W, T, y_lab, nclass, niter, class_range=(c0, c1), lslice=lslice, lab_nodes=lab_nodes,
-                     on_iter=node_order if (on_iter or keep_L) else None, sparse_start=sparse_start)
+                     on_iter=node_order if (on_iter or keep_L) else None, sparse_start=sparse_start, info=info)
     info["times"]["diffusion"] = time.time() - t0
     return scores, L_last, info
 
@@ -321,11 +366,23 @@ class _GraphUtilsOps:
     def start(self, L0):
         return L0
 
-    def step(self, L):
+    def product(self, L):
+        """W L into the other block (L stays valid)."""
         import graph_utils
         self.cur = 1 - self.cur
-        out = graph_utils.spmm(self.W, L, out=self._view(self.cur, L.shape[1]))
-        return graph_utils.col_normalize(out)
+        return graph_utils.spmm(self.W, L, out=self._view(self.cur, L.shape[1]))
+
+    def product_new(self, X):
+        """W X in a new array (a single column: the variants' row sums)."""
+        import graph_utils
+        return graph_utils.spmm(self.W, X)
+
+    def colnorm(self, L):
+        import graph_utils
+        return graph_utils.col_normalize(L)
+
+    def const(self, a):
+        return a
 
     def scores(self, L):
         import graph_utils

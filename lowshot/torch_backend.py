@@ -283,14 +283,23 @@ class TorchDiffusionOps:
         """The block's initial label matrix (numpy (n, c)) on the device."""
         return self.torch.from_numpy(L0).to(self.device)
 
-    def step(self, L):
-        """colnorm(W L): columns scaled to sum 1, zero columns stay."""
-        L = self.torch.sparse.mm(self.W, L)
+    def product(self, L):
+        """W L, a new tensor."""
+        return self.torch.sparse.mm(self.W, L)
+
+    product_new = product
+
+    def colnorm(self, L):
+        """Columns scaled to sum 1, zero columns stay."""
         s = L.sum(0)
         return L / self.torch.where(s == 0, self.torch.ones_like(s), s)
+
+    def const(self, a):
+        """A numpy constant (index or value array) on the device."""
+        return self.torch.as_tensor(a, device=self.device)
 
     def scores(self, L):
         return self.torch.sparse.mm(self.T, L).cpu().numpy()
 
     def numpy(self, L):
-        return L.cpu().numpy()
+        return L.cpu().numpy() if isinstance(L, self.torch.Tensor) else L

@@ -253,3 +253,21 @@ def test_readme_example_runs_and_prints_what_the_readme_says(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path),
                          check=True).stdout.strip()
     assert out and out in after, (out, after)
+
+
+@pytest.mark.parametrize("variant", ["spreading", "propagation"])
+def test_variants_equal_scikit_learn_through_the_estimator(variant):
+    """LabelDiffusion(variant=...) with its defaults (niter, tol) is scikit-learn's estimator of the
+    same name on the same graph (unit rows: Euclidean neighbours are the cosine ones)."""
+    from sklearn.semi_supervised import LabelPropagation, LabelSpreading
+    X, y = clustered(500, 10, 4, seed=11)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    y_few = np.full_like(y, -1)
+    y_few[np.random.RandomState(12).choice(500, 24, replace=False)] = y[:24]
+    ref = (LabelSpreading if variant == "spreading" else LabelPropagation)(kernel="knn", n_neighbors=8)
+    ref.fit(X.astype(np.float64), y_few)
+    clf = LabelDiffusion(k=8, variant=variant).fit(X, y_few)
+    np.testing.assert_allclose(clf.label_distributions_, ref.label_distributions_, rtol=1e-3, atol=1e-5)
+    assert (clf.transduction_ == ref.transduction_).mean() > 0.99
+    Xq, _ = clustered(50, 10, 4, seed=13)
+    np.testing.assert_allclose(clf.predict_proba(Xq), ref.predict_proba(Xq), rtol=1e-3, atol=1e-5)
