@@ -12,8 +12,8 @@ Subcommands (DDIR = --ddir or $DDIR; run_demo.bash uses demo_ddir/ at the reposi
             (run_demo.bash then runs own_data.py on them: split by emoji identity, features,
             PCA, graph, phases config)
   table     read the phases' results (DDIR/runs/results/diffusion.json) and chosen parameters,
-            write the demo's Markdown table (--out, default results/demo.md: top-5 accuracy,
-            mean +- std over seeds, all and novel classes, chance level) and plot (--png)
+            write the demo's Markdown table (--out, default results/demo.md: top-5 accuracy, then
+            top-1, mean +- std over seeds, all and novel classes, chance level) and plot (--png)
 
 Example (what run_demo.bash runs):
   python demo.py fetch --ddir demo_ddir && python demo.py prepare --ddir demo_ddir

@@ -23,8 +23,10 @@ Graph: nodes = labelled images (then, with --indomain, the other training images
 classes, unlabelled), then the nbg background images; each node is linked to its k most similar
 nodes (cosine of PCA'd, L2-normalised vectors); W = row-L1-normalised (W0 + W0^T). Diffusion:
 L0 = one-hot labels, columns normalised to 1; L <- colnorm(W L) for --niter iterations; a test
-image's scores = sum of L over its k nearest graph nodes. Top-5 accuracy (all classes, novel
-classes) is printed for the initial state and after every iteration.
+image's scores = sum of L over its k nearest graph nodes. --variant spreading|propagation|poisson and
+--weights similarity|gaussian run the classic graph-based alternatives on the same graph and the same
+one-hop scoring (formulas in lowshot/method.py). Top-1 and top-5 accuracy (all classes,
+novel classes) are printed for the initial state and after every iteration.
 
 Examples:
   python diffusion.py --mode test --nlabeled 2 --seed 1 --k 30 --nbg 1000000 --niter 3
@@ -41,7 +43,7 @@ import time
 import faiss
 import numpy as np
 
-from lowshot import completion, data, evaluate, graph, search, torch_backend
+from lowshot import completion, data, evaluate, graph, method, search, torch_backend
 from lowshot import diffuse as dif
 from lowshot.common import (HelpFormatter, InputError, get_ddir, log, peak_rss_gib, print_args, print_result,
                             require_file, run_main, write_json, atomic_output, OwnMemoryPeak)
@@ -87,12 +89,28 @@ def parse_args(argv):
                    help="renumber the nodes breadth-first before diffusing (same result, faster "
                         "products); auto: from %d nodes" % dif.REORDER_MIN_NODES)
     g.add_argument("--niter", type=int, default=None,
-                   help="diffusion iterations (default: the value the 2018 code validated for this --nbg, "
-                        "--nlabeled and k = 30: 3 for F1M at n = 1, 2, 5, 4 for F10M...; 3 elsewhere)")
+                   help="diffusion iterations (default: douze18: the value the 2018 code validated for this "
+                        "--nbg, --nlabeled and k = 30: 3 for F1M at n = 1, 2, 5, 4 for F10M...; 3 elsewhere; "
+                        "spreading 30, propagation 1000, poisson 50: their reference implementations' defaults)")
     g.add_argument("--lslice", type=int, default=None,
                    help="diffuse classes by blocks of this many columns (0: all at once; default: "
                         "auto, see lowshot.diffuse.auto_lslice); same result, peak memory ~2 (n, lslice) "
                         "float32 matrices instead of (n, C)")
+    g.add_argument("--variant", default="douze18", choices=method.VARIANTS,
+                   help="douze18: the paper's (colnorm(W L), no clamping); spreading: Zhou et al. 2004 "
+                        "(scikit-learn's LabelSpreading); propagation: Zhu and Ghahramani 2002 (scikit-learn's "
+                        "LabelPropagation, hard clamping); poisson: Calder et al. 2020 (graphlearning's Poisson "
+                        "learning). Formulas: lowshot/method.py")
+    g.add_argument("--weights", default="binary", choices=method.WEIGHTS,
+                   help="edge weights of the k-NN graph: binary (the paper), similarity (cosine^--power), "
+                        "gaussian (self-tuned by each node's k-th neighbour, as graphlearning)")
+    g.add_argument("--alpha", type=float, default=method.DEFAULT_ALPHA,
+                   help="spreading: weight of the diffused labels against the initial ones, in (0, 1)")
+    g.add_argument("--power", type=float, default=method.DEFAULT_POWER, help="similarity weights: the power")
+    g.add_argument("--tol", type=float, default=None,
+                   help="stop a class block once L changes by less than this (L1) in an iteration; later "
+                        "iterations repeat its scores (default: none for douze18 and poisson, scikit-learn's 1e-3 "
+                        "for spreading and propagation)")
     g.add_argument("--sparse_iterations", default="auto", choices=["auto", "off"],
                    help="auto: the first iterations on a sparse label matrix while it is sparse "
                         "(lowshot.diffuse.sparse_iterations); off: dense blocks throughout. Same scores "
@@ -144,19 +162,22 @@ def _check_pattern(pat):
 
 
 def _meta(args):
-    return {"script": "diffusion", "mode": args.mode, "nlabeled": args.nlabeled, "seed": args.seed,
-            "k": args.k, "nbg": args.nbg, "niter": args.niter, "indomain": bool(args.indomain)}
+    return dict({"script": "diffusion", "mode": args.mode, "nlabeled": args.nlabeled, "seed": args.seed,
+                 "k": args.k, "nbg": args.nbg, "niter": args.niter, "indomain": bool(args.indomain)},
+                **args.method.record())
 
 
 def _result(meta, accs):
-    iters = [{"iter": t, "top5": a, "top5_novel": b} for t, (a, b) in enumerate(accs)]
-    return dict(meta, iters=iters, top5=accs[-1][0], top5_novel=accs[-1][1])
+    """The result JSON: ``iters`` (per iteration, the accuracies of lowshot.evaluate.accuracies), the
+    last iteration's at the top level."""
+    iters = [dict(iter=t, **a) for t, a in enumerate(accs)]
+    return dict(meta, iters=iters, **accs[-1])
 
 
 def _print_accs(accs):
-    for t, (a, b) in enumerate(accs):
+    for t, a in enumerate(accs):
         name = "initial state" if t == 0 else "iter %d/%d" % (t, len(accs) - 1)
-        log("  %-13s %s" % (name, evaluate.format_top5(a, b)))
+        log("  %-13s %s" % (name, evaluate.format_accuracies(a)))
 
 
 def load_background(ddir, args, d):
@@ -201,7 +222,7 @@ def merge_slices(paths):
     if at != C:
         raise InputError("slice files cover classes 0:%d of %d: a slice is missing" % (at, C))
     top = dif.merge_slice_tops(parts)
-    accs = [evaluate.top5_from_ids(top[t], y, is_novel) for t in range(top.shape[0])]
+    accs = [evaluate.accuracies_from_ids(top[t], y, is_novel) for t in range(top.shape[0])]
     return meta, accs
 
 
@@ -224,8 +245,11 @@ def main(argv=None):
         raise InputError("--k %d: need at least 1 neighbour" % args.k)
     if args.nbg < 0:
         raise InputError("--nbg %d: must be >= 0" % args.nbg)
+    if args.tol is None:
+        args.tol = method.DEFAULT_TOL.get(args.variant)
+    args.method = method.Method(args.variant, args.weights, args.alpha, args.power, args.tol)
     if args.niter is None:
-        args.niter, how = dif.default_niter(args.nbg, args.nlabeled, args.k)
+        args.niter, how = dif.default_niter(args.nbg, args.nlabeled, args.k, args.variant)
         log("--niter %d: %s" % (args.niter, how))
     if args.niter < 0:
         raise InputError("--niter %d: must be >= 0" % args.niter)
@@ -274,9 +298,10 @@ def main(argv=None):
                              args.k, len(x0) + args.nbg, len(x0), args.nbg))
     t0 = time.time()
     cache_root = os.path.join(ddir, "cache") if args.completion_cache == "on" else None
+    D_nodes = None if args.weights == "binary" else np.empty((len(x0) + args.nbg, args.k), dtype=np.float32)
     I_nodes, I_test, ginfo = completion.complete_graph(
         x0, xt, args.k, bg, node_index=args.node_index, node_nprobe=args.node_nprobe, nbase=nbase,
-        cache_root=cache_root, recall_nq=args.recall_nq)
+        cache_root=cache_root, recall_nq=args.recall_nq, D_out=D_nodes)
     n = I_nodes.shape[0]
     del bg, x0, xt
     times["graph_completion"] = time.time() - t0
@@ -294,8 +319,9 @@ def main(argv=None):
     scores, _, dinfo = dif.diffuse_knn(I_nodes, I_test, y_lab, split.nclass, args.niter, class_range=(c0, c1),
                                        lslice=args.lslice, renumber=args.reorder,
                                        on_iter=store_L if args.storeLiters else None,
-                                       sparse_start=args.sparse_iterations == "auto")
-    del I_nodes, I_test
+                                       sparse_start=args.sparse_iterations == "auto", method=args.method,
+                                       D_nodes=D_nodes)
+    del I_nodes, I_test, D_nodes
     times.update(dinfo["times"])
     meta = _meta(args)
 
@@ -309,7 +335,7 @@ def main(argv=None):
         log("wrote %s" % args.store_slice)
         res = dict(meta, class_range=[c0, c1], store_slice=args.store_slice)
     else:
-        accs = [evaluate.top5(s, y_test, split.is_novel) for s in scores]
+        accs = [evaluate.accuracies(s, y_test, split.is_novel) for s in scores]
         _print_accs(accs)
         res = _result(meta, accs)
         if args.storeL:

@@ -15,8 +15,9 @@ diffusion rows (label mass on the image's graph neighbours, any scale) are divid
 
     (1 - w) * logreg + w * diffusion          w = 0: logreg alone, w = 1: diffusion alone
 
-and top-5 accuracy is reported for every weight of --weights. Choose w on --mode val, then run
---mode test with --weight w.
+and top-1 and top-5 accuracy are reported for every weight of --weights ("top1", "top5", ...: one
+list each, in the order of the weights); best_weight maximises --metric. Choose w on --mode val,
+then run --mode test with --weight w.
 
 Example:
   python fusion.py --mode val --nlabeled 2 --seed 1 --logreg_scores lr.npy \\
@@ -47,6 +48,8 @@ def parse_args(argv):
     g.add_argument("--weights", default=",".join("%g" % w for w in dif.FUSION_WEIGHTS),
                    help="comma-separated diffusion weights w in [0, 1] (default: %(default)s)")
     g.add_argument("--weight", type=float, default=None, help="a single weight (overrides --weights)")
+    g.add_argument("--metric", default="top5", choices=evaluate.metric_names(),
+                   help="what best_weight maximises (top5: the paper's; top1 for data with few classes)")
     g = p.add_argument_group("outputs")
     g.add_argument("--result", default=None, help="write the result JSON here")
     return p.parse_args(argv)
@@ -96,16 +99,17 @@ def main(argv=None):
     log("%d test images of %s, %d classes" % (y.size, val, split.nclass))
     P = _load_scores(args.logreg_scores, y.size, split.nclass, log_probs_ok=True)
     S = _load_scores(args.diffusion_scores, y.size, split.nclass)
-    top5, top5_novel = [], []
+    accs = {m: [] for m in evaluate.metric_names()}
     for w in weights:
-        a, b = evaluate.top5(dif.fuse(P, S, w), y, split.is_novel)
-        log("w = %.3f  %s" % (w, evaluate.format_top5(a, b)))
-        top5.append(a)
-        top5_novel.append(b)
-    best = int(np.argmax(top5))
-    res = {"script": "fusion", "mode": args.mode, "nlabeled": args.nlabeled, "seed": args.seed,
-           "weights": weights, "top5": top5, "top5_novel": top5_novel,
-           "best_weight": weights[best], "best_top5": top5[best]}
+        acc = evaluate.accuracies(dif.fuse(P, S, w), y, split.is_novel)
+        log("w = %.3f  %s" % (w, evaluate.format_accuracies(acc)))
+        for m in accs:
+            accs[m].append(acc[m])
+    best = int(np.argmax(accs[args.metric]))
+    res = dict({"script": "fusion", "mode": args.mode, "nlabeled": args.nlabeled, "seed": args.seed,
+                "weights": weights}, **accs)
+    res.update({"metric": args.metric, "best_weight": weights[best],
+                "best_" + args.metric: accs[args.metric][best]})
     if args.result:
         write_json(args.result, res)
     print_result(res)

@@ -11,9 +11,10 @@ features, SGD on class-balanced batches. Flags not given take the validated sett
 (lowshot/logreg.py HPARAMS, listed at the end of --help).
 --mode val evaluates every 500 iterations, --mode test at the end.
 
-Writes  stdout: top-5 accuracies; last line one JSON result
+Writes  stdout: top-1 and top-5 accuracies; last line one JSON result
         {"script": "logreg", "mode", "nlabeled", "seed", "lr", "wd", "mom", "batchsize", "maxiter",
-         "evals": [{"iter", "top5", "top5_novel"}, ...], "top5", "top5_novel"}
+         "evals": [{"iter", "top1", "top1_novel", "top5", "top5_novel"}, ...],
+         "top1", "top1_novel", "top5", "top5_novel"}
         --result R.json      the same JSON
         --storeL F.npy       softmax probabilities of the test images, (n_test, C) float32, rows in
                              val.hdf5 order (split classes only), columns = classes in increasing id

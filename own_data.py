@@ -17,7 +17,8 @@ Steps (each is skipped when its output exists, so a stopped run continues):
      when there are none) -> DDIR/features/PCAR256.vt, f100m/concatenated_PCAR256.raw
   4. the background graph (build_graph.py), when there are unlabelled images
   5. DDIR/phases.yaml: small grids (as configs/demo.yaml), n up to the smallest novel class, or
-     --phases_template's grids
+     --phases_template's grids; the metric validation maximises (metric: top5 as the paper, top1
+     when the test split has fewer than 10 classes, unless the template sets it)
 
 With --features (a .npy matrix, or a feature hdf5 whose all_labels give the classes), step 2 writes
 the rows of the training and test images and the --background rows in the published layout; the
@@ -217,6 +218,7 @@ def main(argv=None):
     elif split is not None:
         cfg, origin = owndata.phases_config(ddir, nbg, split, kg), "grids sized to the data"
     if (args.phases_template or split is not None) and not os.path.isfile(cpath):
+        owndata.set_metric(cfg, data.load_split(os.path.join(ddir, "label_idx.json"), "test").nclass, cpath)
         with atomic_output(cpath) as tmp:
             with open(tmp, "w") as f:
                 f.write("# written by own_data.py (%s); keys and meanings: configs/paper.yaml\n" % origin)

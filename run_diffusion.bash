@@ -4,15 +4,16 @@
 #   bash run_diffusion.bash 1   validation grid: n x background size x seeds, k = 30, 40 iterations
 #                               evaluated after each one
 #   bash run_diffusion.bash 2   per (n, background), the iteration count with the best mean
-#                               validation top-5 over seeds -> $RUNDIR/chosen_diffusion.yaml
+#                               validation metric over seeds (the config's metric: top5, or top1)
+#                               -> $RUNDIR/chosen_diffusion.yaml
 #   bash run_diffusion.bash 3   test runs with the chosen niter, seeds 1-5; for the fused
 #                               backgrounds also the validation re-runs storing scores, then the
 #                               fusion on validation over the weight grid, the weight choice
 #                               -> $RUNDIR/chosen_fusion.yaml, and the fusion on test.
 #                               The fusion needs the logreg scores: run bash run_logreg.bash 3 first.
 #   bash run_diffusion.bash 4   tables (rows n; columns logreg, diffusion per background, combined
-#                               per background; mean +- std over seeds, all / novel classes) and
-#                               plots -> $RUNDIR/results/diffusion.{md,json,png}
+#                               per background; mean +- std over seeds, all / novel classes, top-5
+#                               and top-1) and plots -> $RUNDIR/results/diffusion.{md,json,png}
 # Runs that do not fit one machine: the config's nslices splits a run into class-slice tasks
 # (diffusion.py --class_range a:b --store_slice) and a merge (diffusion.py --merge_slices) that
 # gives the single-process result.

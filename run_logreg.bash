@@ -4,11 +4,12 @@
 #   bash run_logreg.bash 1   validation grid: n x lr x wd x batch size x seeds (675 runs in the paper
 #                            config), up to 75000 iterations evaluated every 500
 #   bash run_logreg.bash 2   per n, the lr, wd, batch size and iteration count with the best mean
-#                            validation top-5 over seeds -> $RUNDIR/chosen_logreg.yaml
+#                            validation metric over seeds (the config's metric: top5, or top1)
+#                            -> $RUNDIR/chosen_logreg.yaml
 #   bash run_logreg.bash 3   test runs with the chosen parameters, seeds 1-5 (storing test scores),
 #                            and the validation re-runs that store the scores the fusion needs
-#   bash run_logreg.bash 4   table (rows n, mean +- std over seeds, all / novel classes) and plot
-#                            -> $RUNDIR/results/logreg.{md,json,png}
+#   bash run_logreg.bash 4   tables (rows n, mean +- std over seeds, all / novel classes, top-5 and
+#                            top-1) and plots -> $RUNDIR/results/logreg.{md,json,png}
 # Environment:
 #   CONFIG=configs/paper.yaml (default) or configs/small.yaml: grids, sizes, resources
 #   LAUNCHER=local (default: NPROC runs at a time, default = cores) or slurm (one sbatch job array

@@ -276,9 +276,9 @@ def prepare(ddir, seed=0, **choose_kw):
     return summary
 
 
-def chance_top5(nclass):
-    """Top-5 accuracy of random scores over ``nclass`` classes, in percent."""
-    return 100.0 * min(5, nclass) / nclass
+def chance_level(nclass, k=5):
+    """Top-k accuracy of random scores over ``nclass`` classes, in percent."""
+    return 100.0 * min(k, nclass) / nclass
 
 
 README_BEGIN = "<!-- demo-table:begin (copied from results/demo.md by run_demo.bash) -->"
@@ -307,14 +307,15 @@ def write_table(ddir, out_md, out_png, title="emoji demo"):
     """The demo's results: Markdown table (printed and written to ``out_md``) and plot ``out_png``.
 
     Reads the phases' run results under ``ddir/runs`` through :mod:`lowshot.phases` (the same
-    summary as ``run_diffusion.bash 4``: mean and std over seeds of the test top-5, in percent) and
-    the chosen parameters ``chosen_{logreg,diffusion,fusion}.yaml``.
+    summary as ``run_diffusion.bash 4``: mean and std over seeds of the test top-5, then top-1, in
+    percent) and the chosen parameters ``chosen_{logreg,diffusion,fusion}.yaml``.
 
     Returns
     -------
     dict
         ``columns``: the phases summary (list of {"label", "cells": {n: {...}}}), ``missing``:
-        number of (column, n, seed) results absent, ``chance``: chance level in percent.
+        number of (column, n, seed) results absent, ``chance``: {"top5": chance level in percent,
+        "top1": ...}.
     """
     from lowshot import data, phase_config, phases, report
 
@@ -330,33 +331,19 @@ def write_table(ddir, out_md, out_png, title="emoji demo"):
     if all(cell["nseeds"] == 0 for col in summary for cell in col["cells"].values()):
         raise InputError("no test result under %s: run the phases first (run_demo.bash)" % ph.rundir)
     split = data.load_split(cfg["split"], "test")
-    nnovel = int(split.is_novel.sum())
-    chance = chance_top5(split.nclass)
+    ks = report.table_ks()
+    chance = {k: chance_level(split.nclass, k) for k in ks}
     chosen = {}
     for exp in ("logreg", "diffusion", "fusion"):
         if os.path.isfile(ph.chosen_path(exp)):
             chosen[exp] = ph.read_chosen(exp, "")
     seeds = ", ".join(map(str, cfg["seeds"]))
-    lines = [
-        "# %s: low-shot top-5 accuracy on real emoji images" % title, "",
-        "Test split: %d classes (%d base, %d novel), %d test images; %d training images, %d "
-        "out-of-domain background images. Features: EfficientNet-Lite0 (ImageNet weights), "
-        "1280-d for logreg, PCA-R256 for diffusion. n = labelled training images per novel class "
-        "(base classes: all their training images). Top-5 accuracy (%%), mean ± std over seeds %s. "
-        "**Chance level: %.1f%%** (5 of %d classes)." % (
-            split.nclass, split.nclass - nnovel, nnovel, _count_split_rows(meta, split, "test"),
-            _count_split_rows(meta, split, "train"), meta["nbackground"], seeds, chance,
-            split.nclass), "",
-        "Columns: `logreg` logistic regression; `diffusion none` diffusion over labelled and test "
-        "images only; `diffusion F%d` + the out-of-domain emoji background; `in-domain` + the "
-        "novel classes' unlabelled training images; `combined` late fusion of logreg and diffusion "
-        "(weight chosen on validation)." % meta["nbackground"], ""]
-    for metric, what in (("top5", "All test classes"), ("top5_novel", "Novel classes")):
-        lines += ["**%s** (chance %.1f%%)" % (what, chance), "",
-                  report.markdown_table(summary, cfg["nlabeled"], metric, nseeds)]
+    lines = ["# %s: low-shot top-%s accuracy on real emoji images" % (title, " and top-".join(map(str, ks))), ""]
+    lines += _intro_lines(meta, split, seeds, chance)
+    lines += _metric_tables(summary, cfg["nlabeled"], nseeds, chance)
     if missing:
         lines += ["(k/%d): only k seeds have a result; %d results missing." % (nseeds, missing), ""]
-    lines += _chosen_lines(chosen, cfg["nlabeled"])
+    lines += _chosen_lines(chosen, cfg["nlabeled"], cfg["metric"])
     lines += ["Produced by `bash run_demo.bash` (`python demo.py table`); plot: %s." %
               os.path.basename(out_png), ""]
     md = "\n".join(lines)
@@ -367,7 +354,8 @@ def write_table(ddir, out_md, out_png, title="emoji demo"):
     report.plot_results(summary, cfg["nlabeled"], out_png, "%s: test split, %d classes, seeds %s" % (
         title, split.nclass, seeds), chance=chance)
     log("wrote %s and %s" % (out_md, out_png))
-    return {"columns": summary, "missing": missing, "chance": chance, "out": out_md, "png": out_png}
+    return {"columns": summary, "missing": missing, "chance": {"top%d" % k: v for k, v in chance.items()},
+            "out": out_md, "png": out_png}
 
 
 def read_own_data(ddir):
@@ -384,11 +372,47 @@ def _count_split_rows(meta, split, side):
     return sum(c[side] for c in meta["classes"] if c["id"] in ids)
 
 
-def _chosen_lines(chosen, nlabeled):
-    """Markdown lines listing the parameters validation chose, per n."""
+def _intro_lines(meta, split, seeds, chance):
+    """The paragraphs above the tables: the split, the features, the metrics and chance levels (per k
+    of ``chance``, top-5 first), the columns."""
+    ks = list(chance)
+    nnovel = int(split.is_novel.sum())
+    return [
+        "Test split: %d classes (%d base, %d novel), %d test images; %d training images, %d "
+        "out-of-domain background images. Features: EfficientNet-Lite0 (ImageNet weights), "
+        "1280-d for logreg, PCA-R256 for diffusion. n = labelled training images per novel class "
+        "(base classes: all their training images). Top-%d accuracy (%%)%s, mean ± std over seeds %s. "
+        "**Chance level: %.1f%%** (%d of %d classes%s)." % (
+            split.nclass, split.nclass - nnovel, nnovel, _count_split_rows(meta, split, "test"),
+            _count_split_rows(meta, split, "train"), meta["nbackground"], ks[0],
+            "".join(", then top-%d" % k for k in ks[1:]), seeds, chance[ks[0]], min(ks[0], split.nclass),
+            split.nclass, "".join("; top-%d: %.1f%%" % (k, chance[k]) for k in ks[1:])), "",
+        "Columns: `logreg` logistic regression; `diffusion none` diffusion over labelled and test "
+        "images only; `diffusion F%d` + the out-of-domain emoji background; `in-domain` + the "
+        "novel classes' unlabelled training images; `combined` late fusion of logreg and diffusion "
+        "(weight chosen on validation)." % meta["nbackground"], ""]
+
+
+def _metric_tables(summary, nlabeled, nseeds, chance):
+    """Markdown lines: per k of ``chance`` (top-5 first), the all-classes and novel-classes tables;
+    titles ``**All test classes**`` for the first k, ``**All test classes, top-1**`` for the others."""
+    from lowshot import report
+    lines = []
+    for i, k in enumerate(chance):
+        for suffix, what in (("", "All test classes"), ("_novel", "Novel classes")):
+            lines += ["**%s%s** (chance %.1f%%)" % (what, ", top-%d" % k if i else "", chance[k]), "",
+                      report.markdown_table(summary, nlabeled, "top%d%s" % (k, suffix), nseeds)]
+        note = report.unrecorded_note(summary, "top%d" % k)
+        lines += [note, ""] if note else []
+    return lines
+
+
+def _chosen_lines(chosen, nlabeled, metric):
+    """Markdown lines listing the parameters validation chose, per n, and the metric it maximised."""
+    from lowshot import report
     if not chosen:
         return []
-    out = ["Chosen on the validation split (phase 2):", ""]
+    out = ["Chosen on the validation split (phase 2, by the mean %s):" % report.metric_phrase(metric), ""]
     for n in nlabeled:
         parts = []
         lr = (chosen.get("logreg") or {}).get(n)

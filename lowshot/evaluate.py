@@ -1,8 +1,12 @@
-"""The benchmark's metric: top-5 accuracy over all test images and over those of novel classes.
+"""The benchmark's metrics: top-k accuracy over all test images and over those of novel classes,
+for every k of :data:`KS` (top-5 is the paper's metric; top-1 matters when there are few classes).
 
 Ties between equal scores go to the lowest class id, so a result does not depend on the sort
 algorithm: class j ranks before the true class y when score_j > score_y, or score_j == score_y and
-j < y; the image counts as correct when fewer than 5 classes rank before y.
+j < y; the image counts as correct at k when fewer than k classes rank before y.
+
+Every stage reports the mapping of :func:`accuracies`, ``{"top1", "top1_novel", "top5",
+"top5_novel"}`` for ``ks = (1, 5)``; another k is one more entry of ``ks``.
 """
 import numpy as np
 
@@ -10,6 +14,13 @@ from lowshot.common import InputError
 
 # rows of the score matrix handled at a time (bounds the (rows, C) temporaries)
 _CHUNK = 4096
+# the top-k accuracies every stage reports (result JSONs, tables, validation's choices)
+KS = (1, 5)
+
+
+def metric_names(ks=KS):
+    """Result keys of :func:`accuracies`: ``["top1", "top1_novel", "top5", "top5_novel"]``."""
+    return [name for k in ks for name in ("top%d" % k, "top%d_novel" % k)]
 
 
 def _check(scores, y, nclass=None):
@@ -54,8 +65,8 @@ def rank_of_true(scores, y):
     return rank
 
 
-def top5(scores, y, is_novel_class):
-    """Top-5 accuracy over all test images and over the test images of novel classes.
+def accuracies(scores, y, is_novel_class, ks=KS):
+    """Top-k accuracy for every k of ``ks``, over all test images and over novel-class ones.
 
     Parameters
     ----------
@@ -64,22 +75,45 @@ def top5(scores, y, is_novel_class):
     y : ndarray, int (n_test,)
         True labels in 0..C-1.
     is_novel_class : ndarray, bool (C,)
+    ks : tuple of int
 
     Returns
     -------
-    (acc_all, acc_novel) : floats in [0, 1]; acc_novel is nan when no test image is of a novel class.
+    dict : ``"top%d" % k`` and ``"top%d_novel" % k`` -> float in [0, 1], in the order of
+    :func:`metric_names`; a novel value is nan when no test image is of a novel class.
     """
     is_novel_class = np.asarray(is_novel_class, dtype=bool)
     scores = np.asarray(scores)
     _check(scores, y, nclass=is_novel_class.size)
-    return _accuracies(rank_of_true(scores, y) < 5, y, is_novel_class)
+    return _by_k(rank_of_true(scores, y), y, is_novel_class, ks)
 
 
-def top5_from_ids(top_ids, y, is_novel_class):
-    """(acc_all, acc_novel) given each test image's top-5 class ids (n_test, 5), best first (e.g.
-    merged from class slices, lowshot.diffuse.merge_slice_tops)."""
+def accuracies_from_ids(top_ids, y, is_novel_class, ks=KS):
+    """:func:`accuracies` given each test image's best class ids (n_test, m), best first (e.g.
+    merged from class slices, lowshot.diffuse.merge_slice_tops); every k must be <= m, or m = C."""
+    top_ids = np.asarray(top_ids)
     y = np.asarray(y, dtype=np.int64)
-    return _accuracies((np.asarray(top_ids) == y[:, None]).any(axis=1), y, is_novel_class)
+    kmax, m = max(ks), top_ids.shape[1]
+    if m < min(kmax, np.size(is_novel_class)):
+        raise InputError("top-%d needs each test image's %d best classes, the slices kept %d" % (kmax, kmax, m))
+    hit = top_ids == y[:, None]
+    rank = np.where(hit.any(axis=1), hit.argmax(axis=1), top_ids.shape[1])
+    return _by_k(rank, y, is_novel_class, ks)
+
+
+def top5(scores, y, is_novel_class):
+    """The paper's metric alone: (top-5 over all test images, over novel-class ones)."""
+    acc = accuracies(scores, y, is_novel_class, ks=(5,))
+    return acc["top5"], acc["top5_novel"]
+
+
+def _by_k(rank, y, is_novel_class, ks):
+    out = {}
+    for k in ks:
+        if int(k) != k or k < 1:
+            raise InputError("top-k accuracy: k = %r must be a positive integer" % (k,))
+        out["top%d" % k], out["top%d_novel" % k] = _accuracies(rank < k, y, is_novel_class)
+    return out
 
 
 def _accuracies(ok, y, is_novel_class):
@@ -116,6 +150,9 @@ def topk(scores, k=5):
     return np.take_along_axis(scores, ids, axis=1), ids
 
 
-def format_top5(acc_all, acc_novel):
-    """The one-line form the logs print: ``top-5 accuracy: 0.700 (0.565 on novel)``."""
-    return "top-5 accuracy: %.3f (%.3f on novel)" % (acc_all, acc_novel)
+def format_accuracies(acc):
+    """The one-line form the logs print: ``top-1 0.480 (0.300 on novel), top-5 0.700 (0.565 on
+    novel)``, for the k present in ``acc`` (a dict of :func:`accuracies`)."""
+    ks = sorted(int(m[3:]) for m in acc if m.startswith("top") and not m.endswith("_novel"))
+    return ", ".join("top-%d %.3f (%.3f on novel)" % (k, acc["top%d" % k], acc["top%d_novel" % k])
+                     for k in ks)

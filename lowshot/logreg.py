@@ -194,8 +194,8 @@ def run(ld, nlabeled, seed, mode, lr=None, wd=None, mom=None, batchsize=None, ma
     Returns
     -------
     result : dict
-        ``lr, wd, mom, batchsize, maxiter, evals`` ([{"iter", "top5", "top5_novel"}]),
-        ``top5, top5_novel`` (final model).
+        ``lr, wd, mom, batchsize, maxiter, evals`` ([{"iter", "top1", "top1_novel", "top5",
+        "top5_novel"}], the keys of lowshot.evaluate.accuracies), and those keys for the final model.
     model : torch.nn.Linear
     """
     log = log or (lambda *a: None)
@@ -210,9 +210,9 @@ def run(ld, nlabeled, seed, mode, lr=None, wd=None, mom=None, batchsize=None, ma
     evals = []
 
     def eval_fn(it, W, b):
-        a, an = evaluate.top5(scores(W, b, ld.Xte), ld.yte, ld.split.is_novel)
-        evals.append({"iter": it, "top5": a, "top5_novel": an})
-        log("iteration %d %s" % (it, evaluate.format_top5(a, an)))
+        acc = evaluate.accuracies(scores(W, b, ld.Xte), ld.yte, ld.split.is_novel)
+        evals.append(dict(iter=it, **acc))
+        log("iteration %d %s" % (it, evaluate.format_accuracies(acc)))
 
     log("training logreg: %d labelled x %d dims, %d classes, %s" % (
         ld.Xl.shape[0], ld.Xl.shape[1], ld.split.nclass, hp))
@@ -221,5 +221,5 @@ def run(ld, nlabeled, seed, mode, lr=None, wd=None, mom=None, batchsize=None, ma
                   eval_fn=eval_fn, verbose=verbose, log=log, device=device)
     if not evals or evals[-1]["iter"] != hp["maxiter"]:
         eval_fn(hp["maxiter"], model.weight.detach(), model.bias.detach())
-    res = dict(hp, mom=mom, evals=evals, top5=evals[-1]["top5"], top5_novel=evals[-1]["top5_novel"])
+    res = dict(hp, mom=mom, evals=evals, **{m: evals[-1][m] for m in evaluate.metric_names()})
     return res, model

@@ -196,6 +196,28 @@ def phases_config(ddir, nbg, split, kmax=30):
     }
 
 
+# below this many test classes top-5 says little (5 of 9 classes: chance is 56%): phase 2 chooses on top-1
+FEW_CLASSES = 10
+
+
+def set_metric(cfg, nclass_test, where):
+    """The config's ``metric`` (what phase 2 maximises), unless it (or ``choose_on``, its older name)
+    is set already: top1 when the test split has fewer than :data:`FEW_CLASSES` classes, else top5
+    (the paper's). Logs the choice; ``where`` names the config file."""
+    given = cfg.get("metric", cfg.get("choose_on"))
+    if given is not None:
+        log("the test split has %d classes; metric: %s, as the template sets it" % (nclass_test, given))
+        return
+    if nclass_test < FEW_CLASSES:
+        cfg["metric"] = "top1"
+        log("the test split has %d classes, fewer than %d: phase 2 chooses on top-1 accuracy (metric: top1 "
+            "in %s; top-5 is near-certain with so few classes)" % (nclass_test, FEW_CLASSES, where))
+    else:
+        cfg["metric"] = "top5"
+        log("the test split has %d classes: phase 2 chooses on top-5 accuracy, as the paper (metric: top5 "
+            "in %s)" % (nclass_test, where))
+
+
 def phases_from_template(ddir, nbg, template):
     """A phases config from a template (your grids): ``ddir``, ``split`` and ``rundir`` pointing into
     ``ddir``, and the background size ``all`` in ``diffusion.nbg``/``fusion.nbg`` replaced by ``nbg``

@@ -1,4 +1,5 @@
-"""Phase 2: the choice of each experiment's parameters by the mean validation metric over the seeds,
+"""Phase 2: the choice of each experiment's parameters by the mean over the seeds of the validation
+metric the config names (``metric``: top5, the paper's, by default; top1 for data with few classes),
 and the files that keep them (``chosen_{logreg,diffusion,fusion}.yaml``). A mixin of
 lowshot.phases.Phases, and the choice itself (:func:`choose_best`, tested against numpy).
 """
@@ -7,6 +8,7 @@ import os
 import numpy as np
 import yaml
 
+from lowshot import evaluate
 from lowshot.common import InputError, atomic_output, log
 from lowshot.phase_config import METRICS, run_name, variant_name
 
@@ -29,7 +31,7 @@ class Choices:
                         if all(nm in got for nm in names):
                             points.append(({"lr": lr, "wd": wd, "batchsize": bs},
                                            [got[nm]["evals"] for nm in names]))
-            best = choose_best(points, "iter", self.cfg["choose_on"])
+            best = choose_best(points, "iter", self.cfg["metric"])
             if best is None:
                 log("logreg n=%d: no grid point has all seeds: nothing chosen" % n)
                 continue
@@ -45,7 +47,7 @@ class Choices:
         got = self.collect_validation(runs, "diffusion")
         chosen = {}
         for n, vn, names in self._complete_cells(got, self.variants(), "diffusion"):
-            best = choose_best([({}, [got[nm]["iters"] for nm in names])], "iter", self.cfg["choose_on"])
+            best = choose_best([({}, [got[nm]["iters"] for nm in names])], "iter", self.cfg["metric"])
             _, it, stats = best
             chosen.setdefault(n, {})[vn] = dict(niter=it, **stats)
         return chosen
@@ -71,10 +73,9 @@ class Choices:
             return None
         chosen = {}
         for n, vn, names in self._complete_cells(got, self.fusion_variants()):
-            per_seed = [[{"weight": w, "top5": a, "top5_novel": b}
-                         for w, a, b in zip(got[nm]["weights"], got[nm]["top5"], got[nm]["top5_novel"])]
-                        for nm in names]
-            best = choose_best([({}, per_seed)], "weight", self.cfg["choose_on"])
+            per_seed = [[dict({m: got[nm][m][i] for m in METRICS if m in got[nm]}, weight=w)
+                         for i, w in enumerate(got[nm]["weights"])] for nm in names]
+            best = choose_best([({}, per_seed)], "weight", self.cfg["metric"])
             _, w, stats = best
             chosen.setdefault(n, {})[vn] = dict(weight=w, **stats)
         return chosen
@@ -85,13 +86,15 @@ class Choices:
     def write_chosen(self, experiment, chosen, how):
         path = self.chosen_path(experiment)
         os.makedirs(self.rundir, exist_ok=True)
-        header = ("# %s\n# metric: mean over seeds %s of the validation %s (all classes: top5, "
-                  "novel classes: top5_novel);\n# val_* = mean and std over the seeds at the chosen "
-                  "point. Read by phase 3.\n" % (how, self.cfg["seeds"], self.cfg["choose_on"]))
+        header = ("# %s\n# metric: the mean over seeds %s of the validation %s (the config's metric; "
+                  "top1/top5: all classes, top1_novel/top5_novel: novel classes);\n# val_* = mean and "
+                  "std over the seeds at the chosen point. Read by phase 3.\n" % (
+                      how, self.cfg["seeds"], self.cfg["metric"]))
         with atomic_output(path) as tmp:
             with open(tmp, "w") as f:
                 f.write(header)
-                yaml.safe_dump({experiment: chosen}, f, sort_keys=True, default_flow_style=None)
+                yaml.safe_dump({experiment: chosen, "metric": self.cfg["metric"]}, f, sort_keys=True,
+                               default_flow_style=None)
         log("wrote %s" % path)
         return path
 
@@ -111,18 +114,20 @@ def choose_best(points, key, metric):
     Parameters
     ----------
     points : list of (params dict, per_seed)
-        ``per_seed``: one list per seed of dicts ``{key: value, "top5": a, "top5_novel": b}``
-        (e.g. logreg ``evals``, diffusion ``iters``, fusion weights).
+        ``per_seed``: one list per seed of dicts ``{key: value, "top1": a, "top1_novel": b, "top5":
+        c, "top5_novel": d}`` (e.g. logreg ``evals``, diffusion ``iters``, fusion weights); results
+        written before top-1 was recorded have only the top-5 keys.
     key : str
         The evaluation coordinate (``"iter"`` or ``"weight"``); only values present for every
         seed are compared.
-    metric : {"top5", "top5_novel"}
+    metric : str, one of lowshot.phase_config.METRICS (the config's ``metric``)
 
     Returns
     -------
     (params, value, stats) or None
         The first maximum in grid order, then in increasing ``key``; ``stats`` holds the mean
-        and std over seeds of both metrics there (``val_top5``, ``val_top5_std``, ...).
+        and std over seeds there of every metric all seeds have (``val_top5``, ``val_top5_std``,
+        ``val_top1_novel``, ...) and ``nseeds``.
     """
     best, best_score = None, -np.inf
     for params, per_seed in points:
@@ -131,13 +136,24 @@ def choose_best(points, key, metric):
         tables = [{e[key]: e for e in evals} for evals in per_seed]
         common = sorted(set.intersection(*[set(t) for t in tables]))
         for v in common:
-            vals = np.array([[t[v]["top5"], t[v]["top5_novel"]] for t in tables], dtype=np.float64)
-            mean = vals.mean(axis=0)
-            score = mean[METRICS.index(metric)]
-            if score > best_score:
-                std = vals.std(axis=0)
-                stats = {"val_top5": float(mean[0]), "val_top5_std": float(std[0]),
-                         "val_top5_novel": float(mean[1]), "val_top5_novel_std": float(std[1]),
-                         "nseeds": len(tables)}
-                best, best_score = (dict(params), v, stats), score
+            stats = seed_stats([t[v] for t in tables])
+            if "val_" + metric not in stats:
+                raise InputError("validation results without %s (written before it was recorded): delete "
+                                 "them and run phase 1 again, or choose on metric: top5" % metric)
+            if stats["val_" + metric] > best_score:
+                best, best_score = (dict(params), v, stats), stats["val_" + metric]
     return best
+
+
+def seed_stats(entries):
+    """Mean and std over seeds (one entry each) of every metric that all entries have: ``val_top5``,
+    ``val_top5_std``, ``val_top5_novel``, ``val_top5_novel_std``, ... and ``nseeds``."""
+    stats = {}
+    for k in evaluate.KS:
+        pair = ("top%d" % k, "top%d_novel" % k)
+        if all(m in e for e in entries for m in pair):
+            vals = np.array([[e[m] for m in pair] for e in entries], dtype=np.float64)
+            for m, mean, std in zip(pair, vals.mean(axis=0), vals.std(axis=0)):
+                stats["val_" + m], stats["val_" + m + "_std"] = float(mean), float(std)
+    stats["nseeds"] = len(entries)
+    return stats

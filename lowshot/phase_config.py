@@ -8,6 +8,7 @@ import os
 import yaml
 
 from lowshot import diffuse as dif
+from lowshot import evaluate
 from lowshot.common import InputError, merge_config
 
 # every knob of a config file, with its default (configs/paper.yaml documents each one)
@@ -18,7 +19,8 @@ DEFAULTS = {
     "python": None,
     "seeds": [1, 2, 3, 4, 5],
     "nlabeled": [1, 2, 5, 10, 20],
-    "choose_on": "top5",
+    "metric": "top5",
+    "choose_on": None,
     "logreg": {"lr": [0.01, 0.001, 0.0001], "wd": [0, 0.01, 0.1], "batchsize": [16, 64, 128],
                "maxiter": 75000, "store_model": False, "args": [], "slurm": {}},
     "diffusion": {"nbg": [0, 1000000, 10000000, 100000000], "indomain": [False], "k": 30,
@@ -39,7 +41,9 @@ _FREE = {("logreg", "slurm"), ("diffusion", "slurm"), ("diffusion", "slurm_by_nb
          ("prepare", "background"), ("prepare", "graph_shards"), ("prepare", "slurm"),
          ("prepare", "slurm_by_nbg")}
 
-METRICS = ("top5", "top5_novel")
+# the result keys of every run (lowshot.evaluate.KS: top-1 and top-5, all and novel classes); the
+# config's ``metric`` is one of them (``choose_on``: its older name, still read)
+METRICS = tuple(evaluate.metric_names())
 
 
 def read_mapping(path, what="config"):
@@ -72,8 +76,7 @@ def load_config(path):
     for key in ("rundir", "ddir", "split", "python"):
         if isinstance(cfg[key], str):
             cfg[key] = os.path.expandvars(os.path.expanduser(cfg[key]))
-    if cfg["choose_on"] not in METRICS:
-        raise InputError("config %s: choose_on must be top5 or top5_novel" % path)
+    _resolve_metric(cfg, given, path)
     _check_types(DEFAULTS, cfg, path, [])
     for key in ("seeds", "nlabeled"):
         if not cfg[key] or not all(isinstance(v, int) for v in cfg[key]):
@@ -88,6 +91,20 @@ def load_config(path):
                 path, key, nbgs, "; 'all' is filled in by `own_data.py --phases_template`"
                 if isinstance(nbgs, list) and "all" in nbgs else ""))
     return cfg
+
+
+def _resolve_metric(cfg, given, path):
+    """``cfg["metric"]``, what phase 2 maximises: the config's ``metric``, or ``choose_on`` (its
+    older name); a one-line InputError for any other value."""
+    old = given.get("choose_on")
+    if old is not None:
+        if "metric" in given and given["metric"] != old:
+            raise InputError("config %s: metric %r and choose_on %r (its older name) disagree: keep one"
+                             % (path, given["metric"], old))
+        cfg["metric"] = old
+    if cfg["metric"] not in METRICS:
+        raise InputError("config %s: %s %r: must be one of %s" % (
+            path, "metric" if old is None else "choose_on", cfg["metric"], ", ".join(METRICS)))
 
 
 def _kind(x):

@@ -156,7 +156,7 @@ class RunGrid:
                     ws = ["--weight", repr(wlist[0])]
                 else:
                     wlist = [float(w) for w in self.cfg["fusion"]["weights"]]
-                    ws = ["--weights", ",".join(repr(w) for w in wlist)]
+                    ws = ["--weights", ",".join(repr(w) for w in wlist), "--metric", self.cfg["metric"]]
                 for s in self.cfg["seeds"]:
                     name = run_name(n, s, vn)
                     base = self.path("fusion", mode, name)

@@ -4,15 +4,16 @@ Phases (the numbering of the 2018 README):
 
 1. validation grid (logreg: n x lr x wd x batch size x seeds, evaluated every 500 iterations;
    diffusion: n x background x seeds, evaluated after every iteration);
-2. choice, per n (and background), of the parameters with the best mean validation top-5 over
-   the seeds -> ``<rundir>/chosen_logreg.yaml``, ``<rundir>/chosen_diffusion.yaml``;
+2. choice, per n (and background), of the parameters with the best mean validation metric over
+   the seeds (the config's ``metric``: top-5 as the paper, top-1 for data with few classes) ->
+   ``<rundir>/chosen_logreg.yaml``, ``<rundir>/chosen_diffusion.yaml``;
 3. test runs with the chosen parameters. logreg also re-runs validation with the chosen
    parameters, storing the scores that the fusion needs. diffusion does the same, then runs the
    fusion ("combined") on validation over a grid of weights, chooses the weight per (n,
    background) -> ``<rundir>/chosen_fusion.yaml``, and runs the fusion on test. The fusion
    needs ``run_logreg.bash 3`` to be done;
 4. Markdown tables (rows n, columns method x background, mean +- std over seeds, all classes and
-   novel classes) and PNG plots -> ``<rundir>/results/``.
+   novel classes; top-5, then top-1) and PNG plots -> ``<rundir>/results/``.
 
 Every run writes its own result JSON (``--result``); a phase reads those and skips runs whose
 result exists, so re-running a phase only fills the gaps. Files under the run directory::
@@ -48,7 +49,8 @@ from lowshot.launch import available_cores, make_launcher
 from lowshot.phase_choice import Choices
 from lowshot.phase_config import bg_label, load_config, run_name, variant_name
 from lowshot.phase_runs import RunGrid
-from lowshot.report import format_choices, markdown_table, plot_results, summarize
+from lowshot.report import (format_choices, markdown_table, metric_phrase, plot_results, summarize, table_ks,
+                            unrecorded_note)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -238,10 +240,16 @@ class Phases(RunGrid, Choices):
         summary = summarize(cols, self.cfg["nlabeled"])
         nseeds = len(self.cfg["seeds"])
         text = []
-        for metric, what in (("top5", "all classes"), ("top5_novel", "novel classes")):
-            text.append("Top-5 accuracy (%%) on the test split, %s: mean ± std over seeds %s\n" % (
-                what, ", ".join(map(str, self.cfg["seeds"]))))
-            text.append(markdown_table(summary, self.cfg["nlabeled"], metric, nseeds))
+        for k in table_ks():
+            for metric, what in (("top%d" % k, "all classes"), ("top%d_novel" % k, "novel classes")):
+                text.append("Top-%d accuracy (%%) on the test split, %s: mean ± std over seeds %s\n" % (
+                    k, what, ", ".join(map(str, self.cfg["seeds"]))))
+                text.append(markdown_table(summary, self.cfg["nlabeled"], metric, nseeds))
+            note = unrecorded_note(summary, "top%d" % k)
+            if note:
+                text.append(note + "\n")
+        text.append("Parameters chosen on the validation split by the mean %s (config metric: %s).\n" % (
+            metric_phrase(self.cfg["metric"]), self.cfg["metric"]))
         missing = self.missing_results
         if missing:
             text.append("(k/%d): only k seeds have a result; %d results missing.\n" % (

@@ -323,7 +323,8 @@ def test_top5_ties_vs_brute_force(C):
         ranked = sorted(range(C), key=lambda j: (-scores[i, j], j))[:5]
         assert ids[i].tolist() == ranked and vals[i].tolist() == scores[i, ranked].tolist()
     # from the top-5 ids alone (merged class slices): the same accuracies
-    assert evaluate.top5_from_ids(ids, y, is_novel) == pytest.approx((ra, rn))
+    acc = evaluate.accuracies_from_ids(ids, y, is_novel)
+    assert (acc["top5"], acc["top5_novel"]) == pytest.approx((ra, rn))
 
 
 def test_top5_tie_rule_small():
@@ -332,6 +333,56 @@ def test_top5_tie_rule_small():
     y = np.array([5, 4])
     acc, acc_n = evaluate.top5(s, y, np.arange(10) == 5)
     assert acc == 0.5 and acc_n == 0.0
+
+
+def numpy_topk(scores, y, is_novel, ks):
+    """Dense reference: each row's classes sorted by (score decreasing, class id increasing) with
+    numpy's lexsort, then the position of the true class."""
+    n, C = scores.shape
+    order = np.lexsort((np.broadcast_to(np.arange(C), (n, C)), -scores), axis=1)
+    rank = np.argmax(order == y[:, None], axis=1)
+    out = {}
+    for k in ks:
+        ok = rank < k
+        out["top%d" % k], out["top%d_novel" % k] = ok.mean(), ok[is_novel[y]].mean()
+    return out
+
+
+@pytest.mark.parametrize("C", [3, 7, 40])
+def test_accuracies_for_a_list_of_k_vs_numpy(C):
+    rng = np.random.default_rng(10 + C)
+    scores = rng.integers(0, 3, size=(500, C)).astype(np.float32)   # many ties
+    y = rng.integers(0, C, size=500)
+    is_novel = rng.random(C) < 0.5
+    is_novel[y[0]] = True
+    ref = numpy_topk(scores, y, is_novel, (1, 2, 5, 10))
+    acc = evaluate.accuracies(scores, y, is_novel, ks=(1, 2, 5, 10))
+    assert list(acc) == evaluate.metric_names((1, 2, 5, 10)) == list(ref)
+    assert acc == pytest.approx(ref, abs=1e-12)
+    assert evaluate.accuracies(scores, y, is_novel) == {m: acc[m] for m in evaluate.metric_names()}
+    assert evaluate.top5(scores, y, is_novel) == (acc["top5"], acc["top5_novel"])
+    # from each image's best 5 class ids (merged job-array slices): top-1 and top-5, not top-10
+    _, ids = evaluate.topk(scores, 5)
+    assert evaluate.accuracies_from_ids(ids, y, is_novel) == pytest.approx(
+        {m: ref[m] for m in evaluate.metric_names()}, abs=1e-12)
+    if C > 5:
+        with pytest.raises(InputError, match="top-10 needs each test image's 10 best classes, the slices kept 5"):
+            evaluate.accuracies_from_ids(ids, y, is_novel, ks=(1, 10))
+    else:       # all C classes listed: top-10 is defined (every image counts)
+        assert evaluate.accuracies_from_ids(ids, y, is_novel, ks=(10,))["top10"] == 1.0
+
+
+def test_top1_tie_rule_hand_computed():
+    # row 0: classes 0 and 2 tie at the top -> class 0 first; row 1: all equal -> class 0;
+    # row 2: class 3 alone at the top; row 3: true class 1 is second of three equal scores
+    s = np.array([[2, 1, 2, 0], [0, 0, 0, 0], [1, 1, 1, 5], [3, 3, 3, 0]], np.float32)
+    y = np.array([2, 0, 3, 1])
+    is_novel = np.array([False, False, True, True])    # rows 0 and 2 are of novel classes
+    acc = evaluate.accuracies(s, y, is_novel, ks=(1, 2))
+    assert acc == {"top1": 0.5, "top1_novel": 0.5, "top2": 1.0, "top2_novel": 1.0}
+    assert evaluate.format_accuracies(acc) == "top-1 0.500 (0.500 on novel), top-2 1.000 (1.000 on novel)"
+    with pytest.raises(InputError, match="k = 0 must be a positive integer"):
+        evaluate.accuracies(s, y, is_novel, ks=(0,))
 
 
 def test_top5_bad_input():

@@ -15,7 +15,6 @@ from lowshot.common import InputError
 from lowshot.generate import generate_ddir
 
 K_GRAPH = 6
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def unit(x):
@@ -165,9 +164,8 @@ def test_completion_cache_concurrent_builders(tmp_path):
         "x = np.memmap(t + '/bg.raw', dtype=np.float32, mode='r', shape=(20000, 32))\n"
         "tables, info = completion.base_searches(t + '/cache', np.load(t + '/xB.npy'), np.load(t + '/xt.npy'), x)\n"
         "print(json.dumps([info['cache_built'], int(np.asarray(tables['1'][1]).sum())]))\n")
-    env = dict(os.environ, PYTHONPATH=ROOT)
     procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate() for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     res = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
@@ -311,9 +309,14 @@ def test_diffusion_end_to_end(tiny_ddir, tmp_path, capsys):
         assert L.shape == (len(allx), C)
         np.testing.assert_allclose(T @ L, ref[step + 1], rtol=1e-4, atol=1e-6)
     assert [it["iter"] for it in res["iters"]] == [0, 1, 2, 3]
+    novel = d.split.is_novel[d.yte]
     for it, S in zip(res["iters"], ref):
         assert (it["top5"], it["top5_novel"]) == evaluate.top5(S, d.yte, d.split.is_novel)
-    assert (res["top5"], res["top5_novel"]) == (res["iters"][-1]["top5"], res["iters"][-1]["top5_novel"])
+        # top-1: numpy's argmax takes the first maximum, the lowest class id, as the tie rule
+        hit = np.argmax(S, axis=1) == d.yte
+        assert (it["top1"], it["top1_novel"]) == pytest.approx((hit.mean(), hit[novel].mean()), abs=1e-12)
+    for m in ("top1", "top1_novel", "top5", "top5_novel"):
+        assert res[m] == res["iters"][-1][m]
     assert res["top5"] > res["iters"][0]["top5"]   # diffusion reaches test images
 
     # renumbering the nodes (automatic only on large graphs) gives the same scores, and --storeLiters
@@ -338,7 +341,7 @@ def test_diffusion_end_to_end(tiny_ddir, tmp_path, capsys):
         run_json(diffusion.main, common_args(root, "--class_range", "%d:%d" % (a, b),
                                              "--store_slice", slices[-1]), capsys)
     merged = run_json(diffusion.main, ["--merge_slices", *slices[::-1]], capsys)
-    for key in ("iters", "top5", "top5_novel", "k", "nbg", "niter", "seed", "mode"):
+    for key in ("iters", "top1", "top1_novel", "top5", "top5_novel", "k", "nbg", "niter", "seed", "mode"):
         assert merged[key] == res[key], key
     with pytest.raises(InputError, match="a slice is missing"):
         diffusion.main(["--merge_slices", slices[0], slices[2]])
@@ -404,17 +407,22 @@ def test_fusion_hand_computed(tiny_ddir, tmp_path, capsys):
                                  "--diffusion_scores", str(tmp_path / "s.npy"),
                                  "--weights", "0,0.25,1"], capsys)
     assert res["weights"] == ws
-    for w, a, b in zip(ws, res["top5"], res["top5_novel"]):
-        hits = []
+    for j, w in enumerate(ws):
+        ahead = []
         for i in range(nt):
             s = S[i].astype(np.float64)
             s = s / s.sum() if s.sum() > 0 else s
             f = (1 - w) * P[i] / P[i].astype(np.float64).sum() + w * s
-            ahead = sum(1 for c in range(C) if f[c] > f[y[i]] or (f[c] == f[y[i]] and c < y[i]))
-            hits.append(ahead < 5)
-        hits = np.array(hits)
-        assert a == pytest.approx(hits.mean(), abs=1e-12)
-        assert b == pytest.approx(hits[split.is_novel[y]].mean(), abs=1e-12)
+            ahead.append(sum(1 for c in range(C) if f[c] > f[y[i]] or (f[c] == f[y[i]] and c < y[i])))
+        for k in (1, 5):
+            hits = np.array(ahead) < k
+            assert res["top%d" % k][j] == pytest.approx(hits.mean(), abs=1e-12)
+            assert res["top%d_novel" % k][j] == pytest.approx(hits[split.is_novel[y]].mean(), abs=1e-12)
+    assert res["metric"] == "top5" and res["best_weight"] == ws[int(np.argmax(res["top5"]))]
+    res1 = run_json(fusion.main, ["--ddir", root, "--split", root + "/label_idx.json", "--mode", "test",
+                                  "--logreg_scores", str(tmp_path / "p.npy"), "--metric", "top1",
+                                  "--diffusion_scores", str(tmp_path / "s.npy"), "--weights", "0,0.25,1"], capsys)
+    assert res1["best_weight"] == ws[int(np.argmax(res["top1"]))] and res1["best_top1"] == max(res["top1"])
     np.save(tmp_path / "bad.npy", P[:, :-1])
     with pytest.raises(InputError, match="bad.npy has shape"):
         fusion.main(["--ddir", root, "--split", root + "/label_idx.json", "--mode", "test",

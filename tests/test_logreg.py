@@ -117,6 +117,7 @@ def test_learns_separable_problem_and_outputs(toy, tmp_path, capsys):
     # separable: top-1 far above chance (1/10), for novel classes too (2 labelled images each)
     top1 = P.argmax(1) == ld.yte
     assert top1.mean() > 0.9 and top1[ld.split.is_novel[ld.yte]].mean() > 0.8
+    assert (res["top1"], res["top1_novel"]) == pytest.approx((top1.mean(), top1[ld.split.is_novel[ld.yte]].mean()))
     sd = torch.load(M)
     assert sd["weight"].shape == (ld.split.nclass, 10) and sd["bias"].shape == (ld.split.nclass,)
     W = sd["weight"].numpy()
@@ -132,7 +133,8 @@ def test_val_mode_evals(toy, capsys):
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [e["iter"] for e in res["evals"]] == [500, 1000, 1100]
     assert res["wd"] == 0.1                           # validated setting of n=1 for the missing flag
-    assert res["top5"] == res["evals"][-1]["top5"]
+    assert res["top5"] == res["evals"][-1]["top5"] and res["top1"] == res["evals"][-1]["top1"]
+    assert all(set(e) == {"iter", "top1", "top1_novel", "top5", "top5_novel"} for e in res["evals"])
 
 
 def test_bad_inputs(toy, tmp_path):

@@ -139,8 +139,14 @@ def test_own_images_to_results_table(tmp_path):
     assert meta["nbackground"] == 12 and os.path.getsize(f["background"]) == 12 * 16 * 4
     assert data.load_pca(f["pca"]).d_out == 16
     assert os.path.isfile(data.graph_paths(ddir, 12, 8)["I"])     # K = 8: the power of two below 12
+    # 6 classes, 3 in the test split: top-5 would be 100%, validation maximises top-1 and says so
+    ntest = len(data.load_split(os.path.join(ddir, "label_idx.json"), "test").classes)
+    assert ntest == 3
+    assert ("the test split has 3 classes, fewer than 10: phase 2 chooses on top-1 accuracy (metric: top1 in %s"
+            % os.path.join(ddir, "phases.yaml")) in r.stdout
     # the generated config, shrunk to one seed, one n and a tiny logreg grid, through the phases
     cfg = yaml.safe_load(open(os.path.join(ddir, "phases.yaml")))
+    assert cfg["metric"] == "top1"
     cfg.update(seeds=[1], nlabeled=[1])
     cfg["logreg"].update(lr=[0.1], wd=[0], maxiter=200)
     cfg["diffusion"]["niter"] = 3
@@ -150,6 +156,8 @@ def test_own_images_to_results_table(tmp_path):
         for phase in (1, 2, 3, 4):
             out = run_phase(script, phase, config)
     assert "| n | logreg |" in out and "diffusion F12" in out
+    assert "Top-1 accuracy (%) on the test split, all classes" in out and "(config metric: top1)" in out
+    assert "metric: top1" in open(os.path.join(cfg["rundir"], "chosen_diffusion.yaml")).read()
     # a second run has nothing to do
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and "exists:" in r.stdout and "running: save_features" not in r.stdout
@@ -208,6 +216,27 @@ def test_precomputed_features(tmp_path, capsys):
     r = subprocess.run(cmd[:2] + [str(tmp_path / "other")] + cmd[3:], cwd=ROOT, capture_output=True,
                        text=True)
     assert r.returncode == 2 and "one class per row of --features (72 rows)" in r.stderr
+
+
+def test_metric_top5_from_ten_test_classes(tmp_path):
+    """own_data.py writes metric: top5 (the paper's) when the test split has 10 classes or more, and
+    keeps a template's own metric."""
+    rs = np.random.RandomState(3)
+    labels = np.repeat(np.arange(20), 6)
+    np.save(str(tmp_path / "X.npy"), rs.randn(len(labels), 12).astype(np.float32))
+    np.save(str(tmp_path / "y.npy"), labels)
+    (tmp_path / "t.yaml").write_text("metric: top1_novel\nseeds: [1]\n")
+    for ddir, extra, want, said in (
+            ("dd", [], "top5", "the test split has 10 classes: phase 2 chooses on top-5 accuracy, as the paper"),
+            ("dt", ["--phases_template", "t.yaml"], "top1_novel",
+             "the test split has 10 classes; metric: top1_novel, as the template sets it")):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "own_data.py"), ddir, "--features", "X.npy",
+                            "--labels", "y.npy", "--pca_dim", "8"] + extra, cwd=str(tmp_path),
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        assert len(data.load_split(str(tmp_path / ddir / "label_idx.json"), "test").classes) == 10
+        assert said in r.stdout
+        assert yaml.safe_load((tmp_path / ddir / "phases.yaml").read_text())["metric"] == want
 
 
 def test_phases_template_relative_paths_and_errors(tmp_path):

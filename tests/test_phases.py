@@ -130,8 +130,7 @@ def test_two_invocations_run_each_command_once(tmp_path):
         "failed = LocalLauncher(os.getcwd(), nproc=2, progress_s=0, poll_s=0.02).execute(runs, 't')\n"
         "print(json.dumps([r.name for r in failed]))\n")
     d = str(tmp_path)
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    procs = [subprocess.Popen([sys.executable, "-c", driver, d, slow], cwd=ROOT, env=env, text=True,
+    procs = [subprocess.Popen([sys.executable, "-c", driver, d, slow], cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
@@ -203,7 +202,7 @@ def test_phase2_logreg_choice_matches_numpy(tmp_path):
 
     # novel-class metric
     cfg2 = copy.deepcopy(cfg)
-    cfg2["choose_on"] = "top5_novel"
+    cfg2["metric"] = "top5_novel"
     chosen2 = phases.Phases(cfg2, rundir=str(tmp_path)).choose_logreg()
     mean = acc[0, :, :, :, 1].mean(axis=1)
     g, j = np.unravel_index(np.argmax(mean), mean.shape)
@@ -234,6 +233,81 @@ def test_choose_best_ties_go_to_first_point_and_iteration():
               [{"iter": 500, "top5": 0.2, "top5_novel": 0}]]
     best = phase_choice.choose_best([({}, uneven)], "iter", "top5")
     assert best[1] == 500 and best[2]["val_top5"] == pytest.approx(0.15)
+
+
+def test_choose_best_top1_picks_another_cell():
+    """Point A is best by top-5, point B by top-1 (hand-made); the stats hold both metrics."""
+    def evals(top1, top5):
+        return [{"iter": 500, "top1": top1, "top1_novel": top1 / 2, "top5": top5, "top5_novel": top5 / 2}]
+    a = [evals(0.30, 0.90), evals(0.34, 0.86)]       # means: top-1 0.32, top-5 0.88
+    b = [evals(0.50, 0.80), evals(0.40, 0.82)]       # means: top-1 0.45, top-5 0.81
+    points = [({"lr": "A"}, a), ({"lr": "B"}, b)]
+    params, it, stats = phase_choice.choose_best(points, "iter", "top5")
+    assert params == {"lr": "A"} and stats["val_top5"] == pytest.approx(0.88)
+    assert stats["val_top1"] == pytest.approx(0.32) and stats["val_top1_std"] == pytest.approx(0.02)
+    params, it, stats = phase_choice.choose_best(points, "iter", "top1")
+    assert params == {"lr": "B"} and stats["val_top1"] == pytest.approx(0.45)
+    assert stats["val_top1_novel"] == pytest.approx(0.225) and stats["nseeds"] == 2
+    # results written before top-1 was recorded: top-5 still chooses, top-1 says why it cannot
+    old = [[{"iter": 500, "top5": 0.5, "top5_novel": 0.1}]] * 2
+    _, _, stats = phase_choice.choose_best([({}, old)], "iter", "top5")
+    assert "val_top1" not in stats and stats["val_top5"] == 0.5
+    with pytest.raises(phases.InputError, match="validation results without top1"):
+        phase_choice.choose_best([({}, old)], "iter", "top1")
+
+
+def test_phase2_metric_top1_chosen_and_recorded(tmp_path, capsys):
+    """metric: top1 chooses the iteration where top-1 peaks (top-5 peaks elsewhere) and says so in
+    chosen_diffusion.yaml and phase 4's tables."""
+    top1 = [0.1, 0.6, 0.5, 0.4]
+    top5 = [0.3, 0.7, 0.8, 0.9]
+    for metric, want in (("top5", 3), ("top1", 1)):
+        rundir = tmp_path / metric
+        cfg = small_cfg(seeds=[1, 2], nlabeled=[1], metric=metric)
+        cfg["diffusion"].update(nbg=[0], niter=3)
+        ph = phases.Phases(cfg, rundir=str(rundir))
+        for run in ph.diffusion_val_runs()[0]:
+            _write(run.outputs[0], dict(run.expect, script="diffusion", iters=[
+                {"iter": t, "top1": top1[t], "top1_novel": 0, "top5": top5[t], "top5_novel": 0}
+                for t in range(4)]))
+        assert ph.phase("diffusion", 2) == 0
+        text = open(ph.chosen_path("diffusion")).read()
+        chosen = yaml.safe_load(text)
+        assert chosen["metric"] == metric and chosen["diffusion"][1]["nbg0"]["niter"] == want
+        assert "of the validation %s (the config's metric" % metric in text
+        out = capsys.readouterr().out
+        assert "niter %d  val top-5 %.2f ± 0.00 (novel 0.00 ± 0.00), top-1 %.2f ± 0.00" % (
+            want, 100 * top5[want], 100 * top1[want]) in out
+        ph.phase("diffusion", 4)
+        phrase = "top-%s accuracy over all classes (config metric: %s)" % (metric[3:], metric)
+        assert phrase in open(rundir / "results" / "diffusion.md").read()
+    # the same choice from results without top-1: one-line error
+    for run in ph.diffusion_val_runs()[0]:
+        _write(run.outputs[0], dict(run.expect, script="diffusion", iters=[
+            {"iter": t, "top5": top5[t], "top5_novel": 0} for t in range(4)]))
+    with pytest.raises(phases.InputError, match=r"^validation results without top1 \(written before it was "
+                                                r"recorded\): delete them and run phase 1 again, or choose "
+                                                r"on metric: top5$"):
+        ph.phase("diffusion", 2)
+
+
+def test_config_metric(tmp_path):
+    p = tmp_path / "c.yaml"
+    for text, want in (("seeds: [1]\n", "top5"), ("metric: top1\n", "top1"),
+                       ("choose_on: top5_novel\n", "top5_novel"),           # the key's older name
+                       ("choose_on: top1\nmetric: top1\n", "top1")):
+        p.write_text(text)
+        assert phase_config.load_config(str(p))["metric"] == want
+    for text, msg in (("metric: top3\n", "config %s: metric 'top3': must be one of top1, top1_novel, top5, "
+                                         "top5_novel" % p),
+                      ("metric: [top1]\n", "metric \\['top1'\\]: must be one of"),
+                      ("choose_on: top2\n", "choose_on 'top2': must be one of top1, top1_novel"),
+                      ("metric: top1\nchoose_on: top5\n", "metric 'top1' and choose_on 'top5' \\(its older "
+                                                           "name\\) disagree: keep one")):
+        p.write_text(text)
+        with pytest.raises(phases.InputError, match=msg) as e:
+            phase_config.load_config(str(p))
+        assert "\n" not in str(e.value)
 
 
 def test_phase2_diffusion_choice_matches_numpy(tmp_path):
@@ -274,7 +348,7 @@ def test_phase4_tables_match_numpy(tmp_path):
         for s in cfg["seeds"]:
             a = acc[:, i, s - 1]
             files.append((ph.path("logreg", "test", "nl%d.seed%d.json" % (n, s)),
-                          {"top5": a[0, 0], "top5_novel": a[0, 1]}))
+                          {"top5": a[0, 0], "top5_novel": a[0, 1], "top1": a[0, 0] / 2, "top1_novel": a[0, 1] / 3}))
             files.append((ph.path("diffusion", "test", "nl%d.nbg0.seed%d.json" % (n, s)),
                           {"top5": a[1, 0], "top5_novel": a[1, 1]}))
             files.append((ph.path("diffusion", "test", "nl%d.nbg1000000.seed%d.json" % (n, s)),
@@ -301,6 +375,16 @@ def test_phase4_tables_match_numpy(tmp_path):
                 assert cell[metric + "_std"] == pytest.approx(v.std())
                 assert "%.2f ± %.2f" % (v.mean(), v.std()) in md
     assert "(2/3)" in md
+    # top-1: the logreg results have it, the others were written before it was recorded: "n/a"
+    top1 = md[md.index("Top-1 accuracy (%) on the test split, all classes"):]
+    for i, n in enumerate(cfg["nlabeled"]):
+        v, vn = 100 * acc[0, i, :, 0] / 2, 100 * acc[0, i, :, 1] / 3
+        cell = summary[0]["cells"][str(n)]
+        assert (cell["top1"], cell["top1_novel"]) == pytest.approx((v.mean(), vn.mean()))
+        assert "| %d | %.2f ± %.2f | n/a | n/a | n/a |" % (n, v.mean(), v.std()) in top1
+        assert all(summary[c]["cells"][str(n)]["top1"] is None for c in (1, 2, 3))
+    assert "n/a: results written before top-1 was recorded" in top1
+    assert md.index("Top-5 accuracy (%) on the test split, all classes") < md.index("Top-1 accuracy")
     png = open(tmp_path / "results" / "diffusion.png", "rb").read()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -400,9 +484,11 @@ def test_end_to_end_small_config(tiny_ddir, tmp_path):
                                   ("diffusion", "test", "nl1.nbg%d.seed1.json" % NBG),
                                   ("fusion", "test", "nl1.nbg%d.seed1.json" % NBG)]):
         r = json.load(open(ph.path(*sub)))
-        v = 100 * (r["top5"][0] if isinstance(r["top5"], list) else r["top5"])
-        assert col["cells"]["1"]["top5"] == pytest.approx(v)
-        assert "%.2f ± 0.00" % v in out
+        for m in ("top5", "top1"):
+            v = 100 * (r[m][0] if isinstance(r[m], list) else r[m])
+            assert col["cells"]["1"][m] == pytest.approx(v)
+            assert "%.2f ± 0.00" % v in out
+    assert "n/a" not in out
     import matplotlib.image
     png = matplotlib.image.imread(ph.path("results", "diffusion.png"))
     assert png.ndim == 3 and min(png.shape[:2]) > 200 and png[..., :3].std() > 0.01   # a drawn figure
@@ -425,6 +511,7 @@ def test_class_slices_merge_to_single_process_result(tiny_ddir, tmp_path):
     assert b["merged_slices"] == 3
     assert b["iters"] == a["iters"] and len(a["iters"]) == 5
     assert (b["top5"], b["top5_novel"]) == (a["top5"], a["top5_novel"])
+    assert (b["top1"], b["top1_novel"]) == (a["top1"], a["top1_novel"])
 
 
 def test_config_values_have_their_types(tmp_path):
