@@ -420,7 +420,8 @@ def _chosen_lines(chosen, nlabeled, metric):
             parts.append("logreg lr %g wd %g batch %d, %d iterations" % (
                 lr["lr"], lr["wd"], lr["batchsize"], lr["maxiter"]))
         dif = (chosen.get("diffusion") or {}).get(n) or {}
-        its = ["%s: %d" % (v, p["niter"]) for v, p in sorted(dif.items())]
+        its = ["%s: %s%d" % (v, "%s " % p["method"] if "method" in p else "", p["niter"])
+               for v, p in sorted(dif.items())]
         if its:
             parts.append("diffusion iterations " + ", ".join(its))
         fus = (chosen.get("fusion") or {}).get(n) or {}

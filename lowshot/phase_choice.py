@@ -10,7 +10,7 @@ import yaml
 
 from lowshot import evaluate
 from lowshot.common import InputError, atomic_output, log
-from lowshot.phase_config import METRICS, run_name, variant_name
+from lowshot.phase_config import METRICS, method_name, run_name, variant_name
 
 
 class Choices:
@@ -40,16 +40,31 @@ class Choices:
         return chosen
 
     def choose_diffusion(self):
-        """Per (n, background), the number of iterations with the best mean validation metric."""
+        """Per (n, background), the method (``diffusion.methods``) and number of iterations with the
+        best mean validation metric."""
         first, merges = self.diffusion_val_runs()
         # one result JSON per run: the run itself, or the merge of its class slices
         runs = [r for r in first + merges if r.outputs[0].endswith(".json")]
         got = self.collect_validation(runs, "diffusion")
+        methods = self.cfg["diffusion"]["methods"]
         chosen = {}
-        for n, vn, names in self._complete_cells(got, self.variants(), "diffusion"):
-            best = choose_best([({}, [got[nm]["iters"] for nm in names])], "iter", self.cfg["metric"])
-            _, it, stats = best
-            chosen.setdefault(n, {})[vn] = dict(niter=it, **stats)
+        for n in self.cfg["nlabeled"]:
+            for nbg, ind in self.variants():
+                vn = variant_name(nbg, ind)
+                points = []
+                for spec in methods:
+                    names = [run_name(n, s, vn + method_name(spec)) for s in self.cfg["seeds"]]
+                    if all(nm in got for nm in names):
+                        points.append(({"method": spec}, [got[nm]["iters"] for nm in names]))
+                    else:
+                        log("diffusion n=%d %s %s: seeds missing: not a candidate" % (n, vn, spec))
+                best = choose_best(points, "iter", self.cfg["metric"])
+                if best is None:
+                    continue
+                params, it, stats = best
+                chosen.setdefault(n, {})[vn] = dict(niter=it, **stats)
+                if len(methods) > 1 or method_name(params["method"]):
+                    chosen[n][vn]["method"] = params["method"]
         return chosen
 
     def _complete_cells(self, got, variants, what=None):

@@ -24,7 +24,7 @@ DEFAULTS = {
     "logreg": {"lr": [0.01, 0.001, 0.0001], "wd": [0, 0.01, 0.1], "batchsize": [16, 64, 128],
                "maxiter": 75000, "store_model": False, "args": [], "slurm": {}},
     "diffusion": {"nbg": [0, 1000000, 10000000, 100000000], "indomain": [False], "k": 30,
-                  "niter": 40, "lslice": 0, "nslices": 1, "args": [], "slurm": {},
+                  "methods": ["douze18"], "niter": 40, "lslice": 0, "nslices": 1, "args": [], "slurm": {},
                   "slurm_by_nbg": {}},
     "fusion": {"nbg": None, "weights": list(dif.FUSION_WEIGHTS), "args": [],
                "slurm": {}},
@@ -77,6 +77,12 @@ def load_config(path):
         if isinstance(cfg[key], str):
             cfg[key] = os.path.expandvars(os.path.expanduser(cfg[key]))
     _resolve_metric(cfg, given, path)
+    methods = cfg["diffusion"]["methods"]
+    if not isinstance(methods, list) or not methods:
+        raise InputError("config %s: diffusion.methods must be a non-empty list of variant[:weights], not %r"
+                         % (path, methods))
+    for spec in methods:
+        parse_method(spec, "config %s" % path)
     _check_types(DEFAULTS, cfg, path, [])
     for key in ("seeds", "nlabeled"):
         if not cfg[key] or not all(isinstance(v, int) for v in cfg[key]):
@@ -163,6 +169,25 @@ def bg_label(nbg, indomain=False):
     if indomain:
         name = "in-domain" if nbg == 0 else name + "+in-domain"
     return name
+
+
+def parse_method(spec, where="config"):
+    """``variant[:weights]`` (a ``diffusion.methods`` entry) -> lowshot.method.Method, one-line errors."""
+    from lowshot import method
+    variant, _, weights = str(spec).partition(":")
+    try:
+        return method.Method(variant, weights or "binary")
+    except InputError as e:
+        raise InputError("%s: diffusion.methods entry %r: %s" % (where, spec, e))
+
+
+def method_name(spec):
+    """File-name part of a diffusion method: empty for the paper's (douze18, binary weights: the file
+    names of earlier run folders stay), ``.spreading``, ``.poisson-gaussian``, ..."""
+    m = parse_method(spec)
+    if m.variant == "douze18" and m.weights == "binary":
+        return ""
+    return "." + m.variant + ("" if m.weights == "binary" else "-" + m.weights)
 
 
 def variant_name(nbg, indomain):

@@ -3,7 +3,7 @@ and expected parameters, for validation (phase 1) and test (phase 3). A mixin of
 which provides the paths, the config and the resources.
 """
 from lowshot.launch import Run
-from lowshot.phase_config import run_name, variant_name
+from lowshot.phase_config import method_name, parse_method, run_name, variant_name
 
 
 class RunGrid:
@@ -65,14 +65,20 @@ class RunGrid:
 
     # ---------------------------------------------------------------- diffusion runs
 
-    def _diffusion_runs(self, mode, sub, n, s, nbg, indomain, niter, scores=False):
-        """One diffusion run: either one process, or class slices + a merge (two lists)."""
+    def _diffusion_runs(self, mode, sub, n, s, nbg, indomain, niter, scores=False, spec="douze18",
+                        suffix=""):
+        """One diffusion run of the method ``spec`` (variant[:weights]): either one process, or class
+        slices + a merge (two lists). ``suffix``: the method's part of the file names (validation
+        runs; a test run's name is its background's alone, its result records the method)."""
         d = self.cfg["diffusion"]
-        name = run_name(n, s, variant_name(nbg, indomain))
+        name = run_name(n, s, variant_name(nbg, indomain) + suffix)
         base = self.path("diffusion", sub, name)
+        m = parse_method(spec)
         cmd = self._script("diffusion.py") + [
             "--mode", mode, "--nlabeled", n, "--seed", s, "--k", d["k"], "--nbg", nbg,
             "--niter", niter]
+        if suffix or method_name(spec):           # the paper's method keeps the commands it had
+            cmd += ["--variant", m.variant, "--weights", m.weights]
         lslice = self.per_nbg("lslice", nbg)
         if lslice:
             cmd += ["--lslice", lslice]
@@ -80,7 +86,7 @@ class RunGrid:
             cmd.append("--indomain")
         extra = self._common() + list(d["args"])
         expect = {"mode": mode, "nlabeled": n, "seed": s, "k": d["k"], "nbg": nbg, "niter": niter,
-                  "indomain": indomain}
+                  "indomain": indomain, "variant": m.variant, "weights": m.weights}
         res = self._resources("diffusion", nbg)
         m = self.nslices(nbg)
         if scores or m == 1:
@@ -113,11 +119,12 @@ class RunGrid:
         first, merges = [], []
         for n in self.cfg["nlabeled"]:
             for nbg, ind in self.variants():
-                for s in self.cfg["seeds"]:
-                    a, b = self._diffusion_runs("val", "val", n, s, nbg, ind,
-                                                self.cfg["diffusion"]["niter"])
-                    first += a
-                    merges += b
+                for spec in self.cfg["diffusion"]["methods"]:
+                    for s in self.cfg["seeds"]:
+                        a, b = self._diffusion_runs("val", "val", n, s, nbg, ind, self.cfg["diffusion"]["niter"],
+                                                    spec=spec, suffix=method_name(spec))
+                        first += a
+                        merges += b
         return first, merges
 
     def diffusion_test_runs(self, chosen):
@@ -129,15 +136,16 @@ class RunGrid:
                 p = chosen.get(n, {}).get(variant_name(nbg, ind))
                 if p is None:
                     continue
+                spec = p.get("method", "douze18")
                 for s in self.cfg["seeds"]:
                     fuse = (nbg, ind) in fused
                     a, b = self._diffusion_runs("test", "test", n, s, nbg, ind, p["niter"],
-                                                scores=fuse)
+                                                scores=fuse, spec=spec)
                     first += a
                     merges += b
                     if fuse:
                         first += self._diffusion_runs("val", "val_scores", n, s, nbg, ind,
-                                                      p["niter"], scores=True)[0]
+                                                      p["niter"], scores=True, spec=spec)[0]
         return first, merges
 
     # ---------------------------------------------------------------- fusion runs

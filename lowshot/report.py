@@ -45,7 +45,7 @@ def format_choices(chosen):
             if vn is not None:
                 vn = bg_label(*parse_variant(vn))
             params = ", ".join("%s %s" % (k, c[k]) for k in ("lr", "wd", "batchsize", "maxiter",
-                                                              "niter", "weight") if k in c)
+                                                              "method", "niter", "weight") if k in c)
             lines.append("n=%d%s: %s  val %s, %d seeds" % (
                 n, "" if vn is None else " " + vn, params, _val_accuracies(c), c["nseeds"]))
     return lines

@@ -332,6 +332,46 @@ def test_phase2_diffusion_choice_matches_numpy(tmp_path):
             assert chosen[n]["nbg%d" % nbg]["val_top5"] == pytest.approx(mean.max())
 
 
+def test_phase2_chooses_the_method_and_phase3_runs_it(tmp_path):
+    """diffusion.methods: phase 1 runs every method, phase 2 picks (method, iterations) by the mean
+    validation metric over the seeds (the first maximum in method order, then iteration order, as
+    numpy's argmax over the flattened grid), phase 3 runs the chosen method under the background's
+    file name."""
+    cfg = small_cfg(seeds=[1, 2, 3], nlabeled=[1, 5])
+    methods = ["douze18", "spreading", "poisson:gaussian"]
+    cfg["diffusion"].update(nbg=[0, 1000], niter=5, methods=methods)
+    ph = phases.Phases(cfg, rundir=str(tmp_path))
+    rng = np.random.default_rng(2)
+    acc = rng.uniform(0.2, 0.9, size=(2, 2, 3, 3, 6))     # n, nbg, method, seed, iteration 0..5
+    first, _ = ph.diffusion_val_runs()
+    assert len(first) == 2 * 2 * 3 * 3
+    for run in first:
+        e = run.expect
+        spec = {("douze18", "binary"): 0, ("spreading", "binary"): 1, ("poisson", "gaussian"): 2}[
+            (e["variant"], e["weights"])]
+        assert ("--variant" in run.cmd) == (spec > 0)
+        a = acc[cfg["nlabeled"].index(e["nlabeled"]), [0, 1000].index(e["nbg"]), spec, e["seed"] - 1]
+        _write(run.outputs[0], dict(e, script="diffusion", iters=[
+            {"iter": t, "top5": a[t], "top5_novel": a[t]} for t in range(6)]))
+    assert ph.phase("diffusion", 2) == 0
+    chosen = yaml.safe_load(open(tmp_path / "chosen_diffusion.yaml"))["diffusion"]
+    for i, n in enumerate(cfg["nlabeled"]):
+        for b, nbg in enumerate([0, 1000]):
+            mean = acc[i, b].mean(axis=1)                  # method, iteration
+            mi, it = np.unravel_index(np.argmax(mean), mean.shape)
+            c = chosen[n]["nbg%d" % nbg]
+            assert (c["method"], c["niter"]) == (methods[mi], it)
+            test, _ = ph._diffusion_runs("test", "test", n, 1, nbg, False, c["niter"], spec=c["method"])
+            assert os.path.basename(test[0].outputs[0]) == "nl%d.nbg%d.seed1.json" % (n, nbg)
+            assert test[0].expect["variant"] == methods[mi].split(":")[0]
+    bad = dict(yaml.safe_load(open(os.path.join(ROOT, "configs", "small.yaml"))))
+    bad["diffusion"] = dict(bad["diffusion"], methods=["douze18", "heat:binary"])
+    with open(tmp_path / "bad.yaml", "w") as f:
+        yaml.safe_dump(bad, f)
+    with pytest.raises(Exception, match=r"diffusion.methods entry 'heat:binary': variant 'heat'"):
+        phase_config.load_config(str(tmp_path / "bad.yaml"))
+
+
 # ------------------------------------------------------------------------------------ phase 4
 
 
