@@ -15,7 +15,7 @@ CPUs without AVX512-BF16), and pynndescent (the numba NN-descent package, not a 
 project: `pip install pynndescent`; NNDescent(metric="dot", n_neighbors=K) on the normalised rows;
 its JIT compilation is timed apart, on 2000 rows first, as "jit s").
 
-Example (the README's numbers, 2 cores):
+Example (the numbers of benchmarks/README.md, 2 cores):
   python benchmarks/bench_build_graph.py --ddir /tmp/f1m --nbg 1000000 --methods ivf,ivf_f32,pynndescent
   python benchmarks/bench_build_graph.py --ddir /tmp/f1m --nbg 100000 --methods exact,ivf,hnsw,nndescent
 """

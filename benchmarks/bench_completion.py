@@ -9,7 +9,7 @@ the other (never two at once), for the same protocol (--mode, n = --nlabeled, --
   4. exact, other seed: another draw of labelled novel images, same cache
 and prints one line each: total time, graph completion time, top-5 (all / novel), peak memory.
 
-Example (the README's numbers, 2 cores; an ImageNet-sized labelled set, ~250k base images):
+Example (the numbers of benchmarks/README.md, 2 cores; an ImageNet-sized labelled set, ~250k base images):
   python generate_ddir.py /tmp/f1m_in --nbg 1000000 --ntrain 1280
   python build_graph.py 1000000 --ddir /tmp/f1m_in
   python benchmarks/bench_completion.py --ddir /tmp/f1m_in --nbg 1000000

@@ -9,7 +9,7 @@ Each setting is faiss' own float32 search (the table build_graph.py computes lis
 same neighbours). --nlists trains a new IVF (faiss k-means, 64 vectors per list) per value and
 searches it at --scan vectors per query (nominal: nprobe = scan * nlist / nbg).
 
-Example (the README's numbers, 2 cores):
+Example (the numbers of benchmarks/README.md, 2 cores):
   python benchmarks/bench_ivf_recall.py --ddir /tmp/f10m --nbg 10000000 --nprobes 14,21,28
   python benchmarks/bench_ivf_recall.py --ddir /tmp/f1m --nbg 1000000 --nlists 2000,4000,8000 --scan 12000
 """

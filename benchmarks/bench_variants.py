@@ -8,7 +8,7 @@ time of a test run (diffusion.py's own ``time_total``: graph completion and diff
 shares the data root's stored background graph and completion cache, so the variants see the same
 graph.
 
-Examples (the README's table; the emoji demo's data root exists after ``bash run_demo.bash``, a
+Examples (the table in benchmarks/README.md; the emoji demo's data root exists after ``bash run_demo.bash``, a
 generated F1M after ``python generate_ddir.py /tmp/f1m --nbg 1000000`` and
 ``python build_graph.py 1000000 --ddir /tmp/f1m``):
   python benchmarks/bench_variants.py --ddir demo_ddir --nbg 1438 --split demo_ddir/label_idx.json

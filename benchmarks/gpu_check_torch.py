@@ -11,7 +11,7 @@
    F(N) experiment on the device twice (the first run computes the completion cache), and up to
    --cpu_max once with --device cpu (same protocol as the README: test, n = 2, seed 1, k = 30, 3
    iterations): times, top-5, and whether device and CPU agree (within 1e-4). Above --cpu_max the
-   CPU numbers to compare with are the README's (Scale: F10M 138 s, top-5 0.542).
+   CPU numbers to compare with are docs/scale.md's ( F10M 138 s, top-5 0.542).
 
 Prints one JSON line per step, then a summary; writes them to WORKDIR/gpu_check.json. Exit status 1
 when a check fails, 2 when torch sees no GPU (with --device cuda).

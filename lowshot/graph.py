@@ -34,7 +34,7 @@ from lowshot.search import SEARCH_BS, _blocks, exact_knn, knn_search, normalized
 METHODS = ("exact", "ivf", "hnsw", "nndescent")
 
 # Background graph, CPU: exact search up to this size, IVF above, searched list by list
-# (lowshot/ivf_build.py). The measurements behind these choices are in the README ("Scale" and
+# (lowshot/ivf_build.py). The measurements behind these choices are in docs/scale.md ("Scale" and
 # "Background graph"), from benchmarks/bench_build_graph.py: at 1M on 2 cores the IVF graph with
 # bf16 products takes about a minute for recall@10 0.988; HNSW's per-query search misses near
 # ties (0.910 at 1M); NN-descent's own graph is good but its index answers queries from outside

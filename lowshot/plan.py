@@ -7,7 +7,7 @@ shard count S, k, d, the number of classes and lslice), fitted on measurements a
 Each quantity is a formula of the work it counts (bytes held, products scored, bytes read) with one
 coefficient fitted by least squares on the relative error of the measurements in :data:`MEASURED`
 (``build_graph.py`` and ``benchmarks/bench_diffusion.py`` on the generated F1M and F10M, 2 cores;
-commands in the README, section "Scale"). CPU time is in core-seconds of those 2 Zen 4 cores
+commands in docs/scale.md). CPU time is in core-seconds of those 2 Zen 4 cores
 (AVX512-BF16: the float32 scan is ~3x slower); "own" memory is the process' anonymous memory, the
 page cache of the memory-mapped inputs is listed apart ("mapped"): it speeds the task up but the
 kernel can drop it, and tasks on one machine share it.
