@@ -10,6 +10,8 @@ image features come, "local" being the order of their IVF lists. For every N:C o
   torch     torch.sparse CSR @ dense (torch's threads = OMP threads)
   mkl       MKL inspector-executor alone: graph_utils.MklSpmm analysed once, executor timed
   mkl_call  graph_utils.spmm(kernel="mkl"): analysis + product in every call
+            (mkl and mkl_call need a build with MKL, graph_utils.has_mkl(); the default leaves them
+            out otherwise)
   hand      graph_utils.spmm(kernel="hand"): the hand-written OpenMP kernel
 Each time is the best of --repeat runs after one warm-up. GB/s counts the bytes a product must move
 when the gathered rows of L miss the caches: 8 bytes per entry of W (id + value) + 4 C bytes per entry
@@ -30,7 +32,10 @@ import torch
 from threadpoolctl import threadpool_limits
 
 import graph_utils
-from lowshot.common import log, print_args, print_result, run_main, write_json
+from lowshot.common import InputError, log, print_args, print_result, run_main, write_json
+
+METHODS = ("scipy", "torch", "mkl", "mkl_call", "hand")
+MKL_METHODS = ("mkl", "mkl_call")
 
 
 def best_time(f, repeat):
@@ -146,7 +151,8 @@ def main(argv=None):
                        help="band: neighbours within +-window ids; clustered: faiss k-NN of a Gaussian mixture")
     group.add_argument("--window", type=int, default=5000, help="band graph: neighbour ids within +-window")
     group.add_argument("--orders", default="local,random,bfs", help="node numberings to time")
-    group.add_argument("--methods", default="scipy,torch,mkl,mkl_call,hand")
+    group.add_argument("--methods", default=",".join(m for m in METHODS if graph_utils.has_mkl() or m not in MKL_METHODS),
+                       help="comma-separated, among %s (default: those this build has)" % ",".join(METHODS))
     group.add_argument("--max_scipy_work", type=float, default=1e10,
                        help="skip scipy and torch when nnz(W) * C exceeds this (they take minutes there)")
     group.add_argument("--repeat", type=int, default=3)
@@ -158,6 +164,14 @@ def main(argv=None):
     group.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     print_args(args)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise InputError("--methods: unknown %s (known: %s)" % (",".join(unknown), ",".join(METHODS)))
+    if not graph_utils.has_mkl() and set(methods) & set(MKL_METHODS):
+        raise InputError("--methods %s: graph_utils was built without MKL (rebuild with mkl-devel installed: "
+                         "LOWSHOT_MKL=on pip install --no-build-isolation -e .)" % ",".join(
+                             m for m in methods if m in MKL_METHODS))
     rs = np.random.RandomState(args.seed)
     nt = graph_utils.max_threads()
     torch.set_num_threads(nt)
@@ -178,11 +192,11 @@ def main(argv=None):
             log("locality_order + permute: %.2f s" % t_order)
         for order in args.orders.split(","):
             W = graphs[order]
-            methods = args.methods.split(",")
+            run = methods
             if W.nnz * C > args.max_scipy_work:
-                methods = [m for m in methods if m not in ("scipy", "torch")]
-            log("N=%d C=%d %s nnz=%d: %s" % (n, C, order, W.nnz, " ".join(methods)))
-            times = bench_products(W, C, args.repeat, methods, rs)
+                run = [m for m in methods if m not in ("scipy", "torch")]
+            log("N=%d C=%d %s nnz=%d: %s" % (n, C, order, W.nnz, " ".join(run)))
+            times = bench_products(W, C, args.repeat, run, rs)
             nbytes = 8 * W.nnz + 4 * C * (W.nnz + n)
             row = {"N": n, "C": C, "order": order, "nnz": W.nnz, "seconds": times,
                    "GBps": {m: nbytes / t / 1e9 for m, t in times.items()}}
@@ -193,7 +207,7 @@ def main(argv=None):
                 m, t, row["GBps"][m], 100 * row["GBps"][m] / bw,
                 " x%.1f" % row["speedup_vs_scipy"][m] if "scipy" in times else "")
                 for m, t in times.items()), flush=True)
-    result = {"script": "bench_spmm", "threads": nt, "read_bandwidth_GBps": bw, "spmm": rows}
+    result = {"script": "bench_spmm", "threads": nt, "mkl": graph_utils.has_mkl(), "read_bandwidth_GBps": bw, "spmm": rows}
     if args.graph_n:
         log("k-NN table -> W, N=%d k=%d" % (args.graph_n, args.k))
         g = bench_graph(args.graph_n, args.k, max(1, args.repeat - 1), rs)

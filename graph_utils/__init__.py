@@ -2,7 +2,9 @@
 
 Numpy arrays in, numpy arrays out. A graph is a :class:`CSR` holding ``indptr`` (int64, nrows + 1),
 ``indices`` (int32 column ids) and ``data`` (float32), for matrices with fewer than 2^31 columns.
-Build the C++ module with ``bash graph_utils/compile.bash`` (setup.bash does it).
+The C++ module is built by ``pip install .`` / ``pip install -e .`` (setup.py; ``bash setup.bash``
+does it in ``.venv``). MKL is optional (:func:`has_mkl`): without it the hand-written kernels do all
+the work, and :class:`MklSpmm` / ``spmm(kernel="mkl")`` raise RuntimeError.
 
 Every function checks dtypes, shapes and contiguity here and raises TypeError / ValueError with the
 argument's name; errors found in C++ (invalid ids, unsorted rows, MKL status codes) come back as
@@ -14,11 +16,12 @@ import numpy as np
 try:
     from . import graph_utils_swig as _gu
 except ImportError as e:  # pragma: no cover - only without a build
-    raise ImportError("graph_utils C++ module not built or not loadable (%s): run bash graph_utils/compile.bash" % e)
+    raise ImportError("graph_utils C++ module not built or not loadable (%s): install the project with "
+                      "pip install -e . (or bash setup.bash)" % e)
 
 __all__ = ["CSR", "csr_from_knn", "transpose", "spgemm", "sort_rows", "knn_to_graph", "col_normalize", "spmm", "MklSpmm",
            "merge_knn_results", "locality_order", "permute", "permute_columns", "inverse_permutation", "max_threads",
-           "cpu_has_bf16", "to_bf16", "KnnScan"]
+           "has_mkl", "cpu_has_bf16", "to_bf16", "KnnScan"]
 
 _INT32_MAX = 2**31 - 1
 #: MKL's LP64 sparse BLAS takes 32-bit row offsets: the product is cut into row blocks of at most this
@@ -26,11 +29,27 @@ _INT32_MAX = 2**31 - 1
 MKL_MAX_BLOCK_NNZ = _INT32_MAX
 #: kernel used by spmm(kernel=None): the faster one in benchmarks/bench_spmm.py on 2-core x86 machines
 DEFAULT_KERNEL = "hand"
+#: float32 product of KnnScan(kernel=None), in every build: the faster one in benchmarks/bench_scan.py
+#: (2.7x MKL's sgemm on 2 Zen 4 cores, 20000 x 200000 x 256), and the same results with or without MKL
+DEFAULT_SCAN_KERNEL = "hand"
 
 
 def max_threads():
     """Number of OpenMP threads the C++ calls use (``omp_get_max_threads()``)."""
     return _gu.max_threads()
+
+
+def has_mkl():
+    """True when this build links oneMKL (:class:`MklSpmm`, ``spmm(kernel="mkl")``, sgemm for the
+    float32 :class:`KnnScan`); chosen when the package is built (setup.py, ``LOWSHOT_MKL``)."""
+    return bool(_gu.has_mkl())
+
+
+def _require_mkl(what):
+    if not _gu.has_mkl():
+        raise RuntimeError("graph_utils was built without MKL: %s needs it (use the hand-written kernel, or "
+                           "reinstall with mkl-devel installed: LOWSHOT_MKL=on pip install --no-build-isolation -e .)"
+                           % what)
 
 
 def _as_1d(a, dtype, name):
@@ -225,7 +244,8 @@ def col_normalize(X):
 
 
 class MklSpmm:
-    """``A @ X`` with MKL's inspector-executor, analysed once for products with C columns.
+    """``A @ X`` with MKL's inspector-executor, analysed once for products with C columns (builds with
+    MKL only: RuntimeError otherwise, see :func:`has_mkl`).
 
     The matrix is cut into row blocks of at most ``max_block_nnz`` entries so that MKL's 32-bit
     offsets suffice; each block gets ``mkl_sparse_set_mm_hint`` + ``mkl_sparse_optimize``. Keeps A's
@@ -243,6 +263,7 @@ class MklSpmm:
     """
 
     def __init__(self, A, C, expected_calls=10, max_block_nnz=None):
+        _require_mkl("MklSpmm")
         _check_csr_arg(A)
         self.shape = A.shape
         self.C = int(C)
@@ -283,7 +304,8 @@ def spmm(A, X, out=None, kernel=None):
         Written in place (must not overlap X).
     kernel : "hand", "mkl" or None
         "hand": row-parallel OpenMP kernel with software prefetch; "mkl": MKL inspector-executor
-        (analysis included in the call; use MklSpmm to reuse it); None: DEFAULT_KERNEL.
+        (analysis included in the call; use MklSpmm to reuse it; RuntimeError in a build without
+        MKL, see :func:`has_mkl`); None: DEFAULT_KERNEL.
 
     Returns
     -------
@@ -296,6 +318,8 @@ def spmm(A, X, out=None, kernel=None):
     kernel = kernel or DEFAULT_KERNEL
     if kernel not in ("hand", "mkl"):
         raise ValueError("kernel must be 'hand' or 'mkl', got %r" % (kernel,))
+    if kernel == "mkl":
+        _require_mkl("spmm(kernel='mkl')")
     out = _out_array(out, (A.shape[0], X.shape[1]))
     if out.size and np.shares_memory(out, X):
         raise ValueError("out must not overlap X")
@@ -408,7 +432,8 @@ class KnnScan:
     order they come in). With ``bf16`` (the default where the CPU has AVX512-BF16 and d is even) the
     products are computed in bfloat16, ~5x faster than float32 BLAS on Zen 4, and the kept
     candidates are re-scored exactly in float32; :meth:`finish` keeps the k best by exact score.
-    Without it the products are float32 (MKL sgemm) and kp = k gives the float32 search's result.
+    Without it the products are float32 (MKL's sgemm or the hand-written blocked product, see
+    ``kernel``) and kp = k gives the float32 search's result.
 
     Parameters
     ----------
@@ -427,9 +452,19 @@ class KnnScan:
         Per query, candidates scoring below it (by the scan's own, approximate with bf16, score)
         are never kept: when only candidates above a known k-th score matter (a merge with another
         table), most are rejected by one comparison. Rows may end with fewer than k candidates.
+    kernel : "mkl", "hand" or None
+        The float32 product (without bf16): "mkl" MKL's sgemm (builds with MKL only, see
+        :func:`has_mkl`), "hand" the hand-written blocked product (OpenMP, vectorised for the CPU at
+        load time); None: DEFAULT_SCAN_KERNEL.
     """
 
-    def __init__(self, Qf, kp, bf16=None, deferred=False, floor=None):
+    def __init__(self, Qf, kp, bf16=None, deferred=False, floor=None, kernel=None):
+        kernel = kernel or DEFAULT_SCAN_KERNEL
+        if kernel not in ("hand", "mkl"):
+            raise ValueError("kernel must be 'hand' or 'mkl', got %r" % (kernel,))
+        if kernel == "mkl":
+            _require_mkl("KnnScan(kernel='mkl')")
+        self.kernel = kernel
         _check_table(Qf, "Qf", (np.float32,))
         self.Qf = np.ascontiguousarray(Qf)
         n, d = self.Qf.shape
@@ -461,7 +496,7 @@ class KnnScan:
         rows = _as_1d(rows, np.int64, "rows")
         ids = _as_1d(ids, np.int32, "ids")
         _check_table(Xc, "Xc", (np.float32,))
-        vmax = _gu.knn_scan_list(*self._t, rows, self.Qf, self.Qb, Xc, ids, not self.deferred)
+        vmax = _gu.knn_scan_list(*self._t, rows, self.Qf, self.Qb, Xc, ids, not self.deferred, self.kernel == "mkl")
         self.vmax = max(self.vmax, vmax)
 
     def finish(self, k, D=None, I=None, base=None):

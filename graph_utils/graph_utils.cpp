@@ -2,9 +2,9 @@
 // caller throws after the parallel region.
 #include "graph_utils.h"
 
-#include <mkl_cblas.h>
-#include <mkl_service.h>
+#ifdef GRAPH_UTILS_MKL
 #include <mkl_spblas.h>
+#endif
 #include <omp.h>
 
 #include <algorithm>
@@ -18,6 +18,14 @@
 #include <string>
 
 namespace graph_utils {
+
+bool has_mkl() {
+#ifdef GRAPH_UTILS_MKL
+    return true;
+#else
+    return false;
+#endif
+}
 
 namespace {
 
@@ -481,7 +489,7 @@ constexpr int64_t PREFETCH_LINES = 8;  // at most this many 64-byte lines per ro
 
 // Rows [r0, r1) of Y. Cloned for AVX-512 / AVX2+FMA / baseline, chosen at load time by the CPU, so the
 // module built with portable flags still runs the wide vector loop where available.
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+GU_CLONES
 int64_t spmm_rows(const int64_t* __restrict indptr, const int32_t* __restrict indices,
                   const float* __restrict data, int64_t ncol, int64_t nnz, int64_t r0, int64_t r1,
                   const float* __restrict X, int64_t C, float* __restrict Y, int64_t pf_dist) {
@@ -543,6 +551,8 @@ void spmm_hand(const CSRView& A, const float* X, int64_t C, float* Y) {
 }
 
 // ---------------------------------------------------------------- sparse x dense, MKL inspector-executor
+
+#ifdef GRAPH_UTILS_MKL
 
 namespace {
 
@@ -640,6 +650,20 @@ void MklSpmm::run(const float* X, float* Y) const {
                   "mkl_sparse_s_mm", bi);
     }
 }
+
+#else
+
+MklSpmm::MklSpmm(const CSRView& A, int64_t C, int64_t, int) : A_(A), C_(C) {
+    throw std::runtime_error("graph_utils was built without MKL: MklSpmm is not available (use the hand kernel)");
+}
+
+MklSpmm::~MklSpmm() {}
+
+void MklSpmm::run(const float*, float*) const {
+    throw std::runtime_error("graph_utils was built without MKL: MklSpmm is not available");
+}
+
+#endif  // GRAPH_UTILS_MKL
 
 // ---------------------------------------------------------------- k-best table merge
 

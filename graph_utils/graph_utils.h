@@ -16,13 +16,29 @@
 //
 // Errors: invalid input throws std::invalid_argument; an MKL failure throws std::runtime_error naming the
 // MKL call and its sparse_status_t. The wrapper turns them into ValueError / RuntimeError.
+//
+// Build options. GRAPH_UTILS_MKL (defined by setup.py when it links oneMKL): MklSpmm, and MKL's sgemm
+// for the float32 scan. Without it the library has no MKL dependency: MklSpmm's constructor and a
+// float32 scan asked for sgemm throw std::runtime_error("graph_utils was built without MKL: ...").
+// On x86-64 the hot loops carry AVX-512 / AVX2 versions chosen by the CPU at load time (GU_CLONES;
+// the float32 scan dispatches itself) and the bf16 scan uses AVX512-BF16; elsewhere they compile once
+// for the target, and cpu_has_bf16() is false.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <vector>
 
+#if defined(__x86_64__)
+#define GU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define GU_CLONES
+#endif
+
 namespace graph_utils {
+
+// Whether this build links MKL (GRAPH_UTILS_MKL).
+bool has_mkl();
 
 struct CSRView {
     int64_t nrow = 0, ncol = 0;
@@ -99,6 +115,7 @@ extern int64_t prefetch_distance;
 // offsets, so the matrix is cut into row blocks of at most max_block_nnz entries (and rows), each with
 // its own offsets rebased to 0. Handles are built and optimised once, at construction, for products
 // with C columns; run() may be called many times. Borrows A (and nothing else) for its lifetime.
+// In a build without MKL the constructor throws std::runtime_error.
 class MklSpmm {
   public:
     MklSpmm(const CSRView& A, int64_t C, int64_t max_block_nnz, int expected_calls);
@@ -136,8 +153,9 @@ void merge_knn_results(float* D, TI* I, int64_t n, int64_t k, int64_t ldd, int64
 // increasing) the candidates Xc (n x d, row stride ldc) with ids[j]; the row's query is row rows[r]
 // of Qf (n_table x d float32) and, for the reduced-precision scan, of Qb (bf16 bits from to_bf16).
 // With Qb the products are bf16 (AVX512-BF16, d even; cpu_has_bf16() must hold) and E is filled
-// either at once (exact_now) or by knn_scan_rescore; with Qb == nullptr they are float32 (MKL
-// sgemm) and A == E. No id may be offered twice to a row. It returns the largest norm of the Xc rows.
+// either at once (exact_now) or by knn_scan_rescore; with Qb == nullptr they are float32, A == E,
+// computed by MKL's sgemm (fp32_mkl; builds with MKL only) or by the hand-written blocked product.
+// No id may be offered twice to a row. It returns the largest norm of the Xc rows (bf16; 0 otherwise).
 // knn_scan_settle sorts each row's kp best first (then -inf / -1). knn_scan_rescore (bf16, settled,
 // ids = rows of base (n_base x d)) scores exactly the kept candidates whose approximate score is
 // within the bf16 error bound of the k-th (2^-7 |q| vmax), E = -inf for the others, and returns the
@@ -155,7 +173,7 @@ struct ScanTable {
 bool cpu_has_bf16();
 void to_bf16(const float* X, int64_t n, uint16_t* out);
 float knn_scan_list(const ScanTable& t, const int64_t* rows, int64_t m, const float* Qf, const uint16_t* Qb, int64_t d,
-                    const float* Xc, int64_t n, int64_t ldc, const int32_t* ids, bool exact_now);
+                    const float* Xc, int64_t n, int64_t ldc, const int32_t* ids, bool exact_now, bool fp32_mkl);
 void knn_scan_settle(const ScanTable& t);
 int64_t knn_scan_rescore(const ScanTable& t, const float* Qf, int64_t d, const float* base, int64_t nbase, int64_t k,
                          float vmax);

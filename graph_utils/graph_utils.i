@@ -222,6 +222,8 @@ void merge_knn_results_t(PyObject* D, PyObject* I, PyObject* D2, PyObject* I2, l
 
 int max_threads() { return omp_get_max_threads(); }
 
+bool has_mkl() { return gu::has_mkl(); }
+
 long long get_prefetch_distance() { return gu::prefetch_distance; }
 void set_prefetch_distance(long long d) {
     if (d < 0 || d > 4096) py_raise(PyExc_ValueError, "prefetch distance must be in [0, 4096]");
@@ -320,7 +322,8 @@ gu::ScanTable get_scan_table(PyObject* A, PyObject* E, PyObject* I, PyObject* cn
 }
 
 double knn_scan_list(PyObject* A, PyObject* E, PyObject* I, PyObject* cnt, PyObject* thr, long long kp,
-                     PyObject* rows, PyObject* Qf, PyObject* Qb, PyObject* Xc, PyObject* ids, bool exact_now) {
+                     PyObject* rows, PyObject* Qf, PyObject* Qb, PyObject* Xc, PyObject* ids, bool exact_now,
+                     bool fp32_mkl) {
     gu::ScanTable t = get_scan_table(A, E, I, cnt, thr, kp);
     Arr<int64_t> r = get_arr<int64_t>(rows, "rows", 1, false);
     Arr<float> qf = get_arr<float>(Qf, "Qf", 2, false);
@@ -337,7 +340,7 @@ double knn_scan_list(PyObject* A, PyObject* E, PyObject* I, PyObject* cnt, PyObj
     if (qf.n0 != t.n || qf.n1 != c.n1 || c.n0 != id.n0)
         py_raise(PyExc_ValueError, "Qf needs one row per table row, Xc one per id, both d columns");
     NoGIL nogil;
-    return gu::knn_scan_list(t, r.ptr, r.n0, qf.ptr, qb, qf.n1, c.ptr, c.n0, c.ld, id.ptr, exact_now);
+    return gu::knn_scan_list(t, r.ptr, r.n0, qf.ptr, qb, qf.n1, c.ptr, c.n0, c.ld, id.ptr, exact_now, fp32_mkl);
 }
 
 void knn_scan_settle(PyObject* A, PyObject* E, PyObject* I, PyObject* cnt, PyObject* thr, long long kp) {
@@ -389,7 +392,8 @@ PyObject* permute_symmetric(CSR_ARGS(A), PyObject* perm) {
 }
 
 // MKL inspector-executor product prepared once for products with C columns. Keeps references to the
-// matrix' arrays, which MKL reads at every run().
+// matrix' arrays, which MKL reads at every run(). In a build without MKL the constructor raises
+// RuntimeError (graph_utils/__init__.py says so before calling it).
 class MklPlan {
   public:
     MklPlan(CSR_ARGS(A), long long C, long long max_block_nnz, int expected_calls) {

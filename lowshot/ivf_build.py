@@ -3,7 +3,7 @@
 The table is each background vector's K nearest among the vectors of the IVF lists its search probes
 (faiss' IVF search of every stored vector), computed list by list: every query probing list c is
 scored against list c in one product (graph_utils.KnnScan: bfloat16 dot products with an exact
-float32 re-score of the candidates where the CPU has AVX512-BF16, float32 BLAS elsewhere).
+float32 re-score of the candidates where the CPU has AVX512-BF16, float32 products elsewhere).
 
 Three steps, the work kept in ``knngraph/ndis{N}_k{K}.work/`` (``data.graph_paths(...)["work"]``):
 

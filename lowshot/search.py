@@ -14,7 +14,7 @@ from lowshot import torch_backend
 from lowshot.common import InputError
 
 # bf16 scans keep K + BF16_EXTRA candidates per query before the exact re-score; build_graph.py
-# measures how often a row equals faiss' float32 search (README "Scale": 100% at 1M, 99.9% at 10M)
+# measures how often a row equals faiss' float32 search (docs/scale.md: 100% at 1M, 99.9% at 10M)
 BF16_EXTRA = 16
 # From this many queries, searches of a CPU IVF-Flat index go list by list (ivf_knn)
 IVF_BLAS_MIN_QUERIES = 1000
@@ -145,7 +145,7 @@ def ivf_knn(index, x, K, bf16=None, bs=SEARCH_BS):
     exhaustively. All queries that probe list c are scored against list c's vectors in one product,
     so each list is read once for all its queries. The product is bfloat16 where the CPU has
     AVX512-BF16 (K + BF16_EXTRA candidates kept per query and re-scored exactly in float32; the result
-    equals the float32 search but for near-ties), float32 BLAS elsewhere (``bf16=False``: exactly
+    equals the float32 search but for near-ties), float32 products elsewhere (``bf16=False``: exactly
     the float32 search, ties to the lower id).
 
     Parameters
@@ -193,7 +193,7 @@ def exact_knn(xq, xb, k, bs=SEARCH_BS * 4):
 
     graph_utils.KnnScan: bf16 products where the CPU has AVX512-BF16, each candidate entering a
     query's table re-scored in float32, K + BF16_EXTRA kept (6x faster than faiss.knn for 1000
-    queries at 1M); float32 BLAS elsewhere.
+    queries at 1M); float32 products elsewhere.
 
     Parameters
     ----------

@@ -19,7 +19,6 @@ import save_features
 from lowshot import features, networks
 from lowshot.common import InputError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCALE, CROP = 36, 32      # tiny inputs keep the CPU tests fast
 
 
@@ -329,14 +328,14 @@ def test_interrupted_run_resumes_to_identical_file(yfcc, tmp_path):
 
     # killed outright (no clean close) after the second block, then resumed
     out2 = str(tmp_path / "killed.hdf5")
-    code = ("import os, signal, sys; sys.path.insert(0, %r)\n"
+    code = ("import os, signal\n"
             "import torch; torch.set_num_threads(1)\n"
             "from lowshot import features\n"
             "cfg = features.load_config(%r)\n"
             "def kill(rows):\n"
             "    if rows >= 16: os.kill(os.getpid(), signal.SIGKILL)\n"
             "features.extract_features(cfg, %r, 'ResNet10', %r, i0=990, i1=1010, after_block=kill)\n"
-            % (ROOT, str(tmp_path / "cfg.yaml"), out2, yfcc["ckpt"]))
+            % (str(tmp_path / "cfg.yaml"), out2, yfcc["ckpt"]))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     res = features.extract_features(cfg, out2, "ResNet10", yfcc["ckpt"], i0=990, i1=1010)

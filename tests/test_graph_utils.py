@@ -11,6 +11,10 @@ import scipy.sparse as sp
 
 import graph_utils as gu
 
+needs_mkl = pytest.mark.skipif(not gu.has_mkl(), reason="graph_utils built without MKL (has_mkl() is False)")
+MKL = pytest.param("mkl", marks=needs_mkl)
+NO_MKL = "graph_utils was built without MKL"
+
 
 def random_csr(nrow, ncol, density, rs, empty_rows=(), sorted_rows=True):
     """Random scipy CSR (float32) with some rows forced empty; unsorted rows when not sorted_rows."""
@@ -192,7 +196,7 @@ def graph_for_spmm(n, ncol, rs, k=9):
     return gu.csr_from_knn(I, ncol, rs.rand(n, k).astype(np.float32))
 
 
-@pytest.mark.parametrize("kernel", ["hand", "mkl", None])
+@pytest.mark.parametrize("kernel", ["hand", MKL, None])
 @pytest.mark.parametrize("C", [1, 3, 37, 100])
 def test_spmm(kernel, C):
     rs = np.random.RandomState(C)
@@ -230,6 +234,7 @@ def test_spgemm(ncol):
         gu.spgemm(A, A)
 
 
+@needs_mkl
 def test_mkl_row_blocks():
     # blocks of at most 50 entries: every block after the first has absolute offsets beyond what one
     # block may hold, as 2^31 would at full size; each block must be rebased to start at 0
@@ -272,8 +277,36 @@ def test_spmm_rejects_bad_inputs():
     B = gu.CSR(A.indptr, bad, A.data, A.shape, check=False)
     with pytest.raises(ValueError, match="out of range"):
         gu.spmm(B, X, kernel="hand")
-    with pytest.raises(ValueError, match="out of range"):
-        gu.spmm(B, X, kernel="mkl")
+    if gu.has_mkl():
+        with pytest.raises(ValueError, match="out of range"):
+            gu.spmm(B, X, kernel="mkl")
+
+
+def test_has_mkl_is_what_the_module_loads():
+    """has_mkl() against the libraries a fresh process maps after importing graph_utils alone (Linux)."""
+    if not os.path.exists("/proc/self/maps"):
+        pytest.skip("no /proc/self/maps")
+    code = "import graph_utils; print(any('libmkl_core' in l for l in open('/proc/self/maps')))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(gu.has_mkl())
+
+
+@pytest.mark.skipif(gu.has_mkl(), reason="graph_utils built with MKL")
+def test_without_mkl_the_mkl_kernels_say_so():
+    rs = np.random.RandomState(16)
+    A = graph_for_spmm(100, 80, rs)
+    X = rs.rand(80, 10).astype(np.float32)
+    with pytest.raises(RuntimeError, match=NO_MKL + ": spmm"):
+        gu.spmm(A, X, kernel="mkl")
+    with pytest.raises(RuntimeError, match=NO_MKL + ": MklSpmm"):
+        gu.MklSpmm(A, 10)
+    with pytest.raises(RuntimeError, match=NO_MKL):       # the C++ class itself, under the wrapper
+        gu.graph_utils_swig.MklPlan(*A._args(), 10, 100, 1)
+    with pytest.raises(RuntimeError, match=NO_MKL + ": KnnScan"):
+        gu.KnnScan(X, 4, bf16=False, kernel="mkl")
+    assert gu.DEFAULT_KERNEL == "hand" and gu.DEFAULT_SCAN_KERNEL == "hand"
+    np.testing.assert_allclose(gu.spmm(A, X), A.to_scipy() @ X, rtol=1e-5, atol=1e-6)
 
 
 def test_spmm_threads_release_gil():
@@ -286,7 +319,7 @@ def test_spmm_threads_release_gil():
     res = [None] * 4
 
     def work(i):
-        res[i] = gu.spmm(A, Xs[i], kernel="hand" if i % 2 else "mkl")
+        res[i] = gu.spmm(A, Xs[i], kernel="hand" if i % 2 or not gu.has_mkl() else "mkl")
 
     ts = [threading.Thread(target=work, args=(i,)) for i in range(4)]
     for t in ts:
@@ -299,7 +332,7 @@ def test_spmm_threads_release_gil():
     # two of its steps is far shorter than the call (with the GIL held, it would last the whole call)
     big = graph_for_spmm(200000, 200000, rs, k=20)
     Xb = rs.rand(200000, 256).astype(np.float32)
-    for kernel in ("hand", "mkl"):
+    for kernel in ("hand", "mkl") if gu.has_mkl() else ("hand",):
         t0 = time.perf_counter()
         gu.spmm(big, Xb, kernel=kernel)
         alone = time.perf_counter() - t0
@@ -371,7 +404,7 @@ def test_import_with_faiss_and_torch():
     code = ("import torch, faiss, numpy as np, graph_utils as gu; "
             "A = gu.knn_to_graph(np.random.randint(0, 500, (500, 5)), 500); "
             "X = np.random.rand(500, 20).astype(np.float32); "
-            "assert np.allclose(gu.spmm(A, X, kernel='mkl'), A.to_scipy() @ X, atol=1e-5); "
+            "assert not gu.has_mkl() or np.allclose(gu.spmm(A, X, kernel='mkl'), A.to_scipy() @ X, atol=1e-5); "
             "assert np.allclose(gu.spmm(A, X, kernel='hand'), A.to_scipy() @ X, atol=1e-5); "
             "i = faiss.IndexFlatL2(8); i.add(np.random.rand(100, 8).astype('float32')); "
             "t = torch.randn(200, 200); "

@@ -18,6 +18,9 @@ from test_graph import make_bg_ddir, read_tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_bf16 = pytest.mark.skipif(not graph_utils.cpu_has_bf16(), reason="no AVX512-BF16 on this CPU")
+# the float32 products: the hand-written blocked kernel (every build), MKL's sgemm (builds with MKL)
+SCAN_KERNELS = ["hand", pytest.param("mkl", marks=pytest.mark.skipif(
+    not graph_utils.has_mkl(), reason="graph_utils built without MKL (has_mkl() is False)"))]
 
 
 def unit(x):
@@ -68,6 +71,38 @@ def test_knn_scan_against_brute_force(bf16, deferred):
     assert len(differ) <= 2, differ
 
 
+@pytest.mark.parametrize("kernel", SCAN_KERNELS)
+@pytest.mark.parametrize("m,n,d", [(1, 1, 1), (5, 17, 2), (7, 300, 37), (101, 1000, 3), (203, 4099, 130)])
+def test_knn_scan_fp32_odd_sizes(kernel, m, n, d):
+    """The float32 scan against numpy in float64, at sizes that fill none of the kernel's blocks
+    (queries per micro-kernel and tile, candidates per panel and tile), odd d, the candidates a
+    row-strided view at an unaligned address (as an IVF list memory-mapped by faiss), each block
+    offered to a random subset of the queries."""
+    rs = np.random.RandomState(m + n + d)
+    K = min(10, n)
+    Q = rs.randn(m, d).astype(np.float32)
+    raw = np.zeros(4 * n * (d + 3) + 2, np.uint8)       # float32 rows of d + 3, starting at byte 2
+    Xall = raw[2:].view(np.float32).reshape(n, d + 3)
+    Xall[:] = rs.randn(n, d + 3)
+    X = Xall[:, 1:d + 1]
+    assert not X.flags.aligned and X.strides[0] == 4 * (d + 3)
+    scan = graph_utils.KnnScan(Q, K, bf16=False, kernel=kernel)
+    assert not scan.bf16 and scan.kernel == kernel
+    S = offer_blocks(scan, Q, X, min(3, n), rs)
+    D, I = scan.finish(K)
+    Iref = np.argsort(-S, axis=1, kind="stable")[:, :K]
+    Dref = np.take_along_axis(S, Iref, axis=1)
+    tol = 1e-5 * np.sqrt(d) * (1 + np.abs(Dref))
+    offered = np.isfinite(Dref)                           # rows offered fewer than K candidates: -inf / -1
+    assert (I[~offered] == -1).all() and np.isneginf(D[~offered]).all()
+    assert (np.abs(D[offered] - Dref[offered]) <= tol[offered]).all()
+    got = np.where(I >= 0, np.take_along_axis(S, np.maximum(I, 0).astype(np.int64), axis=1), -np.inf)
+    np.testing.assert_allclose(D[offered], got[offered], atol=float(tol[offered].max()))   # D: scores of I
+    assert (D[:, 1:][offered[:, 1:]] <= D[:, :-1][offered[:, 1:]]).all()      # decreasing
+    differ = [i for i in range(m) if set(I[i]) != set(Iref[i])]
+    assert len(differ) <= max(1, m // 100), differ       # only where two scores are within rounding
+
+
 @needs_bf16
 def test_knn_scan_bf16_matches_float32_and_pads():
     rs = np.random.RandomState(3)
@@ -100,6 +135,8 @@ def test_knn_scan_bad_arguments():
         scan.finish(5)
     with pytest.raises(ValueError, match="need 1 <= kp <= 512"):
         graph_utils.KnnScan(Q, 0)
+    with pytest.raises(ValueError, match="kernel must be 'hand' or 'mkl'"):
+        graph_utils.KnnScan(Q, 4, kernel="blas")
     if not graph_utils.cpu_has_bf16():
         with pytest.raises(ValueError, match="AVX512-BF16"):
             graph_utils.KnnScan(Q, 4, bf16=True)
