@@ -9,7 +9,7 @@ split) then the run's own rows (``R``: its labelled novel-class images, then in-
 
 ======  ================================================================================
 * -> 0  exact: graph_utils.KnnScan (bfloat16 products on AVX512-BF16 CPUs, the candidates
-        re-scored in float32; float32 BLAS elsewhere). The part into B (1->B, 2->B, B->B) does
+        re-scored in float32; float32 products elsewhere). The part into B (1->B, 2->B, B->B) does
         not depend on the run: it is computed once and kept under ``$DDIR/cache/completion``
         (:func:`base_searches`); a run then searches only R and merges.
 0, 2->1 the stored background index (an IVF or HNSW index is approximate: its recall@10 is
