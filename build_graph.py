@@ -27,7 +27,7 @@ which searches it with the labelled and test images: NN-descent's index does tha
   ivf        IndexIVFFlat; CPU: 4*sqrt(N) lists, each vector's search visits enough lists to scan
              about 16000 vectors at 1M, times (N/1M)^(1/6) above (64 of 4000 lists at 1M, 30 of
              12649 at 10M), computed list by list, in bfloat16 with an
-             exact float32 re-score where the CPU has AVX512-BF16 (see README "Scale"); GPUs:
+             exact float32 re-score where the CPU has AVX512-BF16 (see docs/scale.md); GPUs:
              4*sqrt(N) lists, nprobe 256 (the 2018 original)
   hnsw       IndexHNSWFlat, M=32, efSearch=64 (1M: 233 s, recall@10 0.910)
   nndescent  IndexNNDescentFlat: the graph comes from NN-descent itself (fast, good graph; its
@@ -49,7 +49,8 @@ from lowshot import graph
 from lowshot import ivf_build
 from lowshot import search
 from lowshot import torch_backend
-from lowshot.common import (HelpFormatter, InputError, OwnMemoryPeak, get_ddir, log, print_args, print_result,
+from lowshot.common import (ArgumentParser, HelpFormatter, InputError, OwnMemoryPeak, file_lock, get_ddir,
+                            int_at_least, log, nonnegative_int, positive_int, print_args, print_result,
                             remove_stale_temporaries, run_main, write_json)
 
 
@@ -64,21 +65,14 @@ def parse_shard(text):
     return i, S
 
 
-def positive_int(text):
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError("must be >= 1, got %d" % v)
-    return v
-
-
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("N", type=int, help="number of background vectors (the first N rows)")
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("N", type=int_at_least(2), help="number of background vectors (the first N rows)")
     g = p.add_argument_group("data")
     g.add_argument("--ddir", default=None, help="data root (default: $DDIR)")
     g.add_argument("--force", action="store_true", help="rebuild even when a usable graph exists")
     g = p.add_argument_group("graph")
-    g.add_argument("--k", type=int, default=32, help="neighbours needed; K = next power of two")
+    g.add_argument("--k", type=positive_int, default=32, help="neighbours needed; K = next power of two")
     g.add_argument("--method", choices=graph.METHODS, default=None,
                    help="search method (default: chosen by N and GPUs, see above)")
     g.add_argument("--bs", type=positive_int, default=search.SEARCH_BS, help="rows searched per block")
@@ -96,18 +90,19 @@ def parse_args(argv):
                    help="product of the table scan: bf16 with exact re-score (auto: where the CPU has "
                         "AVX512-BF16), or float32 BLAS (exactly faiss' IVF search)")
     g = p.add_argument_group("method parameters")
-    g.add_argument("--nlist", type=int, default=None,
+    g.add_argument("--nlist", type=positive_int, default=None,
                    help="ivf: lists (default %d*sqrt(N) on CPU, 4*sqrt(N) with GPUs)" % graph.IVF_LISTS_PER_SQRT)
-    g.add_argument("--nprobe", type=int, default=None,
+    g.add_argument("--nprobe", type=positive_int, default=None,
                    help="ivf: lists visited (default: enough to scan %d vectors on CPU, times (N/1M)^(1/6) above 1M; 256 with GPUs)"
                    % graph.IVF_SCAN)
-    g.add_argument("--hnsw_M", type=int, default=32, help="hnsw: links per vector")
-    g.add_argument("--ef_search", type=int, default=64, help="hnsw: efSearch")
-    g.add_argument("--ef_construction", type=int, default=40, help="hnsw: efConstruction")
-    g.add_argument("--nnd_iter", type=int, default=10, help="nndescent: iterations")
-    g.add_argument("--nnd_L", type=int, default=None, help="nndescent: candidate pool size")
+    # faiss aborts the process on M < 2 (an assertion, not an exception): refused here
+    g.add_argument("--hnsw_M", type=int_at_least(2), default=32, help="hnsw: links per vector")
+    g.add_argument("--ef_search", type=positive_int, default=64, help="hnsw: efSearch")
+    g.add_argument("--ef_construction", type=positive_int, default=40, help="hnsw: efConstruction")
+    g.add_argument("--nnd_iter", type=positive_int, default=10, help="nndescent: iterations")
+    g.add_argument("--nnd_L", type=positive_int, default=None, help="nndescent: candidate pool size (>= K)")
     g = p.add_argument_group("check")
-    g.add_argument("--recall_nq", type=int, default=1000,
+    g.add_argument("--recall_nq", type=nonnegative_int, default=1000,
                    help="vectors sampled to measure recall@10 against exact search (0: skip)")
     return p.parse_args(argv)
 
@@ -117,14 +112,26 @@ def main(argv=None):
     print_args(args)
     ddir = get_ddir(args.ddir)
     torch_backend.use(args.device)
-    if args.N < 2:
-        raise InputError("N = %d: a graph needs at least 2 background vectors" % args.N)
     K = graph.graph_K(args.k)
     xb = data.open_background(ddir, args.N)
     log("background %s: %d x %d" % (data.feature_paths(ddir)["background"], *xb.shape))
     if K >= args.N:
         raise InputError("K = %d neighbours need more than N = %d background vectors" % (K, args.N))
+    if args.nlist is not None and args.nlist > args.N:
+        raise InputError("--nlist %d: more lists than the N = %d background vectors" % (args.nlist, args.N))
+    if args.nlist is not None and args.nprobe is not None and args.nprobe > args.nlist:
+        raise InputError("--nprobe %d: more than the --nlist %d lists" % (args.nprobe, args.nlist))
+    if args.nnd_L is not None and args.nnd_L < K:
+        raise InputError("--nnd_L %d: NN-descent needs a candidate pool of at least K = %d" % (args.nnd_L, K))
     paths = data.graph_paths(ddir, args.N, K)
+    # two runs on the same graph take turns (the second then finds the first one's graph); the
+    # shards of one build share the lock, the prepare step and the merge hold it alone
+    with file_lock(paths["lock"], "build_graph.py %d" % args.N, shared=args.shard is not None):
+        build(args, argv, ddir, xb, K, paths)
+
+
+def build(args, argv, ddir, xb, K, paths):
+    """The graph of ``main``'s checked arguments, under the lock: reused when it exists, else built."""
     if os.path.isdir(os.path.dirname(paths["I"])):
         for p in remove_stale_temporaries(os.path.dirname(paths["I"])):
             log("removed %s (its writer is gone)" % p)
@@ -133,7 +140,10 @@ def main(argv=None):
     if (args.shard or args.prepare) and not resumable:
         raise InputError("--shard and --prepare need the CPU ivf method (method %s, %d GPUs)" % (
             method, torch_backend.faiss_gpus()))
-    in_progress = resumable and ivf_build.read_plan(paths["work"]) is not None
+    try:
+        in_progress = resumable and ivf_build.read_plan(paths["work"]) is not None
+    except ivf_build.DamagedWork:
+        in_progress = True       # ivf_build.build redoes what it must
     if in_progress:
         log("a build is in progress in %s: continuing it" % paths["work"])
     if not args.force and not in_progress:

@@ -7,7 +7,8 @@ Reads   $DDIR/features/train.hdf5, val.hdf5     labelled and test images (all_fe
         $DDIR/knngraph/ndis{nbg}.index, ndis{nbg}_k{K}_{I,D}_11.*   made by build_graph.py {nbg}
         --split (default $DDIR/label_idx.json if any, else data/label_idx.json)  base/novel classes
 Writes  --result R.json   the JSON result line (also printed last on stdout)
-        --storeL F.npy    test scores after the last iteration, (n_test, C) float32
+        --storeL F.npy    test scores after the last iteration, (n_test, C) float32; F.npy.json: their
+                          mode, n and seed (fusion.py refuses the other mode's scores)
         --storeLname F    the test scores of every iteration, a pickled list of niter+1 (n_test, C)
                           float32 arrays (as the 2018 code)
         --storeLiters PAT the full node matrix L (n_nodes, classes of the block) float32 after each
@@ -17,7 +18,8 @@ Writes  --result R.json   the JSON result line (also printed last on stdout)
                           of the slice (scores float32 and ids int64, (niter+1, n_test, 5))
         $DDIR/cache/completion/   the exact searches into the base-class images, the same for every
                           run of a split and background: computed by the first run, read by the
-                          next ones (--completion_cache; safe to delete)
+                          next ones (--completion_cache on|off|DIR; safe to delete; on a
+                          read-only data root the run goes without it, or keeps it in DIR)
 
 Graph: nodes = labelled images (then, with --indomain, the other training images of the novel
 classes, unlabelled), then the nbg background images; each node is linked to its k most similar
@@ -33,7 +35,6 @@ Examples:
   python diffusion.py ... --class_range 0:250 --store_slice s0.npz   # one job of an array
   python diffusion.py --merge_slices s0.npz s1.npz --result r.json   # same result as one run
 """
-import argparse
 import json
 import os
 import pickle
@@ -45,40 +46,44 @@ import numpy as np
 
 from lowshot import completion, data, evaluate, graph, method, search, torch_backend
 from lowshot import diffuse as dif
-from lowshot.common import (HelpFormatter, InputError, get_ddir, log, peak_rss_gib, print_args, print_result,
-                            require_file, run_main, write_json, atomic_output, OwnMemoryPeak)
+from lowshot.common import (ArgumentParser, HelpFormatter, InputError, get_ddir, log, nonnegative_int, peak_rss_gib,
+                            positive_int, print_args, print_result, require_file, run_main, seed_int, write_json,
+                            atomic_output, OwnMemoryPeak)
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("protocol")
     g.add_argument("--mode", choices=["val", "test"], default="val",
                    help="val: split 1 (base_classes_1 + novel_classes_1), test: split 2")
     g.add_argument("--nlabeled", type=int, default=2, help="labelled images per novel class")
-    g.add_argument("--seed", type=int, default=1, help="seed of the labelled-image draw")
+    g.add_argument("--seed", type=seed_int, default=1, help="seed of the labelled-image draw")
     g.add_argument("--split", default=None, help="class split file (default: $DDIR/label_idx.json when it "
                                                   "exists, else data/label_idx.json, ImageNet's)")
     g.add_argument("--ddir", default=None, help="data root (default: $DDIR)")
     g = p.add_argument_group("graph")
-    g.add_argument("--k", type=int, default=30, help="neighbours per node")
-    g.add_argument("--nbg", type=int, default=10**6,
+    g.add_argument("--k", type=positive_int, default=30, help="neighbours per node")
+    g.add_argument("--nbg", type=nonnegative_int, default=10**6,
                    help="background images (first rows of the raw file; 0: none)")
     g.add_argument("--indomain", action="store_true",
                    help="the novel classes' other training images become unlabelled nodes")
     g.add_argument("--node_index", default="exact", choices=["exact", "ivf", "hnsw"],
                    help="search from the background into the labelled (+in-domain) set: exact (default, "
                         "as the 2018 code), or an approximate faiss index (its recall@10 is logged)")
-    g.add_argument("--node_nprobe", type=int, default=16, help="nprobe of that IVF index")
-    g.add_argument("--completion_cache", default="on", choices=["on", "off"],
+    g.add_argument("--node_nprobe", type=positive_int, default=16, help="nprobe of that IVF index")
+    g.add_argument("--completion_cache", default="on", metavar="{on,off,DIR}",
                    help="on: the exact searches into the base-class images, the same for every run of a "
                         "split and background, are computed once and kept in $DDIR/cache/completion "
-                        "(shared by concurrent runs; safe to delete)")
-    g.add_argument("--recall_nq", type=int, default=None,
+                        "(shared by concurrent runs; safe to delete); DIR: kept in DIR/completion instead "
+                        "(a data root on a read-only volume; without a writable place the run goes "
+                        "without the cache and says so)")
+    g.add_argument("--recall_nq", type=nonnegative_int, default=None,
                    help="sampled queries for the recall@10 of approximate searches against exact search "
                         "(default: 2e8 / N, between 100 and 1000; 0: not measured)")
-    g.add_argument("--bg_nprobe", type=int, default=None, help="override nprobe of an IVF background index")
-    g.add_argument("--bg_ef_search", type=int, default=None, help="override efSearch of an HNSW background index")
-    g.add_argument("--bg_search_L", type=int, default=None,
+    g.add_argument("--bg_nprobe", type=positive_int, default=None, help="override nprobe of an IVF background index")
+    g.add_argument("--bg_ef_search", type=positive_int, default=None,
+                   help="override efSearch of an HNSW background index")
+    g.add_argument("--bg_search_L", type=positive_int, default=None,
                    help="override search_L of an NN-descent background index")
     g.add_argument("--device", choices=torch_backend.DEVICES, default="auto",
                    help="auto: torch on CUDA if torch sees a GPU, else CPU, and faiss-gpu for faiss' searches if "
@@ -88,11 +93,11 @@ def parse_args(argv):
     g.add_argument("--reorder", default="auto", choices=["auto", "on", "off"],
                    help="renumber the nodes breadth-first before diffusing (same result, faster "
                         "products); auto: from %d nodes" % dif.REORDER_MIN_NODES)
-    g.add_argument("--niter", type=int, default=None,
+    g.add_argument("--niter", type=nonnegative_int, default=None,
                    help="diffusion iterations (default: douze18: the value the 2018 code validated for this "
                         "--nbg, --nlabeled and k = 30: 3 for F1M at n = 1, 2, 5, 4 for F10M...; 3 elsewhere; "
                         "spreading 30, propagation 1000, poisson 50: their reference implementations' defaults)")
-    g.add_argument("--lslice", type=int, default=None,
+    g.add_argument("--lslice", type=nonnegative_int, default=None,
                    help="diffuse classes by blocks of this many columns (0: all at once; default: "
                         "auto, see lowshot.diffuse.auto_lslice); same result, peak memory ~2 (n, lslice) "
                         "float32 matrices instead of (n, C)")
@@ -159,6 +164,21 @@ def _check_pattern(pat):
     if name == pat % (1, 0, 1):
         raise InputError("--storeLiters %r: the pattern must use the step (its first integer), or every "
                          "step overwrites the same file" % pat)
+
+
+def _cache_root(flag, ddir):
+    """The folder of the completion cache (``--completion_cache``), or None: off, or not writable."""
+    if flag == "off":
+        return None
+    root = os.path.join(ddir, "cache") if flag == "on" else os.path.abspath(flag)
+    top = root
+    while not os.path.exists(top) and top != os.path.dirname(top):
+        top = os.path.dirname(top)
+    if not os.access(top, os.W_OK):      # also False on a read-only mount (EROFS)
+        log("%s is not writable (a read-only data root?): graph completion runs without its cache "
+            "(--completion_cache DIR keeps it in a writable DIR)" % top)
+        return None
+    return root
 
 
 def _meta(args):
@@ -241,20 +261,12 @@ def main(argv=None):
         print_result(res)
         return
     torch_backend.use(args.device)
-    if args.k < 1:
-        raise InputError("--k %d: need at least 1 neighbour" % args.k)
-    if args.nbg < 0:
-        raise InputError("--nbg %d: must be >= 0" % args.nbg)
     if args.tol is None:
         args.tol = method.DEFAULT_TOL.get(args.variant)
     args.method = method.Method(args.variant, args.weights, args.alpha, args.power, args.tol)
     if args.niter is None:
         args.niter, how = dif.default_niter(args.nbg, args.nlabeled, args.k, args.variant)
         log("--niter %d: %s" % (args.niter, how))
-    if args.niter < 0:
-        raise InputError("--niter %d: must be >= 0" % args.niter)
-    if args.lslice is not None and args.lslice < 0:
-        raise InputError("--lslice %d: must be >= 0 (0: all classes at once)" % args.lslice)
     if args.class_range and not args.store_slice:
         raise InputError("--class_range needs --store_slice (merge the slices with --merge_slices)")
     if args.store_slice and (args.storeL or args.storeLname):
@@ -285,8 +297,11 @@ def main(argv=None):
     nbase = int(np.argmax(split.is_novel[sets.yl])) if split.is_novel[sets.yl].any() else len(sets.yl)
     if split.is_novel[sets.yl[:nbase]].any() or not split.is_novel[sets.yl[nbase:]].all():
         raise AssertionError("labelled rows are not base classes then novel classes")
-    x0 = sets.Xl if sets.Xu is None else np.vstack([sets.Xl, sets.Xu])
-    x0 = search.normalized(vt.apply(np.ascontiguousarray(x0)), "PCA'd labelled vectors")
+    # the base rows go through the PCA on their own: a multi-threaded BLAS product's last bits
+    # depend on the matrix's row count, and the cache is keyed on the bits of the base vectors
+    rest = sets.Xl[nbase:] if sets.Xu is None else np.vstack([sets.Xl[nbase:], sets.Xu])
+    x0 = np.vstack([vt.apply(np.ascontiguousarray(sets.Xl[:nbase])), vt.apply(np.ascontiguousarray(rest))])
+    x0 = search.normalized(x0, "PCA'd labelled vectors")
     xt = search.normalized(vt.apply(sets.Xte), "PCA'd test vectors")
     y_lab, y_test = sets.yl, sets.yte
     del sets
@@ -297,7 +312,7 @@ def main(argv=None):
                          "background): need k < number of nodes" % (
                              args.k, len(x0) + args.nbg, len(x0), args.nbg))
     t0 = time.time()
-    cache_root = os.path.join(ddir, "cache") if args.completion_cache == "on" else None
+    cache_root = _cache_root(args.completion_cache, ddir)
     D_nodes = None if args.weights == "binary" else np.empty((len(x0) + args.nbg, args.k), dtype=np.float32)
     I_nodes, I_test, ginfo = completion.complete_graph(
         x0, xt, args.k, bg, node_index=args.node_index, node_nprobe=args.node_nprobe, nbase=nbase,
@@ -342,6 +357,7 @@ def main(argv=None):
             with atomic_output(args.storeL) as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, scores[-1])
+            data.write_score_record(args.storeL, meta)
             log("wrote %s" % args.storeL)
         if args.storeLname:
             with atomic_output(args.storeLname) as tmp:

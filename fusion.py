@@ -23,22 +23,20 @@ Example:
   python fusion.py --mode val --nlabeled 2 --seed 1 --logreg_scores lr.npy \\
       --diffusion_scores dif.npy --weights 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1
 """
-import argparse
-
 import numpy as np
 
 from lowshot import data, evaluate
 from lowshot import diffuse as dif
-from lowshot.common import (HelpFormatter, InputError, get_ddir, log, print_args, print_result, require_file,
-                            run_main, write_json)
+from lowshot.common import (ArgumentParser, HelpFormatter, InputError, get_ddir, log, positive_int, print_args,
+                            print_result, require_file, run_main, seed_int, write_json)
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("protocol")
     g.add_argument("--mode", choices=["val", "test"], default="val", help="split of the scores")
-    g.add_argument("--nlabeled", type=int, default=2, help="recorded in the result")
-    g.add_argument("--seed", type=int, default=1, help="recorded in the result")
+    g.add_argument("--nlabeled", type=positive_int, default=2, help="recorded in the result")
+    g.add_argument("--seed", type=seed_int, default=1, help="recorded in the result")
     g.add_argument("--split", default=None, help="class split file (default: $DDIR/label_idx.json when it "
                                                   "exists, else data/label_idx.json, ImageNet's)")
     g.add_argument("--ddir", default=None, help="data root (default: $DDIR)")
@@ -97,6 +95,8 @@ def main(argv=None):
     val = data.feature_paths(ddir)["val"]
     y, _ = data.load_labels(val, split)
     log("%d test images of %s, %d classes" % (y.size, val, split.nclass))
+    for path in (args.logreg_scores, args.diffusion_scores):
+        data.check_score_record(path, args.mode)
     P = _load_scores(args.logreg_scores, y.size, split.nclass, log_probs_ok=True)
     S = _load_scores(args.diffusion_scores, y.size, split.nclass)
     accs = {m: [] for m in evaluate.metric_names()}

@@ -19,16 +19,14 @@ Example:
   python generate_ddir.py /tmp/gen1m --nbg 1000000
   python logreg.py --ddir /tmp/gen1m --split /tmp/gen1m/label_idx.json --mode test --nlabeled 2 --seed 1
 """
-import argparse
-
 from lowshot import generate
-from lowshot.common import HelpFormatter, log, print_args, print_result, run_main
+from lowshot.common import ArgumentParser, HelpFormatter, log, print_args, print_result, run_main, seed_int
 
 _D = generate.DEFAULTS
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("out", help="output data root (created)")
     g = p.add_argument_group("size")
     g.add_argument("--nclass", type=int, default=_D["nclass"], help="classes")
@@ -49,7 +47,7 @@ def parse_args(argv=None):
     g.add_argument("--curve_std", type=float, default=_D["curve_std"], help="size of a class's curve")
     g.add_argument("--noise_std", type=float, default=_D["noise_std"], help="noise per raw dimension")
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=_D["seed"], help="random seed")
+    g.add_argument("--seed", type=seed_int, default=_D["seed"], help="random seed")
     g.add_argument("--block", type=int, default=_D["block"], help="rows generated at a time")
     return p.parse_args(argv)
 

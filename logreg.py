@@ -17,7 +17,8 @@ Writes  stdout: top-1 and top-5 accuracies; last line one JSON result
          "top1", "top1_novel", "top5", "top5_novel"}
         --result R.json      the same JSON
         --storeL F.npy       softmax probabilities of the test images, (n_test, C) float32, rows in
-                             val.hdf5 order (split classes only), columns = classes in increasing id
+                             val.hdf5 order (split classes only), columns = classes in increasing id;
+                             F.npy.json: their mode, n and seed (fusion.py checks the mode)
         --storemodel M.pt    torch state_dict of the linear layer (weight (C, D), bias (C,))
 
 Example (paper, test split, n=2 seed 1: top-5 0.700, 0.565 on novel classes):
@@ -25,25 +26,33 @@ Example (paper, test split, n=2 seed 1: top-5 0.700, 0.565 on novel classes):
 """
 import argparse
 import os
+import re
 
 import numpy as np
 import torch
 
 from lowshot import data, logreg
-from lowshot.common import (HelpFormatter, InputError, atomic_output, get_ddir, log, print_args, print_result,
-                            run_main, write_json)
+from lowshot.common import (ArgumentParser, HelpFormatter, InputError, atomic_output, get_ddir, log,
+                            nonnegative_int, positive_int, print_args, print_result, run_main, seed_int, write_json)
+
+
+def device_name(text):
+    """argparse type of --device: auto, cpu, cuda or cuda:N (torch's names)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError("expected auto, cpu, cuda or cuda:N, got %r" % text)
+    return text
 
 
 def parse_args(argv=None):
     table = "\n".join("  n=%d: lr %g wd %g batch %d iters %d" % (n, h["lr"], h["wd"], h["batchsize"], h["maxiter"])
                       for n, h in sorted(logreg.HPARAMS.items()))
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
-                                epilog="validated settings (momentum %g, as the paper's runs):\n%s" % (
-                                    logreg.DEFAULT_MOM, table))
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
+                       epilog="validated settings (momentum %g, as the paper's runs):\n%s" % (
+                           logreg.DEFAULT_MOM, table))
     g = p.add_argument_group("protocol")
     g.add_argument("--mode", default="val", choices=["val", "test"], help="val: split 1, test: split 2")
-    g.add_argument("--nlabeled", type=int, default=2, help="labelled images per novel class")
-    g.add_argument("--seed", type=int, default=1, help="labelled-set draw, initialisation and batches")
+    g.add_argument("--nlabeled", type=positive_int, default=2, help="labelled images per novel class")
+    g.add_argument("--seed", type=seed_int, default=1, help="labelled-set draw, initialisation and batches")
     g.add_argument("--split", default=None, help="class split file (label_idx.json form; default: $DDIR/label_idx.json "
                                                   "when it exists, else data/label_idx.json, ImageNet's)")
     g.add_argument("--ddir", default=None, help="data root (default: $DDIR)")
@@ -53,13 +62,13 @@ def parse_args(argv=None):
     g.add_argument("--wd", type=float, default=None, help="weight decay")
     g.add_argument("--mom", type=float, default=None, help="momentum (default 0, as the paper's runs)")
     g.add_argument("--batchsize", type=int, default=None, help="class-balanced batch size")
-    g.add_argument("--pcadim", type=int, default=None,
+    g.add_argument("--pcadim", type=positive_int, default=None,
                    help="input dimension of the linear layer; must equal the features' D (default: D)")
-    g.add_argument("--threads", type=int, default=0,
+    g.add_argument("--threads", type=nonnegative_int, default=0,
                    help="torch CPU threads (0: torch's default; 1 when running several jobs per machine)")
-    g.add_argument("--device", default="auto", help="auto (cuda if torch sees a GPU, else cpu), cpu, cuda")
+    g.add_argument("--device", type=device_name, default="auto", help="auto (cuda if torch sees a GPU, else cpu), cpu, cuda")
     g = p.add_argument_group("output")
-    g.add_argument("--verbose", type=int, default=500, help="log the training loss every N iterations")
+    g.add_argument("--verbose", type=nonnegative_int, default=500, help="log the training loss every N iterations (0: never)")
     g.add_argument("--storeL", default="", help="write test-image probabilities (n_test, C) float32 .npy")
     g.add_argument("--storemodel", default="", help="write the model's torch state_dict")
     g.add_argument("--result", default="", help="write the result JSON")
@@ -105,6 +114,8 @@ def main(argv=None):
         with atomic_output(args.storeL) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, L.astype(np.float32))
+        data.write_score_record(args.storeL, {"script": "logreg", "mode": args.mode, "nlabeled": args.nlabeled,
+                                              "seed": args.seed, "split": os.path.abspath(split_path)})
     if args.storemodel:
         log("writing", args.storemodel)
         with atomic_output(args.storemodel) as tmp:

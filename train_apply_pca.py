@@ -22,7 +22,8 @@ import faiss
 
 from lowshot import data
 from lowshot import pca as pcalib
-from lowshot.common import HelpFormatter, InputError, atomic_output, get_ddir, log, print_args, print_result, run_main
+from lowshot.common import (ArgumentParser, HelpFormatter, InputError, atomic_output, file_lock, get_ddir, log,
+                            positive_int, print_args, print_result, run_main)
 
 # defaults under $DDIR, named by lowshot.data
 FILES = data.FEATURE_FILES
@@ -30,7 +31,7 @@ DEFAULT_TRAIN = FILES["blocks"] % 0
 
 
 def make_parser():
-    p = argparse.ArgumentParser(description=__doc__,
+    p = ArgumentParser(description=__doc__,
                                 formatter_class=HelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--ddir", default=None,
@@ -40,25 +41,33 @@ def make_parser():
     t.add_argument("--infile", default=None, help="training features (default $DDIR/%s)"
                    % DEFAULT_TRAIN)
     t.add_argument("--outfile", default=None, help="PCA output (default $DDIR/%s)" % FILES["pca"])
-    t.add_argument("--dout", type=int, default=256, help="output dimension")
-    t.add_argument("--max_rows", type=int, default=None,
+    t.add_argument("--dout", type=positive_int, default=256, help="output dimension")
+    t.add_argument("--max_rows", type=positive_int, default=None,
                    help="train on the first rows only (default: all)")
     a = sub.add_parser("apply", parents=[common], help="apply the PCA to the blocks")
     a.add_argument("--pcafile", default=None, help="trained PCA (default $DDIR/%s)" % FILES["pca"])
-    a.add_argument("--nblock", type=int, default=None,
+    a.add_argument("--nblock", type=positive_int, default=None,
                    help="number of blocks block0 ... block{nblock-1} (default: the blocks that exist, "
                         "block0, block1, ... up to the first missing one; the paper's F100M has 100)")
     a.add_argument("--inpattern", default=None,
                    help="block path pattern with %%d for the block number (default $DDIR/"
                    + FILES["blocks"].replace("%", "%%") + ")")
     a.add_argument("--outfile", default=None, help="raw output (default $DDIR/%s)" % FILES["background"])
-    a.add_argument("--chunk", type=int, default=65536, help="rows read and transformed at a time")
+    a.add_argument("--chunk", type=positive_int, default=65536, help="rows read and transformed at a time")
     return p
 
 
 def default_path(path, ddir, key):
     """``path`` if given, else the data root's file ``key`` (lowshot.data.feature_paths)."""
     return path if path is not None else data.feature_paths(get_ddir(ddir))[key]
+
+
+def _written_by_other(outfile, infiles, vt):
+    """The output exists, complete (rows of the inputs x d_out floats), and no partial one is left."""
+    if not os.path.isfile(outfile) or os.path.exists(outfile + ".partial"):
+        return False
+    rows = sum(data.feature_shape(p)[0] for p in infiles)
+    return os.path.getsize(outfile) == rows * vt.d_out * 4
 
 
 def main(argv=None):
@@ -90,11 +99,15 @@ def main(argv=None):
                 raise InputError("no background block %s: extract features first (save_features.py), or "
                                  "give --inpattern" % (pattern % 0))
             log("%d blocks found: %s ... %s" % (nblock, pattern % 0, pattern % (nblock - 1)))
-        if nblock < 1:
-            raise InputError("--nblock must be >= 1")
         infiles = [pattern % b for b in range(nblock)]
         vt = data.load_pca(pcafile)
-        res = pcalib.apply_pca(vt, infiles, outfile, args.chunk)
+        # two applies to one output take turns: the second finds the first one's file
+        with file_lock(outfile + ".lock", "train_apply_pca.py apply") as waited:
+            if waited and _written_by_other(outfile, infiles, vt):
+                log("%s was written by the run waited for: nothing to do" % outfile)
+                print_result({"script": "train_apply_pca", "command": "apply", "outfile": outfile, "reused": True})
+                return
+            res = pcalib.apply_pca(vt, infiles, outfile, args.chunk)
         res.update({"script": "train_apply_pca", "command": "apply", "outfile": outfile})
         print_result(res)
 

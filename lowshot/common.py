@@ -4,12 +4,14 @@ Nothing here reads the environment or touches files at import time.
 """
 import argparse
 import contextlib
+import errno
 import glob
 import json
 import logging
 import os
 import re
 import resource
+import signal
 import socket
 import sys
 import time
@@ -150,6 +152,44 @@ def fsync_path(path, directory=False):
         os.close(fd)
 
 
+# errors of the place written to, not of the program: one line naming the file (run_main, atomic_output)
+_DISK_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+
+
+def _final_name(path):
+    """The file an :func:`atomic_output` temporary stands for (``.{name}.tmp{pid}-{host}`` -> name)."""
+    m = re.fullmatch(r"\.(.+)\.tmp\d+-[A-Za-z0-9_-]+", os.path.basename(path or ""))
+    return os.path.join(os.path.dirname(path), m.group(1)) if m else path
+
+
+def disk_error_message(e, path=None):
+    """One line for an OSError of the disk (full, quota, read-only, permission): the file, the
+    problem, and for a full disk the space left there."""
+    path = _final_name(e.filename if isinstance(e.filename, str) else path)
+    msg = "%s: %s%s" % (path or "output", "" if e.errno == errno.EACCES else "cannot write: ",
+                        _DISK_ERRNOS.get(e.errno, e.strerror))
+    if e.errno in (errno.ENOSPC, errno.EDQUOT) and path:
+        d = os.path.dirname(os.path.abspath(path))
+        while d != os.path.dirname(d) and not os.path.isdir(d):
+            d = os.path.dirname(d)
+        st = os.statvfs(d)
+        msg += " (%.1f MiB free in %s)" % (st.f_bavail * st.f_frsize / 2**20, d)
+    return msg
+
+
+@contextlib.contextmanager
+def disk_errors(path):
+    """Inside the block, an OSError of the disk (ENOSPC, EDQUOT, EROFS, EACCES) writing ``path``
+    becomes a one-line :class:`InputError` naming it; any other error passes unchanged."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _DISK_ERRNOS:
+            raise
+        raise InputError(disk_error_message(e, path)) from e
+
+
 @contextlib.contextmanager
 def atomic_output(path):
     """Yield a temporary path next to ``path``; rename it to ``path`` only if the block succeeds.
@@ -157,19 +197,113 @@ def atomic_output(path):
     The temporary is ``.{name}.tmp{pid}-{host}`` (so :func:`remove_stale_temporaries` can tell a dead
     writer's leftovers from a live one's). The file is fsync'd before the rename and the folder after
     it: after a crash the final name holds the whole file or does not exist. An interrupted or failing
-    writer leaves no file under the final name (and removes its temporary, unless SIGKILLed).
+    writer leaves no file under the final name (and removes its temporary, unless SIGKILLed). A full
+    disk or a read-only folder is a one-line InputError naming ``path`` (:func:`disk_errors`).
     """
     d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
     tmp = temporary_path(path)
     try:
-        yield tmp
-        fsync_path(tmp)
-        os.replace(tmp, path)
-        fsync_path(d, directory=True)
+        with disk_errors(path):
+            os.makedirs(d, exist_ok=True)
+            yield tmp
+            fsync_path(tmp)
+            os.replace(tmp, path)
+            fsync_path(d, directory=True)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def mapped_output(path, dtype, shape, name=None):
+    """A new file ``path`` of ``shape`` x ``dtype``, memory-mapped for writing (``np.memmap``, mode r+).
+
+    Its blocks are reserved first (``posix_fallocate``): on a full disk, writes into a mapping of a
+    sparse file kill the process with SIGBUS; here a full disk is a one-line InputError naming
+    ``name`` (the final file, when ``path`` is a temporary), before anything is computed."""
+    import numpy as np
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    with disk_errors(name or path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            if nbytes:
+                os.posix_fallocate(fd, 0, nbytes)
+        finally:
+            os.close(fd)
+    if nbytes == 0:         # mmap refuses empty files
+        return np.zeros(shape, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r+", shape=shape)
+
+
+@contextlib.contextmanager
+def file_lock(path, what, shared=False):
+    """Hold an ``flock`` on ``path`` for the block, so that two runs on the same outputs take turns
+    instead of fighting: the second logs that it waits, then finds the first one's outputs.
+    ``shared``: a shared lock (runs that may go together, e.g. the shards of one build), which an
+    exclusive one waits for. The lock goes with the process: released at exit, and by the kernel
+    when the process is killed (also SIGKILL); child processes do not inherit it. An exclusive
+    holder removes the file when done (a waiter then finds it gone or replaced and locks the
+    current one), so no lock file stays beside the outputs.
+
+    Yields True when this run had to wait for another, False when not, None when the lock file cannot
+    be created (a read-only or full place: the caller then writes nothing there, or fails there with
+    a one-line error).
+    """
+    import fcntl
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    waited, t0 = False, time.time()
+    while True:
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            if e.errno not in _DISK_ERRNOS:
+                raise
+            yield None
+            return
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not waited:
+                log("%s: another run holds %s: waiting for it to finish" % (what, path))
+            waited = True
+            fcntl.flock(fd, mode)
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)           # removed by the holder we waited for: lock the file there now
+    if waited:
+        log("%s: the other run finished after %.1f s" % (what, time.time() - t0))
+    try:
+        yield waited
+    finally:
+        if not shared:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+        os.close(fd)
+
+
+def die_with_parent(sig=signal.SIGTERM):
+    """A ``preexec_fn`` for :mod:`subprocess`: the child receives ``sig`` when the process that
+    started it dies, even by SIGKILL (Linux ``prctl(PR_SET_PDEATHSIG)``), so no worker outlives its
+    launcher and fights the rerun for the same files. SIGTERM: the scripts exit through their
+    ``finally`` blocks (:func:`run_main`). None (no preexec) where prctl does not exist."""
+    parent = os.getpid()
+    try:
+        import ctypes
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def preexec():
+        prctl(1, int(sig), 0, 0, 0)       # PR_SET_PDEATHSIG = 1
+        if os.getppid() != parent:        # the parent died before the prctl
+            os.kill(os.getpid(), sig)
+    return preexec
 
 
 def pid_alive(pid):
@@ -212,17 +346,38 @@ def _terminated(signum, frame):
     raise SystemExit(128 + signum)
 
 
+# what a script keeps when interrupted now: the line run_main prints on Ctrl-C (interrupt_note)
+_KEPT = ["every output completed so far (each is written whole under its final name, or not at all)"]
+
+
+def interrupt_note(kept):
+    """Say what this script keeps if it is interrupted from now on (e.g. the rows done of a partial
+    file): :func:`run_main`'s line on Ctrl-C names it."""
+    _KEPT[0] = kept
+
+
 def run_main(main, argv=None):
     """Run a script's ``main(argv)``; turn InputError into ``error: ...`` on stderr and exit status 2.
 
-    SIGTERM (what Slurm sends at a time limit or a preemption, before SIGKILL) exits through the
-    ``finally`` blocks, so :func:`atomic_output` removes its temporaries (status 143)."""
-    import signal
+    A full disk, a quota, a read-only or forbidden place (OSError ENOSPC, EDQUOT, EROFS, EACCES) is
+    also one line naming the file, status 2. SIGTERM (what Slurm sends at a time limit or a
+    preemption, before SIGKILL) exits through the ``finally`` blocks, so :func:`atomic_output`
+    removes its temporaries (status 143). Ctrl-C (SIGINT) too, then one line says what was kept
+    (:func:`interrupt_note`) and that the same command continues, no traceback (status 130)."""
     signal.signal(signal.SIGTERM, _terminated)
     try:
         return main(argv)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): kept %s; the same command again continues from there" % _KEPT[0],
+              file=sys.stderr, flush=True)
+        sys.exit(130)
     except InputError as e:
         print("error: %s" % e, file=sys.stderr, flush=True)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in _DISK_ERRNOS:
+            raise
+        print("error: %s" % disk_error_message(e), file=sys.stderr, flush=True)
         sys.exit(2)
 
 
@@ -244,6 +399,54 @@ def merge_config(default, given, where, free=(), path=()):
         else:
             out[key] = val
     return out
+
+
+# Flag values, checked where the flags are declared (``type=``): a bad value is a one-line error
+# naming the flag (ArgumentParser below), before any work.
+SEED_MAX = 2**32 - 1        # np.random.RandomState's seeds: 0 .. 2^32 - 1
+
+
+def _integer(text):
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError("expected an integer, got %r" % text)
+
+
+def int_at_least(low):
+    """argparse type: an integer >= ``low`` (``type=int_at_least(2)``)."""
+    def check(text):
+        v = _integer(text)
+        if v < low:
+            raise argparse.ArgumentTypeError("must be >= %d, got %d" % (low, v))
+        return v
+    check.__name__ = "int_at_least_%d" % low
+    return check
+
+
+positive_int = int_at_least(1)
+nonnegative_int = int_at_least(0)
+
+
+def seed_int(text):
+    """argparse type: a seed of ``np.random.RandomState``, 0 .. 2^32 - 1."""
+    v = _integer(text)
+    if not 0 <= v <= SEED_MAX:
+        raise argparse.ArgumentTypeError("a seed must be in 0..%d (2^32 - 1), got %d" % (SEED_MAX, v))
+    return v
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The scripts' parser: a bad flag (unknown, missing value, a value its ``type`` refuses) is a
+    one-line :class:`InputError` (``error: argument --seed: ...``, exit status 2 under
+    :func:`run_main`) instead of argparse's usage block; ``--help`` is :class:`HelpFormatter`'s."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        raise InputError(" ".join(message.split()))
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -37,7 +37,8 @@ import faiss
 import numpy as np
 
 from lowshot import torch_backend
-from lowshot.common import InputError, anon_rss_gib, fsync_path, log, temporary_path, write_json
+from lowshot.graph import check_table_rows
+from lowshot.common import InputError, anon_rss_gib, fsync_path, log, mapped_output, temporary_path, write_json
 from lowshot.search import BF16_EXTRA, SEARCH_BS, _blocks, exact_knn, knn_search, normalized, to_gpus
 
 # Candidate rows per call of KnnScan.add: 8192 x d bf16 (4 MB at d = 256) stay in the L3 cache
@@ -177,6 +178,12 @@ def _open_cache(path, sig):
             return None
         tables[name] = (np.memmap(files[0], dtype=np.float32, mode="r", shape=(rows, kc)),
                         np.memmap(files[1], dtype=np.int32, mode="r", shape=(rows, kc)))
+        nbase = sig["base"][0]
+        for i0, i1 in _blocks(rows, 2**20):         # ids of base-class images, or -1: else damaged
+            ids = tables[name][1][i0:i1]
+            if ids.size and (ids.min() < -1 or ids.max() >= nbase):
+                log("completion cache %s: %s holds ids outside 0..%d: damaged" % (path, files[1], nbase - 1))
+                return None
     return tables
 
 
@@ -194,8 +201,10 @@ def _build_cache(path, sig, xB, xt, bg_x, kc):
                 continue
             log("completion cache: %s -> base-class images (%d x %d)" % (
                 {"B": "base", "T": "test", "1": "background"}[name], xq.shape[0], xB.shape[0]))
-            out = tuple(np.memmap(os.path.join(tmp, "%s.%s" % (name, ext)), dtype=dt, mode="w+",
-                                  shape=(xq.shape[0], kc)) for ext, dt in (("D", np.float32), ("I", np.int32)))
+            # blocks reserved first: a full disk is an error here, not a SIGBUS in the search
+            out = tuple(mapped_output(os.path.join(tmp, "%s.%s" % (name, ext)), dt, (xq.shape[0], kc),
+                                      name=os.path.join(path, "%s.%s" % (name, ext)))
+                        for ext, dt in (("D", np.float32), ("I", np.int32)))
             uncertain += exact_search(xq, xB, kc, preproc=pre, out=out, progress="cache " + name)[2]
             for a in out:
                 a.flush()
@@ -464,11 +473,7 @@ def complete_graph(x0, xt, k, bg=None, node_index="exact", node_nprobe=16, nbase
         for i0, i1 in _blocks(nbg, bs):
             D_11 = np.ascontiguousarray(Dbg[i0:i1, :k])
             I_11 = np.asarray(Ibg[i0:i1, :k])          # int32, or int64 in a 2018 .npy table
-            if I_11.size and (I_11.min() < -1 or I_11.max() >= nbg):
-                r, c = np.argwhere((I_11 < -1) | (I_11 >= nbg))[0]
-                raise InputError("background graph %s: I[%d, %d] = %d is neither -1 nor a background id "
-                                 "(< %d): the file is damaged, rebuild it with `build_graph.py %d --force`" % (
-                                     bg.get("I_path", "table"), i0 + r, c, I_11[r, c], nbg, nbg))
+            check_table_rows(D_11, I_11, nbg, i0, getattr(Dbg, "filename", "D table"), bg.get("I_path", "I table"))
             I_11 = np.ascontiguousarray(I_11, dtype=np.int32)
             q = normalized(xb[i0:i1], "background")
             if index0 is not None:

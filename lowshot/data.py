@@ -114,6 +114,22 @@ def _class_list(d, key, path):
     return a - 1
 
 
+def _check_no_leak(d, path):
+    """The validation split (parameters are chosen on it) and the test split share no class: a test
+    class seen in validation, as a base class above all, leaks test images' classes into the choice.
+    Checked when the file has both splits' lists."""
+    keys = _MODE_KEYS["val"] + _MODE_KEYS["test"]
+    if not all(isinstance(d.get(k), list) for k in keys):
+        return
+    ids = {k: set(c for c in d[k] if isinstance(c, int)) for k in keys}
+    for kv in _MODE_KEYS["val"]:
+        for kt in _MODE_KEYS["test"]:
+            both = sorted(ids[kv] & ids[kt])
+            if both:
+                raise InputError("split file %s: class %d is in both %s (validation) and %s (test): the "
+                                 "splits must not share a class" % (path, both[0], kv, kt))
+
+
 def resolve_split(path, ddir, log=None):
     """The split file a script uses: ``path`` when given, else the data root's ``label_idx.json``
     when it has one (a generated or your own data root), else :data:`DEFAULT_SPLIT` (ImageNet's).
@@ -160,6 +176,7 @@ def load_split(path=None, mode="val"):
     both = np.intersect1d(base, novel)
     if both.size:
         raise InputError("split file %s: class %d is in both %s and %s" % (path, both[0] + 1, kb, kn))
+    _check_no_leak(d, path)
     names = d.get("label_names")
     if names is not None:
         if not isinstance(names, list):
@@ -169,6 +186,27 @@ def load_split(path=None, mode="val"):
             raise InputError("split file %s: class id %d is beyond the %d label_names" % (
                 path, top + 1, len(names)))
     return Split(base, novel, mode=mode, path=path, label_names=names)
+
+
+def write_score_record(path, meta):
+    """``{path}.json`` beside a score file (``--storeL``): the script, ``mode``, n, seed and split of
+    the scores, which fusion.py checks (:func:`check_score_record`)."""
+    from lowshot.common import write_json
+    write_json(path + ".json", {k: meta.get(k) for k in ("script", "mode", "nlabeled", "seed", "split")})
+
+
+def check_score_record(path, mode):
+    """A one-line InputError when the record of score file ``path`` (:func:`write_score_record`)
+    says it holds the scores of the other ``--mode``: validation and test images must never mix.
+    Score files without a record (the 2018 code's) pass."""
+    try:
+        with open(path + ".json") as f:
+            rec = json.load(f)
+    except (OSError, ValueError):
+        return
+    if isinstance(rec, dict) and rec.get("mode") not in (None, mode):
+        raise InputError("score file %s holds --mode %s scores (%s.json, written by %s.py), not --mode %s" % (
+            path, rec["mode"], path, rec.get("script"), mode))
 
 
 # the published layout under a data root (the one place that names these files)
@@ -197,14 +235,16 @@ def graph_paths(ddir, nbg, K):
     dict with keys ``index`` (``knngraph/ndis{nbg}.index``), ``I`` (``knngraph/ndis{nbg}_k{K}_I_11.int32``),
     ``D`` (``knngraph/ndis{nbg}_k{K}_D_11.float32``), ``work`` (``knngraph/ndis{nbg}_k{K}.work``, the
     resumable build's folder, see :mod:`lowshot.ivf_build`), ``record`` (``knngraph/ndis{nbg}_k{K}.json``:
-    how build_graph.py made the graph).
+    how build_graph.py made the graph), ``lock`` (``knngraph/ndis{nbg}.lock``: held by the build_graph.py
+    run writing these files, whose index is the same for every K).
     """
     g = os.path.join(ddir, "knngraph")
     return {"index": os.path.join(g, "ndis%d.index" % nbg),
             "I": os.path.join(g, "ndis%d_k%d_I_11.int32" % (nbg, K)),
             "D": os.path.join(g, "ndis%d_k%d_D_11.float32" % (nbg, K)),
             "work": os.path.join(g, "ndis%d_k%d.work" % (nbg, K)),
-            "record": os.path.join(g, "ndis%d_k%d.json" % (nbg, K))}
+            "record": os.path.join(g, "ndis%d_k%d.json" % (nbg, K)),
+            "lock": os.path.join(g, "ndis%d.lock" % nbg)}
 
 
 def _open_h5(path):

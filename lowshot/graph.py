@@ -361,6 +361,33 @@ def find_background_graph(ddir, nbg, k):
     return p["index"], tabs[0], tabs[1]
 
 
+def check_table_rows(D, I, nbg, row0=0, D_path="D table", I_path="I table"):
+    """Check rows ``row0 ..`` of a stored background table as they are read (one vectorised pass):
+    every id is -1 or a background id (< nbg), and where the id is valid the similarity is finite
+    and no larger than the one before it (faiss' order; the -1 entries come last). A one-line
+    InputError names the file, the first bad entry and the fix (a rebuild)."""
+    fix = "the file is damaged, rebuild it with `build_graph.py %d --force`" % nbg
+    bad = (I < -1) | (I >= nbg)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise InputError("background graph %s: I[%d, %d] = %d is neither -1 nor a background id (< %d): %s" % (
+            I_path, row0 + r, c, I[r, c], nbg, fix))
+    valid = I >= 0
+    with np.errstate(invalid="ignore"):
+        bad = valid & ~np.isfinite(D)
+        if bad.any():
+            r, c = np.argwhere(bad)[0]
+            raise InputError("background graph %s: D[%d, %d] = %s is not a finite similarity: %s" % (
+                D_path, row0 + r, c, D[r, c], fix))
+        Dv = np.where(valid, D, -np.inf)
+        bad = Dv[:, 1:] > Dv[:, :-1]
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise InputError("background graph %s: row %d is not sorted by decreasing similarity (D[%d, %d] = %s < "
+                         "D[%d, %d] = %s, or a neighbour after a -1 in %s): %s" % (
+                             D_path, row0 + r, row0 + r, c, D[r, c], row0 + r, c + 1, D[r, c + 1], I_path, fix))
+
+
 def _table_names(p, K):
     """The (I, D) file names a stored table may have, in the 2018 code's order: ``_I_11.npy`` /
     ``_D_11.npy``, then ``.int{K}`` / ``.float{K}`` (its raw files: the published

@@ -36,7 +36,7 @@ import time
 import faiss
 import numpy as np
 
-from lowshot.common import (InputError, anon_rss_gib, atomic_output, log, remove_stale_temporaries,
+from lowshot.common import (InputError, anon_rss_gib, atomic_output, log, mapped_output, remove_stale_temporaries,
                             write_json)
 from lowshot import graph, search, torch_backend
 
@@ -83,13 +83,60 @@ def _input_signature(xb):
     return {"path": os.path.abspath(path), "size": st.st_size, "mtime": int(st.st_mtime)}
 
 
+class DamagedWork(InputError):
+    """A work folder whose ``plan.json`` or prepared files are not what the prepare step wrote (a
+    corrupt plan, a truncated list file). ``plan``: the readable plan, or None."""
+
+    def __init__(self, message, plan=None):
+        super().__init__(message)
+        self.plan = plan
+
+
+_PLAN_KEYS = ("version", "nbg", "d", "K", "nlist", "nprobe", "precision", "kp", "chunk_rows", "nchunks", "input")
+
+
 def read_plan(work):
-    """The plan of a prepared work folder, or None when the prepare step has not completed."""
-    p = _files(work)["plan"]
-    if not os.path.isfile(p):
+    """The plan of a prepared work folder, or None when the prepare step has not completed.
+
+    Raises :class:`DamagedWork` when ``plan.json`` cannot be read or a prepared file has not the
+    size the plan gives it (checked on every read: a memory map of a truncated file fails later)."""
+    f = _files(work)
+    if not os.path.isfile(f["plan"]):
         return None
-    with open(p) as f:
-        return json.load(f)
+    try:
+        with open(f["plan"]) as fh:
+            plan = json.load(fh)
+        missing = [k for k in _PLAN_KEYS if k not in plan] if isinstance(plan, dict) else ["all"]
+        if missing:
+            raise ValueError("keys %s missing" % ", ".join(missing))
+        nbg, d, nlist, nprobe = (int(plan[k]) for k in ("nbg", "d", "nlist", "nprobe"))
+    except (OSError, ValueError, TypeError) as e:
+        raise DamagedWork("the work folder %s is damaged: %s cannot be read (%s)" % (work, f["plan"], e))
+    sizes = {"lists": 4 * nbg * d, "list_ids": 4 * nbg, "list_offsets": 8 * (nlist + 1), "probes": 4 * nbg * nprobe}
+    for name, size in sizes.items():
+        have = os.path.getsize(f[name]) if os.path.isfile(f[name]) else None
+        if have != size:
+            raise DamagedWork("the work folder %s is damaged: %s %s, expected %d bytes" % (
+                work, f[name], "is missing" if have is None else "has %d bytes" % have, size), plan)
+    if not os.path.isfile(f["quantizer"]):
+        raise DamagedWork("the work folder %s is damaged: %s is missing" % (work, f["quantizer"]), plan)
+    return plan
+
+
+def _repair(work, e, shard, nbg):
+    """After :class:`DamagedWork` ``e``: remove the prepared files (and the chunks when the plan
+    itself is unreadable), so that the prepare step runs again. Returns the old plan (or None)."""
+    if shard is not None:
+        raise InputError("%s: run `build_graph.py %d --prepare` (one task) again before the --shard tasks"
+                         % (e, nbg))
+    log("%s: the prepare step is done again%s" % (e, "" if e.plan else ", and the chunks computed again"))
+    if e.plan is None:
+        shutil.rmtree(work)
+        return None
+    for path in _files(work).values():
+        if os.path.exists(path):
+            os.remove(path)
+    return e.plan
 
 
 def check_plan(plan, want, work):
@@ -170,7 +217,7 @@ def prepare(xb, K, work, nlist, nprobe, bf16, chunk_rows, bs=search.SEARCH_BS):
     log("probed lists of %d vectors (nprobe = %d of %d lists, %s scan)" % (
         nbg, nprobe, nlist, "bf16" if bf16 else "float32"))
     with atomic_output(f["probes"]) as tmp:
-        probes = np.memmap(tmp, dtype=np.int32, mode="w+", shape=(nbg, nprobe))
+        probes = mapped_output(tmp, np.int32, (nbg, nprobe), name=f["probes"])    # a full disk: no SIGBUS
         sizes = np.zeros(nlist, dtype=np.int64)
         tp0 = tlast = time.time()
         for i0, i1 in search._blocks(nbg, 4 * bs):
@@ -332,7 +379,14 @@ def build(xb, K, paths, nlist=None, nprobe=None, bf16=None, chunk_rows=None, sha
         for p in remove_stale_temporaries(work):
             log("removed %s (its writer is gone)" % p)
     stats = {"method": "ivf", "nbg": nbg, "K": K}
-    plan = read_plan(work)
+    try:
+        plan, old_plan = read_plan(work), None
+    except DamagedWork as e:
+        plan, old_plan = None, _repair(work, e, shard, nbg)
+        if old_plan is not None:     # prepared again with its parameters: its chunks stay valid
+            nlist, nprobe = nlist or old_plan["nlist"], nprobe or old_plan["nprobe"]
+            chunk_rows = chunk_rows or old_plan["chunk_rows"]
+            bf16 = (old_plan["precision"] == "bf16") if bf16 is None else bf16
     if plan is not None:
         check_plan(plan, {"nbg": nbg, "K": K, "input": _input_signature(xb), "nlist": nlist, "nprobe": nprobe,
                           "chunk_rows": chunk_rows,
@@ -351,6 +405,12 @@ def build(xb, K, paths, nlist=None, nprobe=None, bf16=None, chunk_rows=None, sha
         t0 = time.time()
         plan = prepare(xb, K, work, nlist, nprobe, bf16, chunk_rows or default_chunk_rows(nbg))
         stats["time_index"] = time.time() - t0
+        if old_plan is not None and any(plan[k] != old_plan.get(k) for k in _PLAN_KEYS + ("pairs",)):
+            log("the prepare step gave other lists than before: the chunks are computed again")
+            for j in range(old_plan["nchunks"]):
+                for path in chunk_paths(work, j).values():
+                    if os.path.exists(path):
+                        os.remove(path)
     else:
         log("%s already prepared (%d chunks of %d rows)" % (work, plan["nchunks"], plan["chunk_rows"]))
         stats["time_index"] = 0.0

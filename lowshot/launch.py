@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import time
 
-from lowshot.common import InputError, log, write_json
+from lowshot.common import InputError, die_with_parent, log, write_json
 
 
 class Run:
@@ -182,7 +182,7 @@ class LocalLauncher:
 
         Each run holds a lock (``flock`` on ``<log>.lock``, inherited by its process) while it
         runs: a second invocation of the same phase does not start it again but waits for it and
-        counts its outcome."""
+        counts its outcome. The lock file is removed when the run ends (:func:`release_lock`)."""
         todo = list(runs)
         total = len(todo)
         running = {}
@@ -209,21 +209,23 @@ class LocalLauncher:
                         elsewhere.append(run)
                         continue
                     if run.is_done():           # finished by another invocation meanwhile
-                        os.close(lock)
+                        release_lock(run, lock)
                         ndone += 1
                         continue
                     run.clear()
                     with open(run.log, "w") as logf:
+                        # a launcher killed outright (SIGKILL) takes its runs with it: none is left
+                        # running to fight the rerun for its outputs
                         p = subprocess.Popen(run.cmd, cwd=self.cwd, env=env, stdout=logf,
                                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                             pass_fds=(lock,))
+                                             pass_fds=(lock,), preexec_fn=die_with_parent())
                     running[p] = (run, lock)
                 progress(force=new_failure)
                 new_failure = False
                 time.sleep(self.poll_s)
                 for p in [p for p in running if p.poll() is not None]:
                     run, lock = running.pop(p)
-                    os.close(lock)
+                    release_lock(run, lock)
                     if p.returncode == 0 and run.is_done():
                         ndone += 1
                     else:
@@ -239,7 +241,7 @@ class LocalLauncher:
                     lock = run_lock(run)
                     if lock is None:
                         continue
-                    os.close(lock)
+                    release_lock(run, lock)
                     elsewhere.remove(run)
                     if run.is_done():
                         ndone += 1
@@ -251,8 +253,9 @@ class LocalLauncher:
         except BaseException:
             for p in running:
                 p.terminate()
-            for p in running:
+            for p, (run, lock) in running.items():
                 p.wait()
+                release_lock(run, lock)
             raise
         progress(force=True)
         return failed
@@ -261,15 +264,34 @@ class LocalLauncher:
 def run_lock(run):
     """An exclusive ``flock`` on ``<run.log>.lock`` (a file descriptor), or None when another
     process holds it. flock locks belong to the open file: the run's process inherits it and holds
-    it as long as it lives, even if its launcher dies."""
+    it as long as it lives, even if its launcher dies. The holder removes the file when the run is
+    over (:func:`release_lock`): a lock taken on a file removed meanwhile is dropped and taken again
+    on the file now at that path, so two processes never both hold the run."""
+    path = run.log + ".lock"
     os.makedirs(os.path.dirname(os.path.abspath(run.log)), exist_ok=True)
-    fd = os.open(run.log + ".lock", os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
+        except FileNotFoundError:
+            pass
         os.close(fd)
-        return None
-    return fd
+
+
+def release_lock(run, fd):
+    """Remove the run's lock file (while still holding it, so no other process holds that file),
+    then release it: no ``*.log.lock`` stays beside the logs."""
+    try:
+        os.remove(run.log + ".lock")
+    except OSError:
+        pass
+    os.close(fd)
 
 
 class SlurmLauncher:

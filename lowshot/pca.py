@@ -19,7 +19,7 @@ import time
 
 import faiss
 
-from lowshot.common import InputError, log
+from lowshot.common import InputError, disk_errors, log
 from lowshot.data import feature_shape, read_row_range
 
 
@@ -161,7 +161,8 @@ def apply_pca(vt, infiles, outfile, chunk_rows=65536, after_block=None):
     nrow = done_rows
     log("applying PCA %d -> %d to %d blocks (%d rows) from block %d"
         % (vt.d_in, vt.d_out, len(infiles), total, done_blocks))
-    with open(partial, mode) as out:
+    # a full disk: one line naming the output; the partial file keeps the complete blocks, a rerun resumes
+    with disk_errors(outfile), open(partial, mode) as out:
         # drop whatever an interrupted run wrote after its last complete block
         out.truncate(done_rows * row_bytes)
         out.seek(done_rows * row_bytes)

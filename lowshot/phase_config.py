@@ -4,6 +4,7 @@ names of backgrounds in tables and files.
 Used by lowshot.phases (the experiments), lowshot.prepare (the data preparation) and lowshot.demo.
 """
 import os
+import re
 
 import yaml
 
@@ -84,6 +85,7 @@ def load_config(path):
     for spec in methods:
         parse_method(spec, "config %s" % path)
     _check_types(DEFAULTS, cfg, path, [])
+    _check_slurm(cfg, path)
     for key in ("seeds", "nlabeled"):
         if not cfg[key] or not all(isinstance(v, int) for v in cfg[key]):
             raise InputError("config %s: %s must be a non-empty list of integers" % (path, key))
@@ -111,6 +113,52 @@ def _resolve_metric(cfg, given, path):
     if cfg["metric"] not in METRICS:
         raise InputError("config %s: %s %r: must be one of %s" % (
             path, "metric" if old is None else "choose_on", cfg["metric"], ", ".join(METRICS)))
+
+
+# Slurm's --time: minutes, minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes,
+# days-hours:minutes:seconds, or unlimited; --mem: a size with an optional K/M/G/T unit
+_SLURM_TIME = re.compile(r"(\d+)(:\d{1,2}){0,2}|\d+-\d+(:\d{1,2}){0,2}|infinite|unlimited", re.IGNORECASE)
+_SLURM_MEM = re.compile(r"\d+[KMGT]?", re.IGNORECASE)
+
+
+def _check_slurm(cfg, path):
+    """Every Slurm request (``slurm``, ``{logreg,diffusion,fusion}.slurm``, ``diffusion.slurm_by_nbg.N``,
+    ``prepare.slurm.STAGE``, ``prepare.slurm_by_nbg.N``) names known options with values Slurm takes:
+    a typo (``memory: 3G``) or a ``time`` that is not a time is a one-line error, not a job that asks
+    for the default."""
+    requests = [("slurm", cfg["slurm"])] + [("%s.slurm" % e, cfg[e]["slurm"]) for e in ("logreg", "diffusion", "fusion")]
+    for sec in ("diffusion", "prepare"):
+        by = cfg[sec]["slurm_by_nbg"]
+        if not isinstance(by, dict):
+            raise InputError("config %s: %s.slurm_by_nbg must be a mapping of background sizes to requests" % (path, sec))
+        requests += [("%s.slurm_by_nbg.%s" % (sec, n), r) for n, r in by.items()]
+    stages = cfg["prepare"]["slurm"]
+    if not isinstance(stages, dict):
+        raise InputError("config %s: prepare.slurm must be a mapping of stages to requests" % path)
+    requests += [("prepare.slurm.%s" % st, r) for st, r in stages.items()]
+    known = DEFAULTS["slurm"]
+    for where, req in requests:
+        if not isinstance(req, dict):
+            raise InputError("config %s: %s must be a mapping of Slurm options, not %r" % (path, where, req))
+        for key, v in req.items():
+            if key not in known:
+                raise InputError("config %s: unknown Slurm option %r in %s (known: %s)" % (
+                    path, key, where, ", ".join(sorted(known))))
+            if v is None:
+                continue
+            if key == "time" and not (isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                      or isinstance(v, str) and _SLURM_TIME.fullmatch(v.strip())):
+                raise InputError("config %s: %s.time %r is not a Slurm time (minutes, \"HH:MM:SS\" or "
+                                 "\"D-HH:MM:SS\"; quote it in yaml)" % (path, where, v))
+            if key == "mem" and not (isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                     or isinstance(v, str) and _SLURM_MEM.fullmatch(v.strip())):
+                raise InputError("config %s: %s.mem %r is not a Slurm memory size (e.g. 16G)" % (path, where, v))
+            if key in ("cpus_per_task", "gpus", "throttle", "max_array_size", "poll_s") and not (
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and v >= (0 if key == "gpus" else 1)):
+                raise InputError("config %s: %s.%s %r: must be a number >= %d" % (
+                    path, where, key, v, 0 if key == "gpus" else 1))
+            if key == "args" and not isinstance(v, list):
+                raise InputError("config %s: %s.args must be a list of sbatch flags, not %r" % (path, where, v))
 
 
 def _kind(x):

@@ -41,10 +41,11 @@ results and the phases themselves.
 import json
 import os
 import sys
+from argparse import ArgumentTypeError
 
 from lowshot import data
-from lowshot.common import (HelpFormatter, InputError, atomic_output, get_ddir, log, require_file, run_main,
-                            write_json)
+from lowshot.common import (ArgumentParser, HelpFormatter, InputError, atomic_output, get_ddir, log, positive_int,
+                            require_file, run_main, write_json)
 from lowshot.launch import available_cores, make_launcher
 from lowshot.phase_choice import Choices
 from lowshot.phase_config import bg_label, load_config, run_name, variant_name
@@ -234,16 +235,49 @@ class Phases(RunGrid, Choices):
                        lambda n, s, vn=vn: self.path("fusion", "test", run_name(n, s, vn) + ".json"))
         return cols
 
+    def test_split_facts(self):
+        """The test split's classes, its images (rows of the feature files) and the chance level of
+        each top-k, for the tables: {"nclass", "nnovel", "ntest", "ntrain", "chance": {k: %}}; the
+        image counts are None when the feature files cannot be read, the whole is None without the
+        split file."""
+        ddir = self.cfg["ddir"] or os.environ.get("DDIR")
+        try:
+            path = self.cfg["split"] or (data.resolve_split(None, ddir) if ddir else None)
+            split = data.load_split(path, "test")
+        except InputError as e:
+            log("results: no class counts or chance level (%s)" % e)
+            return None
+        facts = {"nclass": split.nclass, "nnovel": int(split.is_novel.sum()), "ntest": None, "ntrain": None,
+                 "chance": {k: 100.0 * min(k, split.nclass) / split.nclass for k in table_ks()}}
+        try:
+            paths = data.feature_paths(get_ddir(ddir))
+            facts["ntest"] = int(data.load_labels(paths["val"], split, require_all=False)[0].size)
+            facts["ntrain"] = int(data.load_labels(paths["train"], split, require_all=False)[0].size)
+        except InputError as e:
+            log("results: no image counts (%s)" % e)
+        return facts
+
     def results(self, experiment):
         """Phase 4: tables (printed and written), JSON summary and plots under results/."""
         cols = self.result_columns(experiment)
         summary = summarize(cols, self.cfg["nlabeled"])
         nseeds = len(self.cfg["seeds"])
+        seeds = ", ".join(map(str, self.cfg["seeds"]))
+        facts = self.test_split_facts()
         text = []
+        if facts:
+            chance = facts["chance"]
+            text.append("Test split: %d classes (%d base, %d novel)%s. n = labelled training images per novel "
+                        "class (base classes: all their training images). **Chance level: %s** (k of %d "
+                        "classes, guessed at random).\n" % (
+                            facts["nclass"], facts["nclass"] - facts["nnovel"], facts["nnovel"],
+                            "" if facts["ntest"] is None else ", %d test images, %d training images" % (
+                                facts["ntest"], facts["ntrain"]),
+                            ", ".join("top-%d %.1f%%" % (k, chance[k]) for k in table_ks()), facts["nclass"]))
         for k in table_ks():
             for metric, what in (("top%d" % k, "all classes"), ("top%d_novel" % k, "novel classes")):
-                text.append("Top-%d accuracy (%%) on the test split, %s: mean ± std over seeds %s\n" % (
-                    k, what, ", ".join(map(str, self.cfg["seeds"]))))
+                text.append("Top-%d accuracy (%%) on the test split, %s: mean ± std over seeds %s%s\n" % (
+                    k, what, seeds, " (chance %.1f%%)" % facts["chance"][k] if facts else ""))
                 text.append(markdown_table(summary, self.cfg["nlabeled"], metric, nseeds))
             note = unrecorded_note(summary, "top%d" % k)
             if note:
@@ -263,9 +297,13 @@ class Phases(RunGrid, Choices):
         with atomic_output(out + ".md") as tmp:
             with open(tmp, "w") as f:
                 f.write(md)
-        write_json(out + ".json", {"seeds": self.cfg["seeds"], "columns": summary})
-        plot_results(summary, self.cfg["nlabeled"], out + ".png",
-                     "%s, seeds %s" % (os.path.basename(self.rundir), self.cfg["seeds"]))
+        title = ("%s: accuracy on the test split%s vs labelled images per novel class\nmean ± std over seeds "
+                 "%s; runs in %s" % ("logreg" if experiment == "logreg" else "logreg, diffusion and combined",
+                                     " (%d classes, %d novel)" % (facts["nclass"], facts["nnovel"]) if facts else "",
+                                     seeds, os.path.join(*self.rundir.split(os.sep)[-2:])))
+        write_json(out + ".json", {"seeds": self.cfg["seeds"], "columns": summary, "test_split": facts,
+                                   "plot_title": title})
+        plot_results(summary, self.cfg["nlabeled"], out + ".png", title, chance=facts["chance"] if facts else None)
         log("wrote %s.md, %s.json, %s.png" % (out, out, out))
         return summary, missing
 
@@ -344,8 +382,7 @@ class Phases(RunGrid, Choices):
 
 def main(argv=None):
     """``python -m lowshot.phases {logreg,diffusion} PHASE [--config ...]``; see ``--help``."""
-    import argparse
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m lowshot.phases", formatter_class=HelpFormatter,
         description=__doc__)
     p.add_argument("experiment", choices=["prepare", "logreg", "diffusion"])
@@ -360,8 +397,13 @@ def main(argv=None):
     g = p.add_argument_group("launcher")
     g.add_argument("--launcher", choices=["local", "slurm"], default=env.get("LAUNCHER") or "local",
                    help="$LAUNCHER")
-    g.add_argument("--nproc", type=int, default=int(env["NPROC"]) if env.get("NPROC") else None,
-                   help="local: parallel runs (default: cores; $NPROC)")
+    nproc = env.get("NPROC") or None
+    if nproc is not None:
+        try:
+            nproc = positive_int(nproc)
+        except ArgumentTypeError as e:
+            raise InputError("$NPROC (parallel runs): %s" % e)
+    g.add_argument("--nproc", type=positive_int, default=nproc, help="local: parallel runs (default: cores; $NPROC)")
     g.add_argument("--no-wait", dest="wait", action="store_false", default=env.get("WAIT", "1") != "0",
                    help="slurm: return after submitting (run the phase again later; $WAIT=0)")
     g.add_argument("--dry-run", action="store_true", help="print the commands of missing runs")

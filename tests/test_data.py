@@ -11,9 +11,10 @@ from lowshot import data, evaluate
 from lowshot.common import InputError
 
 
-def write_split(path, base1, novel1, base2=(1,), novel2=(2,), **extra):
+def write_split(path, base1, novel1, base2=None, novel2=None, **extra):
+    top = max(list(base1) + list(novel1))       # default test split: classes the validation split lacks
     d = {"base_classes_1": list(base1), "novel_classes_1": list(novel1),
-         "base_classes_2": list(base2), "novel_classes_2": list(novel2)}
+         "base_classes_2": list(base2 or [top + 1]), "novel_classes_2": list(novel2 or [top + 2])}
     d.update(extra)
     with open(path, "w") as f:
         json.dump(d, f)
@@ -132,7 +133,7 @@ def test_select_labelled_hand_worked(tmp_path):
 @pytest.mark.parametrize("nl, seed", [(1, 1), (2, 3), (5, 7)])
 def test_select_labelled_vs_reference_loop(tmp_path, nl, seed):
     rng = np.random.default_rng(seed)
-    sp = write_split(tmp_path / "s.json", [1, 3, 8, 9, 12], [2, 5, 6, 11], [4, 7], [10, 1, 2])
+    sp = write_split(tmp_path / "s.json", [1, 3, 8, 9, 12], [2, 5, 6, 11], [4, 7], [10, 13])
     labels = rng.integers(0, 13, size=400)
     for mode in ("val", "test"):
         s = data.load_split(sp, mode)

@@ -364,7 +364,7 @@ def test_diffusion_bad_inputs(tiny_ddir, tmp_path):
         diffusion.main(args + ["--nbg", "400"])
     with pytest.raises(InputError, match=r"--class_range needs --store_slice"):
         diffusion.main(args + ["--class_range", "0:2"])
-    with pytest.raises(InputError, match=r"--lslice -5: must be >= 0"):
+    with pytest.raises(InputError, match=r"argument --lslice: must be >= 0, got -5"):
         diffusion.main(args + ["--lslice", "-5"])
     # --storeLiters keeps its 2018 meaning: the comma list of earlier versions is refused
     with pytest.raises(InputError, match=r"--storeLiters '0,2': this flag takes the 2018 code's printf"):
