@@ -127,10 +127,10 @@ def main(argv=None):
     # two runs on the same graph take turns (the second then finds the first one's graph); the
     # shards of one build share the lock, the prepare step and the merge hold it alone
     with file_lock(paths["lock"], "build_graph.py %d" % args.N, shared=args.shard is not None):
-        build(args, argv, ddir, xb, K, paths)
+        build(args, ddir, xb, K, paths)
 
 
-def build(args, argv, ddir, xb, K, paths):
+def build(args, ddir, xb, K, paths):
     """The graph of ``main``'s checked arguments, under the lock: reused when it exists, else built."""
     if os.path.isdir(os.path.dirname(paths["I"])):
         for p in remove_stale_temporaries(os.path.dirname(paths["I"])):
@@ -153,7 +153,7 @@ def build(args, argv, ddir, xb, K, paths):
             I = None
         if I is not None:
             record = read_record(data.graph_paths(ddir, args.N, I.shape[1])["record"])
-            check_reuse(record, explicit_params(argv, args), args.N)
+            check_reuse(record, explicit_params(args), args.N)
             log("a graph with K = %d >= %d exists (%s), %s: nothing to do (--force rebuilds)" % (
                 I.shape[1], K, idx_path, describe(record)))
             print_result({"script": "build_graph", "nbg": args.N, "K": int(I.shape[1]),
@@ -222,12 +222,11 @@ def build_record(method, args, stats):
     return rec
 
 
-def explicit_params(argv, args):
-    """The build parameters given on the command line (not defaults), as {name: value}."""
-    import sys
-    tokens = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    given = {t[2:].split("=")[0] for t in tokens if t.startswith("--")}
-    params = {k: getattr(args, k) for k in PARAM_FLAGS if k in given}
+def explicit_params(args):
+    """The build parameters that differ from their defaults, as {name: value}: read from the parsed
+    arguments, never from raw tokens (an abbreviated or ``--flag=value`` form counts the same)."""
+    defaults = vars(parse_args([str(args.N)]))
+    params = {k: getattr(args, k) for k in PARAM_FLAGS if getattr(args, k) != defaults[k]}
     if params.get("precision") == "auto":     # whatever the CPU offers: any stored precision
         del params["precision"]
     return params

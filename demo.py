@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("command", choices=["fetch", "prepare", "table"])
     g = p.add_argument_group("data")
     g.add_argument("--ddir", default=None, help="the demo's data root (default: $DDIR)")

@@ -28,7 +28,8 @@ def rel_err(x, ref):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     group = parser.add_argument_group("problem size")
     group.add_argument("--n", type=int, default=100000, help="nodes of the graph")
     group.add_argument("--k", type=int, default=30, help="neighbours per node in the k-NN table")

@@ -443,6 +443,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
+        # no abbreviated flags (--meth for --method): a flag means what it spells, in every script,
+        # and checks of what was given (build_graph.py's reuse) cannot be bypassed
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
     def error(self, message):

@@ -180,7 +180,7 @@ def check():
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m lowshot.plan", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m lowshot.plan", description=__doc__, allow_abbrev=False,
                                 formatter_class=HelpFormatter)
     p.add_argument("N", type=int, nargs="?", help="background vectors")
     p.add_argument("--shards", type=int, default=1, help="graph shard tasks (build_graph.py --shard i/S)")

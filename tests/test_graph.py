@@ -223,6 +223,12 @@ def test_stored_graph_names_how_it_was_built(tmp_path, capsys):
     with pytest.raises(InputError, match=r"exists, built with method exact, recall@10 1.000; method hnsw was "
                                          r"asked: `--force` rebuilds it"):
         build_graph.main([str(nbg), "--ddir", str(tmp_path), "--method", "hnsw"])
+    # the --flag=value form is the same request; an abbreviated flag is refused by every script's
+    # parser (allow_abbrev=False), so no request can slip past the check
+    with pytest.raises(InputError, match=r"method hnsw was asked"):
+        build_graph.main([str(nbg), "--ddir", str(tmp_path), "--method=hnsw"])
+    with pytest.raises(InputError, match=r"unrecognized arguments: --meth"):
+        build_graph.main([str(nbg), "--ddir", str(tmp_path), "--meth", "hnsw"])
     # a graph without a record (an earlier version, the 2018 files): named, refused for explicit flags
     os.remove(p["record"])
     with pytest.raises(InputError, match=r"without a record of its parameters.*method ivf, nprobe 4 was asked"):
