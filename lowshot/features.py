@@ -8,7 +8,8 @@ Datasets (each yields images ``i`` for ``i0 <= i < i1``; see :func:`make_dataset
 - ``image_folder``: ``ROOT/<class>/<image>``, classes in sorted order get labels 0, 1, ...
 
 An image that cannot be read (missing zip or file, corrupt data) becomes a black 256x256 image so
-rows keep their numbering, as in the original; its index ``i`` is listed in ``bad_images``.
+rows keep their numbering, as in the original; its index ``i`` is listed in ``bad_images``, and
+``OUTFILE.bad`` lists each one's index, file and reason (the log names the first ones).
 
 Preprocessing uses PIL and torch only (the original's torchvision transforms, re-implemented):
 ``Scale`` (shorter side to ``scale``, bilinear), ``CenterCrop`` (``crop``), ``ToTensor`` (float in
@@ -45,7 +46,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from lowshot import networks
-from lowshot.common import InputError, log, merge_config, require_file
+from lowshot.common import InputError, atomic_output, interrupt_note, log, merge_config, require_file
 
 TRANSFORMS = ("Scale", "CenterCrop", "ToTensor", "Normalize")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
@@ -240,6 +241,10 @@ class ImageDataset(torch.utils.data.Dataset):
     def label(self, i):
         return -1
 
+    def describe(self, i):
+        """The file of image ``i``, for messages."""
+        return "image %d" % i
+
     def load(self, i):
         """``(RGB PIL image, is_bad)``: a black 256x256 image when image ``i`` cannot be read."""
         try:
@@ -274,6 +279,10 @@ class YFCC100MDataset(ImageDataset):
     def location(i):
         """``(zip path relative to the root, entry name)`` of image ``i``."""
         return ("%02d/%03d.zip" % (i // 10**6, (i // 1000) % 1000), "%03d.jpg" % (i % 1000))
+
+    def describe(self, i):
+        zname, entry = self.location(i)
+        return "%s:%s" % (os.path.join(self.root, zname), entry)
 
     def open(self, i):
         zname, entry = self.location(i)
@@ -322,6 +331,9 @@ class ImageListDataset(ImageDataset):
     def open(self, i):
         return Image.open(os.path.join(self.root, self.names[i]))
 
+    def describe(self, i):
+        return os.path.join(self.root, self.names[i])
+
     def label(self, i):
         return int(self.labels[i])
 
@@ -349,6 +361,9 @@ class ImageFolderDataset(ImageDataset):
 
     def open(self, i):
         return Image.open(self.files[i])
+
+    def describe(self, i):
+        return self.files[i]
 
     def label(self, i):
         return self.labels[i]
@@ -410,6 +425,35 @@ def _write_bad(path, bad):
         f.write("".join("%d\n" % i for i in bad))
         f.flush()
         os.fsync(f.fileno())
+
+
+# bad images whose reason is read again for the listing (the others: their file only)
+_BAD_REASONS = 100
+
+
+def write_bad_listing(path, dataset, bad):
+    """``path`` (``OUTFILE.bad``): one line ``index<TAB>file<TAB>reason`` per image of ``bad``
+    (indices into the dataset) computed on a black image; the first ones named in the log. No bad
+    image: no file (an older one is removed)."""
+    if not len(bad):
+        if os.path.exists(path):
+            os.remove(path)
+        return
+    lines = []
+    for j, i in enumerate(bad):
+        reason = "-"
+        if j < _BAD_REASONS:
+            try:
+                dataset.open(int(i)).load()
+                reason = "unreadable during the extraction"
+            except Exception as e:      # what the extraction met, read again
+                reason = " ".join(("%s: %s" % (type(e).__name__, e)).split())
+        lines.append("%d\t%s\t%s\n" % (i, dataset.describe(int(i)), reason))
+    with atomic_output(path) as tmp:
+        with open(tmp, "w") as f:
+            f.writelines(lines)
+    log("WARNING: %d unreadable images computed on a black image (their rows stay, listed in %s): %s%s" % (
+        len(bad), path, ", ".join(l.split("\t")[1] for l in lines[:10]), " ..." if len(lines) > 10 else ""))
 
 
 def extract_features(cfg, outfile, model_name, modelfile=None, num_classes=1000, i0=0, i1=None,
@@ -491,6 +535,7 @@ def extract_features(cfg, outfile, model_name, modelfile=None, num_classes=1000,
         start = 0
     bad = _read_bad(badfile, i0 + start)
     _write_bad(badfile, bad)
+    interrupt_note("the %d of %d rows done, in %s" % (start, n, partial))
 
     batch = lcfg["batch_size"]
     # whole batches per block: a resumed run sees the same batches as an uninterrupted one
@@ -525,6 +570,7 @@ def extract_features(cfg, outfile, model_name, modelfile=None, num_classes=1000,
             pos += m
             f["count"][0] = pos
             f.flush()
+            interrupt_note("the %d of %d rows done, in %s" % (pos, n, partial))
             feats_buf, labels_buf, bad_buf = [], [], []
             if after_block is not None:
                 after_block(pos)
@@ -555,6 +601,7 @@ def extract_features(cfg, outfile, model_name, modelfile=None, num_classes=1000,
         if "bad_images" not in f:
             f.create_dataset("bad_images", data=bad)
         f["count"][0] = n
+    write_bad_listing(outfile + ".bad", dataset, bad)
     os.replace(partial, outfile)
     os.remove(badfile)
     rate = (n - start) / max(seconds, 1e-9)

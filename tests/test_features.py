@@ -275,7 +275,12 @@ def test_yfcc_rows_and_bad_images(yfcc, tmp_path):
     assert attrs["model"] == "ResNet10" and attrs["checkpoint"] == yfcc["ckpt"]
     assert (attrs["i0"], attrs["i1"]) == (990, 1010)
     assert json.loads(attrs["config"])["dataset"]["type"] == "yfcc100m"
-    assert sorted(os.listdir(tmp_path)) == ["block.hdf5", "cfg.yaml"]
+    # OUTFILE.bad names each unreadable image: index, zip:entry, reason
+    assert sorted(os.listdir(tmp_path)) == ["block.hdf5", "block.hdf5.bad", "cfg.yaml"]
+    lines = [l.split("\t") for l in open(out + ".bad").read().splitlines()]
+    assert [int(l[0]) for l in lines] == bad
+    assert lines[0][1] == os.path.join(yfcc["root"], "00", "000.zip") + ":995.jpg"
+    assert lines[-1][1] == os.path.join(yfcc["root"], "00", "001.zip") + ":009.jpg" and lines[-1][2]
 
 
 def test_blocks_concatenate_to_whole(yfcc, tmp_path):

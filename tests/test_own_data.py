@@ -4,7 +4,9 @@ published layout to the phases' results table."""
 import collections
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -120,7 +122,7 @@ def test_split_caps_and_novel_classes_with_enough_training_images():
 
 def test_own_images_to_results_table(tmp_path):
     make_folders(str(tmp_path))
-    ddir = str(tmp_path / "ddir")
+    ddir = str(tmp_path / "my data" / "ddir")          # a space: the printed commands are quoted
     cmd = [sys.executable, os.path.join(ROOT, "own_data.py"), ddir, "--images", str(tmp_path / "photos"),
            "--unlabelled", str(tmp_path / "unlabelled"), "--group", r"^(.*)_v\d+$", "--size", "32",
            "--pca_dim", "16", "--seed", "1"]
@@ -128,14 +130,16 @@ def test_own_images_to_results_table(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     f = data.feature_paths(ddir)
     meta = json.load(open(os.path.join(ddir, "own_data.json")))
-    # the unreadable image: a black image, its row listed in the file's bad_images
+    # the unreadable image: named, left out of the lists and the feature files (no black row)
     import h5py
-    bad = []
+    broken = str(tmp_path / "photos" / "disc" / "broken.jpg")
+    assert list(meta["unreadable"]) == [broken] and "WARNING: unreadable image %s" % broken in r.stdout
     for key, part in (("train", "train"), ("val", "test")):
         names = json.load(open(os.path.join(ddir, "lists", part + ".json")))["image_names"]
+        assert broken not in names
         with h5py.File(f[key], "r") as h:
-            bad += [os.path.basename(names[i]) for i in h["bad_images"][()]]
-    assert bad == ["broken.jpg"]
+            assert h["bad_images"].size == 0 and h["count"][0] == len(names)
+        assert not os.path.exists(f[key] + ".bad")
     assert meta["nbackground"] == 12 and os.path.getsize(f["background"]) == 12 * 16 * 4
     assert data.load_pca(f["pca"]).d_out == 16
     assert os.path.isfile(data.graph_paths(ddir, 12, 8)["I"])     # K = 8: the power of two below 12
@@ -144,19 +148,44 @@ def test_own_images_to_results_table(tmp_path):
     assert ntest == 3
     assert ("the test split has 3 classes, fewer than 10: phase 2 chooses on top-1 accuracy (metric: top1 in %s"
             % os.path.join(ddir, "phases.yaml")) in r.stdout
+    assert "WARNING: the test split has 3 classes (<= 5): top-5 accuracy is 100% for every method" in r.stdout
+    assert any(w.startswith("the test split has 3 classes") for w in meta["warnings"])
+    # the printed commands, pasted as they are (the data root's path holds a space), work
+    ready = re.search(r"ready: (.*) \(\.\.\. 4\), then (.*) \(\.\.\. 4\)$", r.stdout, re.M)
+    for line, script in zip(ready.groups(), ("run_logreg.bash", "run_diffusion.bash")):
+        assert line.startswith("CONFIG=") and script in line
+        p = subprocess.run(["bash", "-c", line + " --dry-run"], cwd=ROOT, capture_output=True, text=True,
+                           env=dict(os.environ, PYTHON=sys.executable))
+        assert p.returncode == 0 and "dry run" in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
     # the generated config, shrunk to one seed, one n and a tiny logreg grid, through the phases
     cfg = yaml.safe_load(open(os.path.join(ddir, "phases.yaml")))
     assert cfg["metric"] == "top1"
+    # the demo's grids: no background and all of it, each also with the in-domain images
+    assert cfg["diffusion"]["nbg"] == [0, 12] and cfg["diffusion"]["indomain"] == [False, True]
     cfg.update(seeds=[1], nlabeled=[1])
     cfg["logreg"].update(lr=[0.1], wd=[0], maxiter=200)
     cfg["diffusion"]["niter"] = 3
     config = str(tmp_path / "tiny.yaml")
     yaml.safe_dump(cfg, open(config, "w"))
+    # two BLAS threads per run: the PCA'd base vectors, the completion cache's key, are then the same
+    # bits in every run of a split only if computed apart from the run's own rows
+    threads = {k: "2" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
     for script in ("run_logreg.bash", "run_diffusion.bash"):
         for phase in (1, 2, 3, 4):
-            out = run_phase(script, phase, config)
-    assert "| n | logreg |" in out and "diffusion F12" in out
+            out = run_phase(script, phase, config, **threads)
+    assert "| n | logreg |" in out and "diffusion F12" in out and "diffusion F12+in-domain" in out
     assert "Top-1 accuracy (%) on the test split, all classes" in out and "(config metric: top1)" in out
+    # runs of 2 splits x 2 backgrounds (with and without in-domain rows, n labelled images): 4 cache folders
+    cache = os.path.join(ddir, "cache", "completion")
+    assert len([d for d in os.listdir(cache) if os.path.isdir(os.path.join(cache, d))]) == 4, os.listdir(cache)
+    assert not [f for _, _, fs in os.walk(cfg["rundir"]) for f in fs if f.endswith(".lock")]
+    # phase 4 says what chance is and what the numbers count
+    res = json.load(open(os.path.join(cfg["rundir"], "results", "diffusion.json")))
+    ntest_rows = len(data.load_labels(f["val"], data.load_split(os.path.join(ddir, "label_idx.json"), "test"))[0])
+    assert res["test_split"]["nclass"] == 3 and res["test_split"]["ntest"] == ntest_rows
+    assert "**Chance level: top-5 100.0%, top-1 33.3%** (k of 3 classes" in out
+    assert "(chance 33.3%)" in out and "%d test images" % ntest_rows in out
+    assert "accuracy on the test split (3 classes, " in res["plot_title"] and "seeds [" not in res["plot_title"]
     assert "metric: top1" in open(os.path.join(cfg["rundir"], "chosen_diffusion.yaml")).read()
     # a second run has nothing to do
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -173,6 +202,151 @@ def test_own_images_to_results_table(tmp_path):
         with h5py.File(f[key], "r") as a, h5py.File(f2[key], "r") as b:
             np.testing.assert_array_equal(a["all_feats"][()], b["all_feats"][()])
     assert open(f["background"], "rb").read() == open(f2["background"], "rb").read()
+
+
+def test_bad_split_is_loud(tmp_path):
+    """What would make a split mislead, on a drawn folder: a --group written with the extension (it
+    matches no name), an empty class folder, a one-image class, an empty and a truncated .png, a class
+    holding most of the test images, 3 classes per split. Each is a WARNING line and in own_data.json;
+    the unreadable files and the classes left out are in no list, no feature row, no label_names."""
+    rs = np.random.RandomState(5)
+    photos = tmp_path / "photos"
+    for shape in SHAPES:
+        os.makedirs(str(photos / shape))
+        for i in range(30 if shape == "disc" else 4):
+            for v in (1, 2):
+                draw(shape, rs, size=24).save(str(photos / shape / ("%s%02d_v%d.png" % (shape, i, v))))
+    os.makedirs(str(photos / "empty"))
+    (photos / "empty" / "notes.txt").write_text("no image here")
+    os.makedirs(str(photos / "single"))
+    draw("disc", rs, size=24).save(str(photos / "single" / "only_v1.png"))
+    blank, cut = str(photos / "square" / "blank_v1.png"), str(photos / "square" / "cut_v1.png")
+    open(blank, "wb").close()
+    whole = (photos / "square" / "square00_v1.png").read_bytes()
+    open(cut, "wb").write(whole[:len(whole) // 2])
+    ddir = str(tmp_path / "ddir")
+    group = r"^(.*)_v\d+\.png$"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "own_data.py"), ddir, "--images", str(photos),
+                        "--group", group, "--size", "32", "--pca_dim", "8", "--seed", "2"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout
+    meta = json.load(open(os.path.join(ddir, "own_data.json")))
+    # the --group expression: searched in the name without its extension, so it matches none
+    assert ("WARNING: --group %r matches no file name: it is searched (re.search) in the name without its "
+            "extension" % group) in out and "leave the extension out" in out
+    assert any(w.startswith("--group %r matches no file name" % group) for w in meta["warnings"])
+    # the classes left out, each with its reason, and out of label_names
+    assert "WARNING: class 'empty' left out: empty: no image" in out
+    assert "WARNING: class 'single' left out: 1 image" in out
+    assert {d["name"]: d["reason"].split(":")[0] for d in meta["dropped"]} == {"empty": "empty", "single": "1 image"}
+    split = json.load(open(os.path.join(ddir, "label_idx.json")))
+    assert split["label_names"] == sorted(SHAPES) == [c["name"] for c in meta["classes"]]
+    assert sorted(sum((split[k] for k in ("base_classes_1", "novel_classes_1", "base_classes_2",
+                                          "novel_classes_2")), [])) == list(range(1, 7))
+    # the empty and the truncated .png: named, in no list and no feature row
+    assert sorted(meta["unreadable"]) == [blank, cut]
+    for path in (blank, cut):
+        assert "WARNING: unreadable image %s (" % path in out
+    import h5py
+    f = data.feature_paths(ddir)
+    for key, part in (("train", "train"), ("val", "test")):
+        lst = json.load(open(os.path.join(ddir, "lists", part + ".json")))
+        assert not {blank, cut} & set(lst["image_names"])
+        assert {os.path.basename(os.path.dirname(n)) for n in lst["image_names"]} == set(SHAPES)
+        with h5py.File(f[key], "r") as h:
+            assert h["count"][0] == len(lst["image_names"]) and h["bad_images"].size == 0
+    # 3 classes per split, and disc holding most of its split's test images
+    for what in ("validation", "test"):
+        assert "WARNING: the %s split has 3 classes (<= 5): top-5 accuracy is 100%%" % what in out
+    disc = [c for c in meta["classes"] if c["name"] == "disc"][0]
+    which = "validation" if disc["group"].endswith("_1") else "test"
+    mates = [c for c in meta["classes"] if c["group"][-1] == disc["group"][-1]]
+    ntest = sum(c["test"] for c in mates)
+    assert disc["test"] / ntest > 0.67
+    msg = "class 'disc' holds %d of the %d test images of the %s split" % (disc["test"], ntest, which)
+    assert "WARNING: " + msg in out and any(w.startswith(msg) for w in meta["warnings"])
+    # --help says what the expression is matched against
+    h = subprocess.run([sys.executable, os.path.join(ROOT, "own_data.py"), "--help"], cwd=ROOT,
+                       capture_output=True, text=True).stdout
+    assert "searched (re.search) in each file name without its extension" in " ".join(h.split())
+
+
+def test_unreadable_images_are_listed_by_save_features(tmp_path):
+    """save_features.py on a list (--prepared lists, a list of one's own) with an empty and a truncated
+    .png: their rows hold a black image's features, as the published layout keeps the row numbering;
+    the log names them and OUTFILE.bad lists index, file and reason."""
+    rs = np.random.RandomState(6)
+    names = []
+    for i in range(6):
+        names.append(str(tmp_path / ("img%d.png" % i)))
+        draw(SHAPES[i], rs, size=24).save(names[-1])
+    whole = open(names[0], "rb").read()
+    open(names[2], "wb").close()
+    open(names[4], "wb").write(whole[:len(whole) // 2])
+    json.dump({"image_names": names, "image_labels": list(range(6))}, open(str(tmp_path / "list.json"), "w"))
+    yaml.safe_dump({"dataset": {"type": "image_list", "path": str(tmp_path / "list.json")},
+                    "transform": {"scale": 32, "crop": 32},
+                    "loader": {"batch_size": 4, "num_workers": 0, "threads": 1}}, open(str(tmp_path / "c.yaml"), "w"))
+    out = str(tmp_path / "f.hdf5")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "save_features.py"), "--cfg", str(tmp_path / "c.yaml"),
+                        "--model", "EfficientNetLite0", "--outfile", out], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = [l.split("\t") for l in open(out + ".bad").read().splitlines()]
+    assert [(int(i), n) for i, n, _ in lines] == [(2, names[2]), (4, names[4])]
+    assert "cannot identify image file" in lines[0][2] and "truncated" in lines[1][2]
+    assert "WARNING: 2 unreadable images computed on a black image" in r.stdout
+    assert "%s, %s" % (names[2], names[4]) in r.stdout
+    import h5py
+    with h5py.File(out, "r") as h:
+        assert h["bad_images"][()].tolist() == [2, 4]
+
+
+def test_ctrl_c_is_one_line_and_the_rerun_continues(tmp_path):
+    """SIGINT in the middle of a feature extraction: exit status 130, no traceback, one line naming
+    what was kept (the rows done, in the .partial file); the same command then finishes the file."""
+    rs = np.random.RandomState(7)
+    names = []
+    for i in range(300):
+        names.append(str(tmp_path / ("img%03d.png" % i)))
+        draw(SHAPES[i % 6], rs, size=96).save(names[-1])
+    json.dump({"image_names": names, "image_labels": [i % 6 for i in range(300)]},
+              open(str(tmp_path / "list.json"), "w"))
+    yaml.safe_dump({"dataset": {"type": "image_list", "path": str(tmp_path / "list.json")},
+                    "transform": {"scale": 96, "crop": 96}, "block_size": 8,
+                    "loader": {"batch_size": 8, "num_workers": 0, "threads": 1}}, open(str(tmp_path / "c.yaml"), "w"))
+    out = str(tmp_path / "f.hdf5")
+    cmd = [sys.executable, os.path.join(ROOT, "save_features.py"), "--cfg", str(tmp_path / "c.yaml"),
+           "--model", "EfficientNetLite0", "--outfile", out]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if "extracting 300 images" in line:
+            p.send_signal(signal.SIGINT)
+            break
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    assert "Traceback" not in stderr
+    said = [l for l in stderr.replace("\r", "\n").splitlines() if "interrupted" in l]
+    assert len(said) == 1 and said[0].startswith("interrupted (Ctrl-C): kept the ")
+    assert ("of 300 rows done, in %s.partial; the same command again continues from there" % out) in said[0]
+    assert os.path.isfile(out + ".partial") and not os.path.exists(out)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "resuming %s.partial" % out in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    assert data.feature_shape(out) == (300, 1280)
+    # Ctrl-C in a terminal reaches the whole process group: own_data.py and its step say one line
+    make_folders(str(tmp_path / "own"))
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "own_data.py"), str(tmp_path / "own" / "dd"), "--images",
+                          str(tmp_path / "own" / "photos"), "--size", "32", "--pca_dim", "8"], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in p.stdout:
+        if "running: save_features" in line:
+            os.killpg(p.pid, signal.SIGINT)
+            break
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    assert [l for l in stderr.replace("\r", "\n").splitlines() if l.strip()] == [
+        "interrupted (Ctrl-C): kept every output completed so far (each is written whole under its final name, or "
+        "not at all); the same command again continues from there"]
 
 
 def test_precomputed_features(tmp_path, capsys):
