@@ -55,7 +55,7 @@ def evaluate_variant(args, spec, nlabeled, tmp):
            "time_s": round(float(np.mean([r["time_total"] for r in test])), 2)}
     for key in ("top1", "top5", "top1_novel", "top5_novel"):
         vals = [r[key] for r in test if key in r]
-        row[key] = round(float(np.mean(vals)), 2) if vals else None
+        row[key] = round(float(np.mean(vals)), 4) if vals else None
     return row
 
 
