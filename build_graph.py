@@ -37,6 +37,7 @@ The log reports recall@10 against exact search on a sample of --recall_nq vector
 Example:
   python build_graph.py 1000000 --ddir $DDIR
 """
+import lowshot.omp_env  # noqa: F401  (first: OpenMP threads sleep when they wait; lowshot/omp_env.py)
 import argparse
 import json
 import os

@@ -35,6 +35,7 @@ Examples:
   python diffusion.py ... --class_range 0:250 --store_slice s0.npz   # one job of an array
   python diffusion.py --merge_slices s0.npz s1.npz --result r.json   # same result as one run
 """
+import lowshot.omp_env  # noqa: F401  (first: OpenMP threads sleep when they wait; lowshot/omp_env.py)
 import json
 import os
 import pickle

@@ -23,6 +23,7 @@ Example:
   python fusion.py --mode val --nlabeled 2 --seed 1 --logreg_scores lr.npy \\
       --diffusion_scores dif.npy --weights 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1
 """
+import lowshot.omp_env  # noqa: F401  (first: OpenMP threads sleep when they wait; lowshot/omp_env.py)
 import numpy as np
 
 from lowshot import data, evaluate

@@ -19,6 +19,7 @@ Example:
   python generate_ddir.py /tmp/gen1m --nbg 1000000
   python logreg.py --ddir /tmp/gen1m --split /tmp/gen1m/label_idx.json --mode test --nlabeled 2 --seed 1
 """
+import lowshot.omp_env  # noqa: F401  (first: OpenMP threads sleep when they wait; lowshot/omp_env.py)
 from lowshot import generate
 from lowshot.common import ArgumentParser, HelpFormatter, log, print_args, print_result, run_main, seed_int
 

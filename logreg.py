@@ -24,6 +24,7 @@ Writes  stdout: top-1 and top-5 accuracies; last line one JSON result
 Example (paper, test split, n=2 seed 1: top-5 0.700, 0.565 on novel classes):
   python logreg.py --mode test --nlabeled 2 --seed 1 --storeL $DDIR/logs/logreg_test/L.nl2.seed1.npy
 """
+import lowshot.omp_env  # noqa: F401  (first: OpenMP threads sleep when they wait; lowshot/omp_env.py)
 import argparse
 import os
 import re

@@ -35,6 +35,7 @@ Images: any format PIL reads; made upright from their EXIF orientation, transpar
 on white, greyscale/CMYK/16-bit converted to 8-bit RGB; resized so that the shorter side is
 --size, then the central --size x --size crop.
 """
+import lowshot.omp_env  # noqa: F401  (first: OpenMP threads sleep when they wait; lowshot/omp_env.py)
 import json
 import os
 import shlex

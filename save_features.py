@@ -22,6 +22,7 @@ Example (the paper's background block 3, images 3M..4M, on the authors' ResNet-5
       --modelfile $DDIR/checkpoints/ResNet50_sgm/89.tar --model ResNet50 \\
       --outfile $DDIR/features/f100m/block3.hdf5 --i0 3000000 --i1 4000000
 """
+import lowshot.omp_env  # noqa: F401  (first: OpenMP threads sleep when they wait; lowshot/omp_env.py)
 from lowshot import features, networks
 from lowshot.common import (ArgumentParser, HelpFormatter, log, nonnegative_int, positive_int, print_args,
                             print_result, run_main)

@@ -15,6 +15,7 @@ Examples:
   python train_apply_pca.py apply                  # the blocks that exist (F100M: 100) -> concatenated_PCAR256.raw
   python train_apply_pca.py train --infile feats.hdf5 --outfile pca.vt --dout 64
 """
+import lowshot.omp_env  # noqa: F401  (first: OpenMP threads sleep when they wait; lowshot/omp_env.py)
 import argparse
 import os
 

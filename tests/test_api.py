@@ -271,3 +271,25 @@ def test_variants_equal_scikit_learn_through_the_estimator(variant):
     assert (clf.transduction_ == ref.transduction_).mean() > 0.99
     Xq, _ = clustered(50, 10, 4, seed=13)
     np.testing.assert_allclose(clf.predict_proba(Xq), ref.predict_proba(Xq), rtol=1e-3, atol=1e-5)
+
+
+def test_scripts_make_waiting_openmp_threads_sleep():
+    """Every stage script imports lowshot.omp_env before anything else (OMP_WAIT_POLICY=PASSIVE unless
+    the user set it: the runtimes read it when they load); importing the library alone does not."""
+    import ast
+    for script in ("build_graph.py", "diffusion.py", "logreg.py", "save_features.py", "train_apply_pca.py",
+                   "own_data.py", "fusion.py", "generate_ddir.py"):
+        tree = ast.parse(open(os.path.join(ROOT, script)).read())
+        first = next(n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom)))
+        assert isinstance(first, ast.Import) and first.names[0].name == "lowshot.omp_env", script
+    code = "import os, lowshot.omp_env; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(env, OMP_WAIT_POLICY="active"))
+    assert out.stdout.strip() == "active"
+    out = subprocess.run([sys.executable, "-c", "import os, lowshot; from lowshot import api; "
+                          "print(os.environ.get('OMP_WAIT_POLICY'))"], capture_output=True, text=True, env=env,
+                         check=True)
+    assert out.stdout.strip() == "None"
