@@ -160,7 +160,7 @@ def diffuse(W, T, y_lab, nclass, niter, class_range=None, lslice=0, on_iter=None
             L = blk.start(ops.label_buffer(b1 - b0))
         out, t, done = blk.out(L), t0 + 1, False
         if Ls is None:
-            t = _record(0, b0, b1, c0, blk.out(L), ops, scores, on_iter) + 1
+            t = _record(0, b0, b1, c0, out, ops, scores, on_iter) + 1
         while t <= niter:
             if not done:
                 L_next = blk.step(L)

@@ -30,7 +30,7 @@ linearity they are the same iteration applied to the labelled nodes' indicator),
 carries that one extra column, and class blocks (``lslice``) and job-array slices (``class_range``)
 give the result of one full run.
 """
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -85,9 +85,6 @@ class Method:
         if self.tol is not None:
             rec["tol"] = self.tol
         return rec
-
-    def replace(self, **kw):
-        return Method(**dict(asdict(self), **kw))
 
 
 DOUZE18 = Method()
