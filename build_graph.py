@@ -39,7 +39,6 @@ Example:
 """
 import lowshot.omp_env  # noqa: F401  (first: OpenMP threads sleep when they wait; lowshot/omp_env.py)
 import argparse
-import json
 import os
 import time
 
@@ -49,10 +48,11 @@ from lowshot import data
 from lowshot import graph
 from lowshot import ivf_build
 from lowshot import search
+from lowshot import stored_graph
 from lowshot import torch_backend
 from lowshot.common import (ArgumentParser, HelpFormatter, InputError, OwnMemoryPeak, file_lock, get_ddir,
                             int_at_least, log, nonnegative_int, positive_int, print_args, print_result,
-                            remove_stale_temporaries, run_main, write_json)
+                            remove_stale_temporaries, run_main)
 
 
 def parse_shard(text):
@@ -92,10 +92,10 @@ def parse_args(argv):
                         "AVX512-BF16), or float32 BLAS (exactly faiss' IVF search)")
     g = p.add_argument_group("method parameters")
     g.add_argument("--nlist", type=positive_int, default=None,
-                   help="ivf: lists (default %d*sqrt(N) on CPU, 4*sqrt(N) with GPUs)" % graph.IVF_LISTS_PER_SQRT)
+                   help="ivf: lists (default %d*sqrt(N) on CPU, 4*sqrt(N) with GPUs)" % ivf_build.IVF_LISTS_PER_SQRT)
     g.add_argument("--nprobe", type=positive_int, default=None,
                    help="ivf: lists visited (default: enough to scan %d vectors on CPU, times (N/1M)^(1/6) above 1M; 256 with GPUs)"
-                   % graph.IVF_SCAN)
+                   % ivf_build.IVF_SCAN)
     # faiss aborts the process on M < 2 (an assertion, not an exception): refused here
     g.add_argument("--hnsw_M", type=int_at_least(2), default=32, help="hnsw: links per vector")
     g.add_argument("--ef_search", type=positive_int, default=64, help="hnsw: efSearch")
@@ -112,8 +112,8 @@ def main(argv=None):
     args = parse_args(argv)
     print_args(args)
     ddir = get_ddir(args.ddir)
-    torch_backend.use(args.device)
-    K = graph.graph_K(args.k)
+    backend = torch_backend.select(args.device)
+    K = stored_graph.graph_K(args.k)
     xb = data.open_background(ddir, args.N)
     log("background %s: %d x %d" % (data.feature_paths(ddir)["background"], *xb.shape))
     if K >= args.N:
@@ -124,23 +124,23 @@ def main(argv=None):
         raise InputError("--nprobe %d: more than the --nlist %d lists" % (args.nprobe, args.nlist))
     if args.nnd_L is not None and args.nnd_L < K:
         raise InputError("--nnd_L %d: NN-descent needs a candidate pool of at least K = %d" % (args.nnd_L, K))
-    paths = data.graph_paths(ddir, args.N, K)
+    paths = stored_graph.graph_paths(ddir, args.N, K)
     # two runs on the same graph take turns (the second then finds the first one's graph); the
     # shards of one build share the lock, the prepare step and the merge hold it alone
     with file_lock(paths["lock"], "build_graph.py %d" % args.N, shared=args.shard is not None):
-        build(args, ddir, xb, K, paths)
+        build(args, ddir, xb, K, paths, backend)
 
 
-def build(args, ddir, xb, K, paths):
+def build(args, ddir, xb, K, paths, backend):
     """The graph of ``main``'s checked arguments, under the lock: reused when it exists, else built."""
     if os.path.isdir(os.path.dirname(paths["I"])):
         for p in remove_stale_temporaries(os.path.dirname(paths["I"])):
             log("removed %s (its writer is gone)" % p)
-    method = args.method or graph.default_method(args.N)
-    resumable = method == "ivf" and torch_backend.faiss_gpus() == 0
+    method = args.method or graph.default_method(args.N, backend)
+    resumable = method == "ivf" and backend.faiss_gpus == 0
     if (args.shard or args.prepare) and not resumable:
         raise InputError("--shard and --prepare need the CPU ivf method (method %s, %d GPUs)" % (
-            method, torch_backend.faiss_gpus()))
+            method, backend.faiss_gpus))
     try:
         in_progress = resumable and ivf_build.read_plan(paths["work"]) is not None
     except ivf_build.DamagedWork:
@@ -148,31 +148,28 @@ def build(args, ddir, xb, K, paths):
     if in_progress:
         log("a build is in progress in %s: continuing it" % paths["work"])
     if not args.force and not in_progress:
-        try:
-            idx_path, D, I = graph.find_background_graph(ddir, args.N, K)
-        except InputError:
-            I = None
-        if I is not None:
-            record = read_record(data.graph_paths(ddir, args.N, I.shape[1])["record"])
-            check_reuse(record, explicit_params(args), args.N)
+        explicit = stored_graph.explicit_params(args, vars(parse_args([str(args.N)])))
+        found = stored_graph.reusable_graph(ddir, args.N, K, explicit)
+        if found is not None:
+            idx_path, K_stored, record = found
             log("a graph with K = %d >= %d exists (%s), %s: nothing to do (--force rebuilds)" % (
-                I.shape[1], K, idx_path, describe(record)))
-            print_result({"script": "build_graph", "nbg": args.N, "K": int(I.shape[1]),
+                K_stored, K, idx_path, stored_graph.describe(record)))
+            print_result({"script": "build_graph", "nbg": args.N, "K": K_stored,
                           "index": idx_path, "reused": True, "built_with": record})
             return
     log("method %s, K = %d, %s, %d faiss GPUs, %d threads" % (
-        method, K, torch_backend.describe(), torch_backend.faiss_gpus(), faiss.omp_get_max_threads()))
+        method, K, backend.describe(), backend.faiss_gpus, faiss.omp_get_max_threads()))
     own = OwnMemoryPeak()
     t0 = time.time()
     stats = graph.build_background_graph(
         xb, K, paths, method=method, bs=args.bs, nlist=args.nlist, nprobe=args.nprobe, hnsw_M=args.hnsw_M,
         ef_search=args.ef_search, ef_construction=args.ef_construction, nnd_iter=args.nnd_iter,
-        nnd_L=args.nnd_L,
+        nnd_L=args.nnd_L, record=lambda st: stored_graph.build_record(method, args, st),
         build_params={"bf16": {"auto": None, "bf16": True, "float32": False}[args.precision],
                       "chunk_rows": args.chunk_rows, "shard": args.shard, "prepare_only": args.prepare,
-                      "force": args.force} if resumable else None)
+                      "force": args.force} if resumable else None, backend=backend)
     stats["time_total"] = time.time() - t0
-    stats["backend"] = torch_backend.describe()
+    stats["backend"] = backend.describe()
     stats["own_peak_gib"] = round(own.gib, 3)     # anonymous pages: mapped files' page cache left out
     if not stats.get("done", True):
         log("%s: not merged (%s); a plain `build_graph.py %d` merges once every chunk exists" % (
@@ -182,81 +179,27 @@ def build(args, ddir, xb, K, paths):
     log("graph written: %s, %s, %s (%.1f s)" % (paths["I"], paths["D"], paths["index"],
                                                stats["time_total"]))
     if args.recall_nq > 0:
-        log("recall@10 against exact search on %d sampled vectors" % args.recall_nq)
-        Imm = graph.find_background_graph(ddir, args.N, K)[2]
-        stats["recall@10"] = graph.graph_recall(xb, Imm, nq=args.recall_nq, at=10)
-        log("recall@10 = %.4f" % stats["recall@10"])
-        if stats.get("precision") == "bf16":
-            # the table against faiss' own float32 search of the stored index
-            index = graph.read_background_index(paths["index"], args.N, xb.shape[1])
-            same, shared = graph.ivf_agreement(index, xb, Imm, nq=args.recall_nq)
-            del index
-            stats["rows_equal_to_float32_search"] = same
-            log("bf16 table against faiss' float32 search of the index on %d rows: %.2f%% of the rows "
-                "equal, %.4f of the ids shared" % (args.recall_nq, 100 * same, shared))
-    write_json(paths["record"], build_record(method, args, stats))
+        check_recall(args, ddir, xb, K, paths, stats, backend)
+    stored_graph.write_record(paths, stored_graph.build_record(method, args, stats))
     print_result({"script": "build_graph", "reused": False, **stats,
                   "index": paths["index"], "I": paths["I"], "D": paths["D"]})
 
 
-# the flags a record of a built graph (knngraph/ndis{N}_k{K}.json) answers
-PARAM_FLAGS = ("method", "nlist", "nprobe", "precision", "hnsw_M", "ef_search", "ef_construction",
-               "nnd_iter", "nnd_L")
-
-
-METHOD_FLAGS = {"ivf": ("nlist", "nprobe", "precision"), "hnsw": ("hnsw_M", "ef_search", "ef_construction"),
-                "nndescent": ("nnd_iter", "nnd_L"), "exact": ()}
-
-
-def build_record(method, args, stats):
-    """How the graph was built: the method, its parameters (as used), its recall and time."""
-    rec = {"method": method}
-    for k in METHOD_FLAGS.get(method, ()):
-        v = stats.get(k, getattr(args, k))
-        if v is not None:
-            rec[k] = v
-    if method == "ivf" and "precision" not in stats:
-        rec.pop("precision", None)          # GPU builds: faiss' own search
-    for k in ("recall@10", "time_total"):
-        if stats.get(k) is not None:
-            rec[k] = round(float(stats[k]), 4)
-    return rec
-
-
-def explicit_params(args):
-    """The build parameters that differ from their defaults, as {name: value}: read from the parsed
-    arguments, never from raw tokens (an abbreviated or ``--flag=value`` form counts the same)."""
-    defaults = vars(parse_args([str(args.N)]))
-    params = {k: getattr(args, k) for k in PARAM_FLAGS if getattr(args, k) != defaults[k]}
-    if params.get("precision") == "auto":     # whatever the CPU offers: any stored precision
-        del params["precision"]
-    return params
-
-
-def read_record(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def describe(record):
-    if record is None:
-        return "built without a record of its parameters (by an earlier version or the 2018 code)"
-    params = ", ".join("%s %s" % (k, record[k]) for k in PARAM_FLAGS[1:] if k in record)
-    return "built with method %s%s%s" % (record.get("method"), " (%s)" % params if params else "",
-                                         ", recall@10 %.3f" % record["recall@10"] if "recall@10" in record else "")
-
-
-def check_reuse(record, explicit, N):
-    """A stored graph is reused only when the parameters given explicitly are the ones it was built
-    with; otherwise a one-line error names both."""
-    if not explicit:
-        return
-    if record is None or any(record.get(k) != v for k, v in explicit.items()):
-        raise InputError("a background graph for N = %d exists, %s; %s was asked: `--force` rebuilds it" % (
-            N, describe(record), ", ".join("%s %s" % kv for kv in sorted(explicit.items()))))
+def check_recall(args, ddir, xb, K, paths, stats, backend):
+    """recall@10 of the graph just written, and for a bf16 table its agreement with faiss' float32
+    search of the stored index, into ``stats``."""
+    log("recall@10 against exact search on %d sampled vectors" % args.recall_nq)
+    Imm = stored_graph.find_background_graph(ddir, args.N, K)[2]
+    stats["recall@10"] = graph.graph_recall(xb, Imm, nq=args.recall_nq, at=10, backend=backend)
+    log("recall@10 = %.4f" % stats["recall@10"])
+    if stats.get("precision") == "bf16":
+        # the table against faiss' own float32 search of the stored index
+        index = stored_graph.read_background_index(paths["index"], args.N, xb.shape[1], backend=backend)
+        same, shared = graph.ivf_agreement(index, xb, Imm, nq=args.recall_nq)
+        del index
+        stats["rows_equal_to_float32_search"] = same
+        log("bf16 table against faiss' float32 search of the index on %d rows: %.2f%% of the rows "
+            "equal, %.4f of the ids shared" % (args.recall_nq, 100 * same, shared))
 
 
 if __name__ == "__main__":

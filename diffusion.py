@@ -18,8 +18,9 @@ Writes  --result R.json   the JSON result line (also printed last on stdout)
                           of the slice (scores float32 and ids int64, (niter+1, n_test, 5))
         $DDIR/cache/completion/   the exact searches into the base-class images, the same for every
                           run of a split and background: computed by the first run, read by the
-                          next ones (--completion_cache on|off|DIR; safe to delete; on a
-                          read-only data root the run goes without it, or keeps it in DIR)
+                          next ones (--completion_cache on|off|DIR; safe to delete; a
+                          read-only data root's complete cache is read; without one the run
+                          goes without it, or keeps it in DIR)
 
 Graph: nodes = labelled images (then, with --indomain, the other training images of the novel
 classes, unlabelled), then the nbg background images; each node is linked to its k most similar
@@ -36,6 +37,8 @@ Examples:
   python diffusion.py --merge_slices s0.npz s1.npz --result r.json   # same result as one run
 """
 import lowshot.omp_env  # noqa: F401  (first: OpenMP threads sleep when they wait; lowshot/omp_env.py)
+import argparse
+import dataclasses
 import json
 import os
 import pickle
@@ -45,24 +48,22 @@ import time
 import faiss
 import numpy as np
 
-from lowshot import completion, data, evaluate, graph, method, search, torch_backend
+from lowshot import cli, completion, data, evaluate, method, search, stored_graph, torch_backend
 from lowshot import diffuse as dif
 from lowshot.common import (ArgumentParser, HelpFormatter, InputError, get_ddir, log, nonnegative_int, peak_rss_gib,
-                            positive_int, print_args, print_result, require_file, run_main, seed_int, write_json,
+                            positive_int, print_args, print_result, require_file, run_main, write_json,
                             atomic_output, OwnMemoryPeak)
 
 
 def parse_args(argv):
-    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    g = p.add_argument_group("protocol")
-    g.add_argument("--mode", choices=["val", "test"], default="val",
-                   help="val: split 1 (base_classes_1 + novel_classes_1), test: split 2")
-    g.add_argument("--nlabeled", type=int, default=2, help="labelled images per novel class")
-    g.add_argument("--seed", type=seed_int, default=1, help="seed of the labelled-image draw")
-    g.add_argument("--split", default=None, help="class split file (default: $DDIR/label_idx.json when it "
-                                                  "exists, else data/label_idx.json, ImageNet's)")
-    g.add_argument("--ddir", default=None, help="data root (default: $DDIR)")
-    g = p.add_argument_group("graph")
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter, parents=[cli.protocol_parser()])
+    _graph_flags(p.add_argument_group("graph"))
+    _diffusion_flags(p.add_argument_group("diffusion"))
+    _output_flags(p.add_argument_group("outputs"))
+    return p.parse_args(argv)
+
+
+def _graph_flags(g):
     g.add_argument("--k", type=positive_int, default=30, help="neighbours per node")
     g.add_argument("--nbg", type=nonnegative_int, default=10**6,
                    help="background images (first rows of the raw file; 0: none)")
@@ -76,8 +77,8 @@ def parse_args(argv):
                    help="on: the exact searches into the base-class images, the same for every run of a "
                         "split and background, are computed once and kept in $DDIR/cache/completion "
                         "(shared by concurrent runs; safe to delete); DIR: kept in DIR/completion instead "
-                        "(a data root on a read-only volume; without a writable place the run goes "
-                        "without the cache and says so)")
+                        "(a data root on a read-only volume, whose complete cache is still read; without "
+                        "a cache and a writable place the run goes without it and says so)")
     g.add_argument("--recall_nq", type=nonnegative_int, default=None,
                    help="sampled queries for the recall@10 of approximate searches against exact search "
                         "(default: 2e8 / N, between 100 and 1000; 0: not measured)")
@@ -90,7 +91,9 @@ def parse_args(argv):
                    help="auto: torch on CUDA if torch sees a GPU, else CPU, and faiss-gpu for faiss' searches if "
                         "faiss sees GPUs; cpu: graph_utils only; cuda: torch on the GPU (completion scans, W products); torch-cpu: the "
                         "torch code on the CPU")
-    g = p.add_argument_group("diffusion")
+
+
+def _diffusion_flags(g):
     g.add_argument("--reorder", default="auto", choices=["auto", "on", "off"],
                    help="renumber the nodes breadth-first before diffusing (same result, faster "
                         "products); auto: from %d nodes" % dif.REORDER_MIN_NODES)
@@ -121,9 +124,11 @@ def parse_args(argv):
                    help="auto: the first iterations on a sparse label matrix while it is sparse "
                         "(lowshot.diffuse.sparse_iterations); off: dense blocks throughout. Same scores "
                         "to float rounding")
-    g.add_argument("--class_range", default=None,
+    g.add_argument("--class_range", type=class_range, default=None,
                    help="a:b, diffuse only classes [a, b) (job-array slice; needs --store_slice)")
-    g = p.add_argument_group("outputs")
+
+
+def _output_flags(g):
     g.add_argument("--result", default=None, help="write the result JSON here")
     g.add_argument("--storeL", default=None, help="test scores after the last iteration (.npy)")
     g.add_argument("--storeLname", default=None,
@@ -134,20 +139,26 @@ def parse_args(argv):
     g.add_argument("--store_slice", default=None, help="with --class_range: the slice's top-5 (.npz)")
     g.add_argument("--merge_slices", nargs="+", default=None, metavar="S.npz",
                    help="merge --store_slice files into the result of one full run (no other input)")
-    return p.parse_args(argv)
 
 
-def _class_range(s, nclass):
-    if s is None:
-        return 0, nclass
+def class_range(text):
+    """argparse type of --class_range: "a:b" with 0 <= a < b, as (a, b)."""
     try:
-        a, b = (int(v) for v in s.split(":"))
+        a, b = (int(v) for v in text.split(":"))
     except ValueError:
-        raise InputError("--class_range %r: expected a:b" % s)
+        raise argparse.ArgumentTypeError("expected a:b, got %r" % text)
     if not 0 <= a < b:
-        raise InputError("--class_range %s: need 0 <= a < b" % s)
+        raise argparse.ArgumentTypeError("need 0 <= a < b, got %s" % text)
+    return a, b
+
+
+def _class_range(given, nclass):
+    """The classes diffused: --class_range within the split's classes, or all of them."""
+    if given is None:
+        return 0, nclass
+    a, b = given
     if a >= nclass:
-        raise InputError("--class_range %s: the split has only %d classes" % (s, nclass))
+        raise InputError("--class_range %d:%d: the split has only %d classes" % (a, b, nclass))
     return a, min(b, nclass)
 
 
@@ -167,19 +178,28 @@ def _check_pattern(pat):
                          "step overwrites the same file" % pat)
 
 
+def _check_args(args):
+    """The checks across flags, and the method and iterations they give (``args.method``,
+    ``args.niter``, ``args.tol``)."""
+    if args.tol is None:
+        args.tol = method.DEFAULT_TOL.get(args.variant)
+    args.method = method.Method(args.variant, args.weights, args.alpha, args.power, args.tol)
+    if args.niter is None:
+        args.niter, how = dif.default_niter(args.nbg, args.nlabeled, args.k, args.variant)
+        log("--niter %d: %s" % (args.niter, how))
+    if args.class_range and not args.store_slice:
+        raise InputError("--class_range needs --store_slice (merge the slices with --merge_slices)")
+    if args.store_slice and (args.storeL or args.storeLname):
+        raise InputError("--storeL/--storeLname store full score matrices: not with --class_range")
+    if args.storeLiters:
+        _check_pattern(args.storeLiters)
+
+
 def _cache_root(flag, ddir):
-    """The folder of the completion cache (``--completion_cache``), or None: off, or not writable."""
+    """The folder of the completion cache (``--completion_cache``), or None: off."""
     if flag == "off":
         return None
-    root = os.path.join(ddir, "cache") if flag == "on" else os.path.abspath(flag)
-    top = root
-    while not os.path.exists(top) and top != os.path.dirname(top):
-        top = os.path.dirname(top)
-    if not os.access(top, os.W_OK):      # also False on a read-only mount (EROFS)
-        log("%s is not writable (a read-only data root?): graph completion runs without its cache "
-            "(--completion_cache DIR keeps it in a writable DIR)" % top)
-        return None
-    return root
+    return os.path.join(ddir, "cache") if flag == "on" else os.path.abspath(flag)
 
 
 def _meta(args):
@@ -201,15 +221,16 @@ def _print_accs(accs):
         log("  %-13s %s" % (name, evaluate.format_accuracies(a)))
 
 
-def load_background(ddir, args, d):
+def load_background(ddir, args, d, backend):
     """The background for graph completion: raw rows (memmap), stored index and tables."""
     xb = data.open_background(ddir, args.nbg, d=d)
-    idx_path, Dbg, Ibg = graph.find_background_graph(ddir, args.nbg, args.k)
+    idx_path, Dbg, Ibg = stored_graph.find_background_graph(ddir, args.nbg, args.k)
     log("reading background index %s" % idx_path)
-    index = graph.read_background_index(idx_path, args.nbg, d, nprobe=args.bg_nprobe,
-                                        ef_search=args.bg_ef_search, search_L=args.bg_search_L)
+    index = stored_graph.read_background_index(idx_path, args.nbg, d, nprobe=args.bg_nprobe,
+                                               ef_search=args.bg_ef_search, search_L=args.bg_search_L,
+                                               backend=backend)
     exact = isinstance(faiss.downcast_index(index), faiss.IndexFlat)
-    return {"x": xb, "index": index, "D": Dbg, "I": Ibg, "I_path": Ibg.filename, "exact_index": exact}
+    return completion.Background(xb, index, Dbg, Ibg, I_path=Ibg.filename, exact_index=exact)
 
 
 def merge_slices(paths):
@@ -257,39 +278,72 @@ def main(argv=None):
         _print_accs(accs)
         res = _result(meta, accs)
         res["merged_slices"] = len(args.merge_slices)
-        if args.result:
-            write_json(args.result, res)
-        print_result(res)
+        _finish(args, res)
         return
-    torch_backend.use(args.device)
-    if args.tol is None:
-        args.tol = method.DEFAULT_TOL.get(args.variant)
-    args.method = method.Method(args.variant, args.weights, args.alpha, args.power, args.tol)
-    if args.niter is None:
-        args.niter, how = dif.default_niter(args.nbg, args.nlabeled, args.k, args.variant)
-        log("--niter %d: %s" % (args.niter, how))
-    if args.class_range and not args.store_slice:
-        raise InputError("--class_range needs --store_slice (merge the slices with --merge_slices)")
-    if args.store_slice and (args.storeL or args.storeLname):
-        raise InputError("--storeL/--storeLname store full score matrices: not with --class_range")
-    if args.storeLiters:
-        _check_pattern(args.storeLiters)
+    backend = torch_backend.select(args.device)
+    _check_args(args)
     ddir = get_ddir(args.ddir)
-    paths = data.feature_paths(ddir)
     times = {}
-    vt = data.load_pca(paths["pca"])     # read once; its input dimension is checked on the features
+    vt = data.load_pca(data.feature_paths(ddir)["pca"])     # read once; its input dimension is checked on the features
     bg = None
     if args.nbg > 0:   # opened before the features are read: a missing background or graph fails fast
         t0 = time.time()
-        bg = load_background(ddir, args, vt.d_out)
+        bg = load_background(ddir, args, vt.d_out, backend)
         times["load_bg"] = time.time() - t0
+    t0 = time.time()
+    nodes, x0, xt = load_nodes(args, ddir, vt)
+    times["load"] = time.time() - t0
 
     t0 = time.time()
+    D_nodes = None if args.weights == "binary" else np.empty((len(x0) + args.nbg, args.k), dtype=np.float32)
+    I_nodes, I_test, ginfo = completion.complete_graph(
+        x0, xt, args.k, bg, node_index=args.node_index, node_nprobe=args.node_nprobe,
+        nbase=nodes.nbase, cache_root=_cache_root(args.completion_cache, ddir), recall_nq=args.recall_nq,
+        D_out=D_nodes, backend=backend)
+    n = I_nodes.shape[0]
+    del bg, x0, xt
+    times["graph_completion"] = time.time() - t0
+
+    scores, _, dinfo = dif.diffuse_knn(I_nodes, I_test, nodes.y_lab, nodes.split.nclass, args.niter,
+                                       class_range=nodes.classes, lslice=args.lslice, renumber=args.reorder,
+                                       on_iter=_store_L(args.storeLiters) if args.storeLiters else None,
+                                       sparse_start=args.sparse_iterations == "auto", method=args.method,
+                                       D_nodes=D_nodes, backend=backend)
+    del I_nodes, I_test, D_nodes
+    times.update(dinfo["times"])
+    res = _write_scores(args, nodes, scores)
+    res["graph"] = {"nodes": n, "W_nnz": dinfo["W_nnz"]}
+    res["backend"] = backend.describe()
+    res["graph"].update({key: ginfo[key] for key in ("node_index", "bg_index_recall@10", "node_index_recall@10",
+                                                     "cache", "cache_built", "rows_beyond_bf16_bound")
+                         if key in ginfo})
+    res["times"] = {k: round(v, 2) for k, v in times.items()}
+    res["time_total"] = round(time.time() - t_start, 2)
+    res["peak_rss_gib"] = round(peak_rss_gib(), 3)    # counts the pages of the mapped background and graph
+    res["own_peak_gib"] = round(own.gib, 3)          # the process' own memory (anonymous pages)
+    _finish(args, res)
+
+
+@dataclasses.dataclass
+class Nodes:
+    """The run's split and labels: ``nbase`` base-class images first among the labelled nodes
+    (``y_lab``), ``y_test`` the test images' labels, ``classes`` (c0, c1) the classes diffused."""
+    split: object
+    classes: tuple
+    nbase: int
+    y_lab: np.ndarray
+    y_test: np.ndarray
+
+
+def load_nodes(args, ddir, vt):
+    """The labelled, in-domain and test images of the run, through the PCA and normalised.
+
+    Returns (Nodes, x0 float32 (n0, d) the labelled then in-domain vectors, xt float32 (nt, d))."""
     sets = data.load_lowshot(ddir, data.resolve_split(args.split, ddir, log), args.mode, args.nlabeled,
                              args.seed, indomain=args.indomain, log=log)
     split = sets.split
-    c0, c1 = _class_range(args.class_range, split.nclass)
-    data.check_pca_input(vt, sets.D, paths["pca"])
+    classes = _class_range(args.class_range, split.nclass)
+    data.check_pca_input(vt, sets.D, data.feature_paths(ddir)["pca"])
     log("PCA %d -> %d and L2 normalisation of %d labelled%s and %d test vectors" % (
         vt.d_in, vt.d_out, len(sets.Xl), "" if sets.Xu is None else " + %d in-domain" % len(sets.Xu),
         len(sets.Xte)))
@@ -304,76 +358,52 @@ def main(argv=None):
     x0 = np.vstack([vt.apply(np.ascontiguousarray(sets.Xl[:nbase])), vt.apply(np.ascontiguousarray(rest))])
     x0 = search.normalized(x0, "PCA'd labelled vectors")
     xt = search.normalized(vt.apply(sets.Xte), "PCA'd test vectors")
-    y_lab, y_test = sets.yl, sets.yte
-    del sets
-    times["load"] = time.time() - t0
+    return Nodes(split, classes, nbase, sets.yl, sets.yte), x0, xt
 
-    if args.k >= len(x0) + args.nbg:
-        raise InputError("k = %d but the graph has only %d nodes (%d labelled/in-domain + %d "
-                         "background): need k < number of nodes" % (
-                             args.k, len(x0) + args.nbg, len(x0), args.nbg))
-    t0 = time.time()
-    cache_root = _cache_root(args.completion_cache, ddir)
-    D_nodes = None if args.weights == "binary" else np.empty((len(x0) + args.nbg, args.k), dtype=np.float32)
-    I_nodes, I_test, ginfo = completion.complete_graph(
-        x0, xt, args.k, bg, node_index=args.node_index, node_nprobe=args.node_nprobe, nbase=nbase,
-        cache_root=cache_root, recall_nq=args.recall_nq, D_out=D_nodes)
-    n = I_nodes.shape[0]
-    del bg, x0, xt
-    times["graph_completion"] = time.time() - t0
 
+def _store_L(pattern):
+    """The ``on_iter`` of --storeLiters: L after step t - 1 (the 2018 numbering), rows in graph order."""
     def store_L(t, b0, b1, L):
-        """--storeLiters: L after step t - 1 (the 2018 numbering), rows in graph order."""
         if t == 0:
             return
-        fname = args.storeLiters % (t - 1, b0, b1)
+        fname = pattern % (t - 1, b0, b1)
         with atomic_output(fname) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, L)
         log("wrote %s" % fname)
+    return store_L
 
-    scores, _, dinfo = dif.diffuse_knn(I_nodes, I_test, y_lab, split.nclass, args.niter, class_range=(c0, c1),
-                                       lslice=args.lslice, renumber=args.reorder,
-                                       on_iter=store_L if args.storeLiters else None,
-                                       sparse_start=args.sparse_iterations == "auto", method=args.method,
-                                       D_nodes=D_nodes)
-    del I_nodes, I_test, D_nodes
-    times.update(dinfo["times"])
+
+def _write_scores(args, nodes, scores):
+    """The slice file (--store_slice), or the accuracies and the score files; returns the result."""
     meta = _meta(args)
-
+    split, (c0, c1) = nodes.split, nodes.classes
     if args.store_slice:
         vals, ids = dif.slice_top(scores, c0)
         with atomic_output(args.store_slice) as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, top_scores=vals, top_ids=ids,
-                         class_range=np.array([c0, c1, split.nclass]), y_test=y_test,
+                         class_range=np.array([c0, c1, split.nclass]), y_test=nodes.y_test,
                          is_novel_class=split.is_novel, meta=json.dumps(meta, sort_keys=True))
         log("wrote %s" % args.store_slice)
-        res = dict(meta, class_range=[c0, c1], store_slice=args.store_slice)
-    else:
-        accs = [evaluate.accuracies(s, y_test, split.is_novel) for s in scores]
-        _print_accs(accs)
-        res = _result(meta, accs)
-        if args.storeL:
-            with atomic_output(args.storeL) as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, scores[-1])
-            data.write_score_record(args.storeL, meta)
-            log("wrote %s" % args.storeL)
-        if args.storeLname:
-            with atomic_output(args.storeLname) as tmp:
-                with open(tmp, "wb") as f:
-                    pickle.dump([np.ascontiguousarray(S) for S in scores], f, 2)
-            log("wrote %s" % args.storeLname)
-    res["graph"] = {"nodes": n, "W_nnz": dinfo["W_nnz"]}
-    res["backend"] = torch_backend.describe()
-    res["graph"].update({key: ginfo[key] for key in ("node_index", "bg_index_recall@10", "node_index_recall@10",
-                                                     "cache", "cache_built", "rows_beyond_bf16_bound")
-                         if key in ginfo})
-    res["times"] = {k: round(v, 2) for k, v in times.items()}
-    res["time_total"] = round(time.time() - t_start, 2)
-    res["peak_rss_gib"] = round(peak_rss_gib(), 3)    # counts the pages of the mapped background and graph
-    res["own_peak_gib"] = round(own.gib, 3)          # the process' own memory (anonymous pages)
+        return dict(meta, class_range=[c0, c1], store_slice=args.store_slice)
+    accs = [evaluate.accuracies(s, nodes.y_test, split.is_novel) for s in scores]
+    _print_accs(accs)
+    if args.storeL:
+        with atomic_output(args.storeL) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, scores[-1])
+        data.write_score_record(args.storeL, meta)
+        log("wrote %s" % args.storeL)
+    if args.storeLname:
+        with atomic_output(args.storeLname) as tmp:
+            with open(tmp, "wb") as f:
+                pickle.dump([np.ascontiguousarray(S) for S in scores], f, 2)
+        log("wrote %s" % args.storeLname)
+    return _result(meta, accs)
+
+
+def _finish(args, res):
     if args.result:
         write_json(args.result, res)
     print_result(res)

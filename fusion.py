@@ -26,21 +26,15 @@ Example:
 import lowshot.omp_env  # noqa: F401  (first: OpenMP threads sleep when they wait; lowshot/omp_env.py)
 import numpy as np
 
-from lowshot import data, evaluate
+from lowshot import cli, data, evaluate
 from lowshot import diffuse as dif
-from lowshot.common import (ArgumentParser, HelpFormatter, InputError, get_ddir, log, positive_int, print_args,
-                            print_result, require_file, run_main, seed_int, write_json)
+from lowshot.common import (ArgumentParser, HelpFormatter, InputError, get_ddir, log, print_args, print_result,
+                            require_file, run_main, write_json)
 
 
 def parse_args(argv):
-    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    g = p.add_argument_group("protocol")
-    g.add_argument("--mode", choices=["val", "test"], default="val", help="split of the scores")
-    g.add_argument("--nlabeled", type=positive_int, default=2, help="recorded in the result")
-    g.add_argument("--seed", type=seed_int, default=1, help="recorded in the result")
-    g.add_argument("--split", default=None, help="class split file (default: $DDIR/label_idx.json when it "
-                                                  "exists, else data/label_idx.json, ImageNet's)")
-    g.add_argument("--ddir", default=None, help="data root (default: $DDIR)")
+    # the protocol flags: the split of the scores (--mode), recorded in the result (--nlabeled, --seed)
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter, parents=[cli.protocol_parser()])
     g = p.add_argument_group("fusion")
     g.add_argument("--logreg_scores", required=True, help="(n_test, C) .npy from logreg.py --storeL")
     g.add_argument("--diffusion_scores", required=True, help="(n_test, C) .npy from diffusion.py --storeL")

@@ -32,9 +32,9 @@ import re
 import numpy as np
 import torch
 
-from lowshot import data, logreg
+from lowshot import cli, data, logreg
 from lowshot.common import (ArgumentParser, HelpFormatter, InputError, atomic_output, get_ddir, log,
-                            nonnegative_int, positive_int, print_args, print_result, run_main, seed_int, write_json)
+                            nonnegative_int, positive_int, print_args, print_result, run_main, write_json)
 
 
 def device_name(text):
@@ -47,16 +47,9 @@ def device_name(text):
 def parse_args(argv=None):
     table = "\n".join("  n=%d: lr %g wd %g batch %d iters %d" % (n, h["lr"], h["wd"], h["batchsize"], h["maxiter"])
                       for n, h in sorted(logreg.HPARAMS.items()))
-    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
+    p = ArgumentParser(description=__doc__, formatter_class=HelpFormatter, parents=[cli.protocol_parser()],
                        epilog="validated settings (momentum %g, as the paper's runs):\n%s" % (
                            logreg.DEFAULT_MOM, table))
-    g = p.add_argument_group("protocol")
-    g.add_argument("--mode", default="val", choices=["val", "test"], help="val: split 1, test: split 2")
-    g.add_argument("--nlabeled", type=positive_int, default=2, help="labelled images per novel class")
-    g.add_argument("--seed", type=seed_int, default=1, help="labelled-set draw, initialisation and batches")
-    g.add_argument("--split", default=None, help="class split file (label_idx.json form; default: $DDIR/label_idx.json "
-                                                  "when it exists, else data/label_idx.json, ImageNet's)")
-    g.add_argument("--ddir", default=None, help="data root (default: $DDIR)")
     g = p.add_argument_group("optimisation (default: the validated setting for --nlabeled)")
     g.add_argument("--maxiter", type=int, default=None, help="SGD iterations")
     g.add_argument("--lr", type=float, default=None, help="learning rate")

@@ -97,6 +97,9 @@ def parse_args(argv):
                    help="save_features.py config to use (default: one written for --size and --model)")
     g.add_argument("--modelfile", default=None, help="save_features.py --modelfile (ResNet checkpoints)")
     g.add_argument("--size", type=positive_int, default=224, help="input side of the network")
+    g.add_argument("--threads", type=nonnegative_int, default=None,
+                   help="torch CPU threads of the feature extraction (its config's loader.threads; 0: torch's "
+                        "default, all cores; default: the config's, 0 in the one written here)")
     g.add_argument("--pca_dim", type=positive_int, default=256, help="dimension after the PCA (at most the features')")
     g = p.add_argument_group("phases")
     g.add_argument("--phases_template", default=None,
@@ -143,7 +146,7 @@ def features_config(args, path):
                          # null: the network's own normalisation (EfficientNet-Lite0: (x - 127) / 128)
                          "mean": None if effnet else [0.485, 0.456, 0.406],
                          "std": None if effnet else [0.229, 0.224, 0.225]},
-           "loader": {"batch_size": 32, "num_workers": 0, "threads": 0}, "block_size": 1024}
+           "loader": {"batch_size": 32, "num_workers": 0, "threads": args.threads or 0}, "block_size": 1024}
     with atomic_output(path) as tmp:
         with open(tmp, "w") as f:
             yaml.safe_dump(cfg, f, sort_keys=False)
@@ -196,7 +199,6 @@ def make_root(args):
     """Steps 1-5 (module docstring) under the data root's lock."""
     ddir = get_ddir(args.ddir)
     files = data.feature_paths(ddir)
-    lists = {part: os.path.join(ddir, "lists", part + ".json") for part in ("train", "test", "background")}
     if (args.images is not None) + (args.features is not None) + args.prepared != 1:
         raise InputError("give --images (a folder of class folders) or --features (precomputed) or --prepared, "
                          "one of them")
@@ -204,39 +206,58 @@ def make_root(args):
                       novel_fraction=args.novel_fraction, min_novel_train=args.min_novel_train,
                       max_train_per_class=args.max_train_per_class, max_test_per_class=args.max_test_per_class)
     if args.images is not None or args.prepared:
-        # 1. split
-        split = None
-        if args.prepared:
-            with open(lists["background"]) as f:
-                nbg = len(json.load(f)["image_names"])
-        elif not os.path.isfile(os.path.join(ddir, "own_data.json")):
-            classes = owndata.scan_classes(args.images)
-            bad = owndata.unreadable_images([f for _, files in classes for f in files])
-            split = owndata.make_split(classes, group=args.group, unreadable=bad, **split_args)
-            nbg = owndata.write_lists(ddir, split, args.unlabelled, dict(split_args, group=args.group))
-        else:
-            owndata.check_split_params(ddir, dict(split_args, group=args.group))
-            split = owndata.make_split(owndata.scan_classes(args.images), group=args.group,
-                                       unreadable=owndata.recorded_unreadable(ddir), **split_args)
-            with open(os.path.join(ddir, "own_data.json")) as f:
-                nbg = int(json.load(f)["nbackground"])
-            log("split exists: %s" % os.path.join(ddir, "own_data.json"))
-        # 2. features
-        fcfg = args.features_cfg or os.path.join(ddir, "features.yaml")
-        if not os.path.isfile(fcfg):
-            features_config(args, fcfg)
-        model = ["--model", args.model] + (["--modelfile", args.modelfile] if args.modelfile else [])
-        for part, out in (("train", files["train"]), ("test", files["val"]),
-                          ("background", files["blocks"] % 0)):
-            if part == "background" and not nbg:
-                continue
-            if os.path.isfile(out):
-                log("exists: %s" % out)
-                continue
-            run(["save_features.py", "--cfg", fcfg] + model + ["--data", lists[part], "--root", ddir,
-                                                                "--outfile", out])
+        split, nbg = from_images(args, ddir, files, split_args)
     else:
         split, nbg = precomputed(args, ddir, files, split_args)
+    kg = pca_and_graph(args, ddir, files, nbg)
+    cpath = os.path.join(ddir, "phases.yaml")
+    write_phases_config(args, ddir, nbg, split, kg, cpath)
+    log("ready: %s (... 4), then %s (... 4)" % (phase_command("run_logreg.bash", cpath),
+                                                 phase_command("run_diffusion.bash", cpath)))
+
+
+def from_images(args, ddir, files, split_args):
+    """Steps 1-2 for --images and --prepared: the split of the images (none with --prepared) and
+    their features (save_features.py). Returns (split or None, nbg)."""
+    lists = {part: os.path.join(ddir, "lists", part + ".json") for part in ("train", "test", "background")}
+    # 1. split
+    split = None
+    if args.prepared:
+        with open(lists["background"]) as f:
+            nbg = len(json.load(f)["image_names"])
+    elif not os.path.isfile(os.path.join(ddir, "own_data.json")):
+        classes = owndata.scan_classes(args.images)
+        bad = owndata.unreadable_images([f for _, files in classes for f in files])
+        split = owndata.make_split(classes, group=args.group, unreadable=bad, **split_args)
+        nbg = owndata.write_lists(ddir, split, args.unlabelled, dict(split_args, group=args.group))
+    else:
+        owndata.check_split_params(ddir, dict(split_args, group=args.group))
+        split = owndata.make_split(owndata.scan_classes(args.images), group=args.group,
+                                   unreadable=owndata.recorded_unreadable(ddir), **split_args)
+        with open(os.path.join(ddir, "own_data.json")) as f:
+            nbg = int(json.load(f)["nbackground"])
+        log("split exists: %s" % os.path.join(ddir, "own_data.json"))
+    # 2. features
+    fcfg = args.features_cfg or os.path.join(ddir, "features.yaml")
+    if not os.path.isfile(fcfg):
+        features_config(args, fcfg)
+    flags = ["--model", args.model] + (["--modelfile", args.modelfile] if args.modelfile else [])
+    # also when the config was given (--features_cfg) or written by an earlier run
+    flags += ["--threads", str(args.threads)] if args.threads is not None else []
+    for part, out in (("train", files["train"]), ("test", files["val"]),
+                      ("background", files["blocks"] % 0)):
+        if part == "background" and not nbg:
+            continue
+        if os.path.isfile(out):
+            log("exists: %s" % out)
+            continue
+        run(["save_features.py", "--cfg", fcfg] + flags + ["--data", lists[part], "--root", ddir,
+                                                            "--outfile", out])
+    return split, nbg
+
+
+def pca_and_graph(args, ddir, files, nbg):
+    """Steps 3-4: the PCA and the background graph. Returns the graph's k (0: no graph)."""
     # 3. PCA, trained on the unlabelled images when there are enough of them, else the training images
     if not os.path.isfile(files["pca"]):
         ntrain = data.feature_shape(files["train"])[0]
@@ -253,8 +274,12 @@ def make_root(args):
     kg = min(30, 2 ** int(np.log2(nbg - 1))) if nbg > 1 else 0
     if kg:
         run(["build_graph.py", str(nbg), "--ddir", ddir, "--k", str(kg)])
-    # 5. phases config
-    cpath = os.path.join(ddir, "phases.yaml")
+    return kg
+
+
+def write_phases_config(args, ddir, nbg, split, kg, cpath):
+    """Step 5: the phases config ``cpath`` (kept when it exists), from --phases_template or sized to
+    the split (none with --prepared and no template)."""
     if args.phases_template:
         cfg, origin = owndata.phases_from_template(ddir, nbg, args.phases_template), args.phases_template
     elif split is not None:
@@ -269,8 +294,6 @@ def make_root(args):
                 phase_config.load_config(tmp)
             except InputError as e:      # name the template, not the temporary file
                 raise InputError(str(e).replace("config %s" % tmp, origin if args.phases_template else "config"))
-    log("ready: %s (... 4), then %s (... 4)" % (phase_command("run_logreg.bash", cpath),
-                                                 phase_command("run_diffusion.bash", cpath)))
 
 
 def phase_command(script, config):

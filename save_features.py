@@ -14,8 +14,10 @@ Writes OUTFILE (hdf5):
 and, when some images cannot be read, OUTFILE.bad: one line per such image, "index<TAB>file<TAB>reason"
 (the log names the first ones; their rows hold the features of a black image).
 Rows are written block by block to OUTFILE.partial; rerunning the same command after an
-interruption resumes there. The file gets its final name only when complete.
-Uses every GPU when torch sees one, else the CPU (channels_last, loader.threads threads).
+interruption resumes there. The file gets its final name only when complete. Two runs on one
+OUTFILE take turns (a lock, OUTFILE.lock while one runs): the second finds the first one's file.
+Uses every GPU when torch sees one, else the CPU (channels_last, loader.threads threads or --threads).
+Progress: a line every 30 s (images done / total, rate, ETA); a bar instead when stderr is a terminal.
 
 Example (the paper's background block 3, images 3M..4M, on the authors' ResNet-50):
   python save_features.py --cfg configs/f100m_save_data.yaml \\
@@ -24,8 +26,8 @@ Example (the paper's background block 3, images 3M..4M, on the authors' ResNet-5
 """
 import lowshot.omp_env  # noqa: F401  (first: OpenMP threads sleep when they wait; lowshot/omp_env.py)
 from lowshot import features, networks
-from lowshot.common import (ArgumentParser, HelpFormatter, log, nonnegative_int, positive_int, print_args,
-                            print_result, run_main)
+from lowshot.common import (ArgumentParser, HelpFormatter, file_lock, log, nonnegative_int, positive_int,
+                            print_args, print_result, run_main)
 
 
 def make_parser():
@@ -52,6 +54,8 @@ def make_parser():
     g.add_argument("--outfile", required=True, help="output hdf5")
     g.add_argument("--device", default=None, choices=("cpu", "cuda"),
                    help="default: cuda (all GPUs) when available, else cpu")
+    g.add_argument("--threads", type=nonnegative_int, default=None,
+                   help="overrides loader.threads: torch CPU threads (0: torch's default, all cores)")
     return p
 
 
@@ -60,10 +64,19 @@ def main(argv=None):
     print_args(args)
     overrides = {"dataset": {k: v for k, v in (("path", args.data), ("root", args.root))
                              if v is not None}}
+    if args.threads is not None:
+        overrides["loader"] = {"threads": args.threads}
     cfg = features.load_config(args.cfg, args.ddir, overrides)
     log("config %s: dataset %s %s" % (args.cfg, cfg["dataset"]["type"], cfg["dataset"]["path"]))
-    res = features.extract_features(cfg, args.outfile, args.model, args.modelfile,
-                                    args.num_classes, args.i0, args.i1, device=args.device)
+    # two runs on one output take turns: the second finds the first one's file
+    with file_lock(args.outfile + ".lock", "save_features.py") as waited:
+        if waited and features.written(args.outfile, cfg, args.model, args.modelfile, args.i0, args.i1):
+            log("%s was written by the run waited for: nothing to do" % args.outfile)
+            print_result({"script": "save_features", "outfile": args.outfile, "model": args.model,
+                          "reused": True})
+            return
+        res = features.extract_features(cfg, args.outfile, args.model, args.modelfile,
+                                        args.num_classes, args.i0, args.i1, device=args.device)
     res.update({"script": "save_features", "outfile": args.outfile, "model": args.model})
     print_result(res)
 

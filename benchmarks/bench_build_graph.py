@@ -67,7 +67,7 @@ def main():
             Xq = f["all_feats"][rows]
         xq = search.normalized(data.load_pca(fp["pca"], Xq.shape[1]).apply(Xq), "val rows")
         log("exact search of %d external queries" % len(xq))
-        _, Iq = search.exact_knn(xq, xb, 10)
+        _, Iq, _ = search.exact_search(xq, xb, 10, raw_base=True)
     log("%d threads, %d GPUs; background %d x %d" % (
         faiss.omp_get_max_threads(), faiss.get_num_gpus(), *xb.shape))
     rows = []
@@ -92,8 +92,7 @@ def main():
                 t1 = time.time()
                 _, Ia = index.search(xq, 10)
                 stats["ext_time"] = round(time.time() - t1, 2)
-                stats["ext_recall@10"] = round(float(np.mean(
-                    [np.intersect1d(a, g).size for a, g in zip(Ia, Iq)])) / 10, 4)
+                stats["ext_recall@10"] = round(search.recall_at(Ia, Iq, 10), 4)
                 del index
             if method.startswith("ivf") and args.faiss_nq > 0:
                 # the alternative: faiss' per-query scan of the same lists for the same table

@@ -23,7 +23,7 @@ import numpy as np
 import scipy.sparse as sp
 
 import graph_utils
-from lowshot import graph
+from lowshot import stored_graph
 from lowshot.common import get_ddir, log, print_args
 
 
@@ -64,7 +64,7 @@ def colnorm_np(L):
 
 
 def compare_step(args, ddir):
-    _, _, Ibg = graph.find_background_graph(ddir, args.nbg, args.k)
+    _, _, Ibg = stored_graph.find_background_graph(ddir, args.nbg, args.k)
     n, k, C = args.nbg, args.k, args.ncols
     I = np.ascontiguousarray(Ibg[:, :k])
     res = {"nodes": n, "k": k, "ncols": C, "niter": args.niter}

@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from lowshot import data, graph, search
+from lowshot import data, graph, search, stored_graph
 from lowshot.common import get_ddir, log, print_args
 
 
@@ -29,7 +29,7 @@ def sweep(index, xq, Igt, nprobes):
     for p in nprobes:
         index.nprobe = p
         _, I = index.search(xq, 10)
-        rec = np.mean([np.intersect1d(a, g).size for a, g in zip(I, Igt)]) / 10
+        rec = search.recall_at(I, Igt, 10)
         print("nlist %d nprobe %d: recall@10 %.4f, pairs/query %.0f" % (
             index.nlist, p, rec, sizes[P[:, :p]].sum(1).mean()), flush=True)
 
@@ -49,10 +49,10 @@ def main():
     rs = np.random.RandomState(0)
     xq = search.normalized(xb[np.sort(rs.choice(args.nbg, args.nq, replace=False))])
     t0 = time.time()
-    _, Igt = search.exact_knn(xq, xb, 10)
+    _, Igt, _ = search.exact_search(xq, xb, 10, raw_base=True)
     log("exact search of %d queries: %.1f s" % (args.nq, time.time() - t0))
     if args.nprobes:
-        index = graph.read_background_index(data.graph_paths(ddir, args.nbg, 32)["index"], args.nbg, xb.shape[1])
+        index = stored_graph.read_background_index(stored_graph.graph_paths(ddir, args.nbg, 32)["index"], args.nbg, xb.shape[1])
         sweep(index, xq, Igt, [int(v) for v in args.nprobes.split(",")])
     for nlist in [int(v) for v in args.nlists.split(",")] if args.nlists else []:
         index = graph.make_background_index(xb, "ivf", nlist=nlist)

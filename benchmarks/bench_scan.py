@@ -3,7 +3,7 @@ product (every build) against MKL's sgemm (builds with MKL), in the same process
 
 Everything is generated in memory (nothing is read or written except --result): --nq queries and --nb
 database vectors, random unit vectors of dimension --d; the database is offered to every query in
-blocks of --bs rows, as search.exact_knn does, and each query keeps its --k best. Prints per kernel
+blocks of --bs rows, as search.exact_search(..., raw_base=True) does, and each query keeps its --k best. Prints per kernel
 the time, GFLOP/s (2 nq nb d / time) and the ratio to MKL, checks that the kernels agree (same ids
 but where two scores are within float32 rounding) and ends with one JSON line.
 

@@ -16,11 +16,7 @@ import time
 import faiss
 import numpy as np
 
-from lowshot import completion, graph, search
-
-
-def recall(I, Iref, at=10):
-    return np.mean([np.intersect1d(a[:at], b[:at]).size for a, b in zip(I, Iref)]) / at
+from lowshot import completion, graph, search, stored_graph, torch_backend
 
 
 def main():
@@ -29,6 +25,8 @@ def main():
     if ngpu == 0:
         print("SKIP: no GPU visible to faiss")
         return 0
+    # faiss' GPU paths, the scans on graph_utils (torch's are checked by gpu_check_torch.py)
+    backend = torch_backend.Backend(why="faiss-gpu (%d GPUs)" % ngpu, faiss_gpus=ngpu)
     rs = np.random.RandomState(0)
     n, d, K = 200000, 64, 32
     x = (rs.randn(2000, d)[rs.randint(2000, size=n)] + 0.5 * rs.randn(n, d)).astype(np.float32)
@@ -42,28 +40,29 @@ def main():
     for method, min_recall in (("exact", 0.97), ("ivf", 0.9)):
         paths = {k: os.path.join(tmp, "%s.%s" % (method, k)) for k in ("index", "I", "D")}
         t0 = time.time()
-        graph.build_background_graph(x, K, paths, method=method)
+        graph.build_background_graph(x, K, paths, method=method, backend=backend)
         t = time.time() - t0
         I = np.fromfile(paths["I"], dtype=np.int32).reshape(n, K)
         D = np.fromfile(paths["D"], dtype=np.float32).reshape(n, K)
-        r = recall(I[sample], Iref)
+        r = search.recall_at(I[sample], Iref)
         # float16 storage: similarities close to the exact ones
         ok = r >= min_recall and np.abs(D[sample, 0] - Dref[:, 0]).max() < 2e-2
         fails += not ok
         print("%s: %s GPU %s graph of %d x %d in %.1f s, recall@10 %.4f" % (
             "PASS" if ok else "FAIL", method, method, n, K, t, r))
     # graph completion with the stored exact index moved to the GPUs
-    index = graph.read_background_index(os.path.join(tmp, "exact.index"), n, d)
+    index = stored_graph.read_background_index(os.path.join(tmp, "exact.index"), n, d, backend=backend)
     x0 = search.normalized(rs.randn(500, d).astype(np.float32))
     xt = search.normalized(rs.randn(100, d).astype(np.float32))
     Dt = np.fromfile(os.path.join(tmp, "exact.D"), dtype=np.float32).reshape(n, K)
     It = np.fromfile(os.path.join(tmp, "exact.I"), dtype=np.int32).reshape(n, K)
-    I_nodes, I_test, _ = completion.complete_graph(x0, xt, 30, {"x": x, "index": index, "D": Dt, "I": It})
+    I_nodes, I_test, _ = completion.complete_graph(x0, xt, 30, completion.Background(x, index, Dt, It),
+                                                   backend=backend)
     allx = np.vstack([x0, xn])
     ref = faiss.IndexFlatIP(d)
     ref.add(allx)
     _, Iref_t = ref.search(xt, 30)
-    r = recall(I_test, Iref_t, 30)
+    r = search.recall_at(I_test, Iref_t, 30)
     ok = r >= 0.97
     fails += not ok
     print("%s: graph completion through GPU index, test recall@30 %.4f" % ("PASS" if ok else "FAIL", r))

@@ -23,11 +23,10 @@ memory-mapped file larger than RAM): set 0's exact search costs ``len(set 0)^2``
 
 Progress goes to the ``lowshot`` logger (``logging.basicConfig(level=logging.INFO)`` shows it);
 importing the package changes no global state (threads, OpenMP, logging). ``device`` selects the
-backend for the process (:func:`lowshot.torch_backend.use`) when ``fit`` or :func:`knn_graph` runs.
+backend (:func:`lowshot.torch_backend.select`) that ``fit`` or :func:`knn_graph` passes down.
 
 A little over 400 lines: the API is kept in one module, the page a user reads with ``help``.
 """
-import os
 import shutil
 import tempfile
 import warnings
@@ -37,7 +36,9 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from lowshot.common import atomic_output, library_logging, log
+from lowshot.common import atomic_output, library_logging, logger
+
+log = logger(__name__)
 
 # Without a background, X is searched exactly as a whole up to this many rows (about 2 s on 2 cores);
 # above, its unlabelled rows get a graph of their own (knn_graph: IVF) and only the labelled rows are
@@ -122,8 +123,8 @@ class KnnGraph:
         ``knngraph/ndis{n}_k{K}_I_11.int32`` and ``_D_11.float32`` (raw row-major), each atomically.
         ``diffusion.py --nbg n`` reads them. Returns the paths."""
         import faiss
-        from lowshot import data
-        paths = data.graph_paths(ddir, self.n, self.K)
+        from lowshot import stored_graph
+        paths = stored_graph.graph_paths(ddir, self.n, self.K)
         for key, arr, dtype in (("I", self.I, np.int32), ("D", self.D, np.float32)):
             with atomic_output(paths[key]) as tmp:
                 np.ascontiguousarray(arr, dtype=dtype).tofile(tmp)
@@ -136,10 +137,10 @@ class KnnGraph:
     def load(cls, ddir, n, k=30):
         """The stored graph of ``n`` rows usable for ``k`` neighbours under the data root ``ddir``
         (any stored K >= k; the 2018 ``.npy`` and ``.int32`` names too), tables memory-mapped."""
-        from lowshot import graph
-        index_path, D, I = graph.find_background_graph(ddir, n, k)
+        from lowshot import stored_graph
+        index_path, D, I = stored_graph.find_background_graph(ddir, n, k)
         with library_logging():
-            index = graph.read_background_index(index_path, n, None)
+            index = stored_graph.read_background_index(index_path, n, None)
         import faiss
         method = "exact" if isinstance(faiss.downcast_index(_cpu_index(index)), faiss.IndexFlat) else "stored"
         return cls(I, D, index, method, k)
@@ -181,7 +182,7 @@ def knn_graph(X, k=30, method="auto", device="auto", path=None, recall_nq=1000):
     method : {"auto", "exact", "ivf", "hnsw", "nndescent"}, default="auto"
         auto: exact search up to 50k rows on CPU (1M with GPUs), IVF above (resumable on CPU).
     device : {"auto", "cpu", "cuda", "torch-cpu"}, default="auto"
-        The backend (:func:`lowshot.torch_backend.use`): auto uses a GPU when torch or faiss sees one.
+        The backend (:func:`lowshot.torch_backend.select`): auto uses a GPU when torch or faiss sees one.
     path : str or None
         A data root: the graph is written there in the published layout (:meth:`KnnGraph.save`), an
         interrupted IVF build continues from its work folder, and the tables are memory-mapped.
@@ -193,7 +194,7 @@ def knn_graph(X, k=30, method="auto", device="auto", path=None, recall_nq=1000):
     -------
     KnnGraph
     """
-    from lowshot import data, graph, torch_backend
+    from lowshot import graph, stored_graph, torch_backend
     X = _rows(X, "X")
     n, d = X.shape
     if not isinstance(k, (int, np.integer)) or k < 1:
@@ -201,18 +202,19 @@ def knn_graph(X, k=30, method="auto", device="auto", path=None, recall_nq=1000):
     methods = ("auto",) + graph.METHODS
     if method not in methods:
         raise ValueError("method must be one of %s, got %r" % (", ".join(methods), method))
-    K = graph.graph_K(k)
+    K = stored_graph.graph_K(k)
     if K > n:
         raise ValueError("k = %d needs K = %d stored neighbours but X has only %d rows" % (k, K, n))
     if not isinstance(X, np.memmap):
         _zero_rows_warning(X, "X")
     with library_logging():
-        torch_backend.use(device)
+        backend = torch_backend.select(device)
         folder = path if path is not None else tempfile.mkdtemp(prefix="lowshot-knn-")
         try:
-            paths = data.graph_paths(folder, n, K)
-            stats = graph.build_background_graph(X, K, paths, method=None if method == "auto" else method)
-            index = graph.read_background_index(paths["index"], n, d)
+            paths = stored_graph.graph_paths(folder, n, K)
+            stats = graph.build_background_graph(X, K, paths, method=None if method == "auto" else method,
+                                                 backend=backend)
+            index = stored_graph.read_background_index(paths["index"], n, d, backend=backend)
             if path is None:
                 I = np.fromfile(paths["I"], dtype=np.int32).reshape(n, K)
                 D = np.fromfile(paths["D"], dtype=np.float32).reshape(n, K)
@@ -224,7 +226,7 @@ def knn_graph(X, k=30, method="auto", device="auto", path=None, recall_nq=1000):
                 shutil.rmtree(folder, ignore_errors=True)
         recall = None
         if stats["method"] != "exact" and recall_nq:
-            recall = graph.graph_recall(X, I, nq=recall_nq)
+            recall = graph.graph_recall(X, I, nq=recall_nq, backend=backend)
             log("graph recall@10 = %.4f (%d sampled rows, exact search)" % (recall, min(recall_nq, n)))
     return KnnGraph(I, D, index, stats["method"], k, recall=recall, stats=stats)
 
@@ -356,23 +358,9 @@ class LabelDiffusion(ClassifierMixin, BaseEstimator):
         -------
         self
         """
-        from lowshot import completion, diffuse, search, torch_backend
+        from lowshot import diffuse, search, torch_backend
         m = self._check_params()
-        X, y = validate_data(self, _from_torch(X), _from_torch(y), dtype=np.float32, order="C",
-                             ensure_min_samples=2)
-        check_classification_targets(y)
-        labelled = ~(y == -1) if y.dtype.kind in "iuf" else np.ones(len(y), dtype=bool)
-        if not labelled.any():
-            raise ValueError("y has no labelled row: every entry is -1 (unlabelled)")
-        self.classes_, y_lab = np.unique(y[labelled], return_inverse=True)
-        _zero_rows_warning(X, "X")
-        d = X.shape[1]
-        if background is not None:
-            background = _rows(background, "background", d)
-            if not isinstance(background, np.memmap):
-                _zero_rows_warning(background, "background")
-        elif background_graph is not None:
-            raise ValueError("background_graph is given without its background")
+        X, labelled, y_lab, background = self._validate(X, y, background, background_graph)
         rows = np.concatenate([np.flatnonzero(labelled), np.flatnonzero(~labelled)])   # node order
         nl, n_X = int(labelled.sum()), len(X)
         if background is None and n_X > EXACT_ROWS and n_X - nl > self.k:
@@ -387,23 +375,10 @@ class LabelDiffusion(ClassifierMixin, BaseEstimator):
                           stacklevel=2)
             k = nodes - 1
         with library_logging():
-            torch_backend.use(self.device)
+            self._backend = torch_backend.select(self.device)
             x0 = search.normalized(X[rows[:n0]], "X")
-            bg = None
-            if set1 is not None:
-                g = background_graph if set1 is background else None
-                if g is None:
-                    g = knn_graph(set1, k, method=self.graph_method, device=self.device)
-                elif g.n != len(set1) or g.K < k or g.index is None:
-                    raise ValueError("background_graph (%r, index %s) does not fit the background of %d rows "
-                                     "and k = %d" % (g, "kept" if g.index is not None else "missing",
-                                                     len(set1), k))
-                self.background_graph_ = g
-                bg = {"x": set1, "index": g.index, "D": g.D, "I": g.I, "exact_index": g.method == "exact"}
-            else:
-                self.background_graph_ = None
-            D_nodes = None if m.weights == "binary" else np.empty((nodes, k), dtype=np.float32)
-            I_nodes, _, info = completion.complete_graph(x0, np.zeros((0, d), np.float32), k, bg, D_out=D_nodes)
+            g = background_graph if set1 is background else None
+            I_nodes, D_nodes, info = self._graph(x0, set1, g, k, m.weights != "binary")
             self.niter_ = self.niter
             if self.niter_ is None:
                 counts = np.bincount(y_lab)
@@ -411,15 +386,54 @@ class LabelDiffusion(ClassifierMixin, BaseEstimator):
                                                        else -1, k, m.variant)
             _, L, dinfo = diffuse.diffuse_knn(I_nodes, np.zeros((0, k), np.int32), y_lab, len(self.classes_),
                                               self.niter_, lslice=self.lslice, keep_L=True, method=m,
-                                              D_nodes=D_nodes)
-        info.update(dinfo)
-        self.graph_info_ = info
+                                              D_nodes=D_nodes, backend=self._backend)
+        self.graph_info_ = dict(info, **dinfo)
         self._x0, self._k, self._L = x0, k, L
         dist = np.empty((n_X, L.shape[1]), dtype=np.float32)
         dist[rows] = L[:n_X]
         self.label_distributions_ = _rows_to_proba(dist)
         self.transduction_ = self.classes_[np.argmax(self.label_distributions_, axis=1)]
         return self
+
+    def _validate(self, X, y, background, background_graph):
+        """X float32 (n, d), which rows are labelled, their labels as ids into ``classes_`` (set
+        here), the background as an (nbg, d) array or memmap (or None)."""
+        X, y = validate_data(self, _from_torch(X), _from_torch(y), dtype=np.float32, order="C",
+                             ensure_min_samples=2)
+        check_classification_targets(y)
+        labelled = ~(y == -1) if y.dtype.kind in "iuf" else np.ones(len(y), dtype=bool)
+        if not labelled.any():
+            raise ValueError("y has no labelled row: every entry is -1 (unlabelled)")
+        self.classes_, y_lab = np.unique(y[labelled], return_inverse=True)
+        _zero_rows_warning(X, "X")
+        if background is not None:
+            background = _rows(background, "background", X.shape[1])
+            if not isinstance(background, np.memmap):
+                _zero_rows_warning(background, "background")
+        elif background_graph is not None:
+            raise ValueError("background_graph is given without its background")
+        return X, labelled, y_lab, background
+
+    def _graph(self, x0, set1, g, k, with_D):
+        """The k-NN graph over set 0 (``x0``, normalised) and set 1 (``set1`` or None; its graph
+        ``g``, built here when None): I_nodes int32 (nodes, k), D_nodes float32 (nodes, k) or None
+        (``with_D``: weights other than binary), the completion's info. Sets
+        ``background_graph_``."""
+        from lowshot import completion
+        bg = None
+        if set1 is not None:
+            if g is None:
+                g = knn_graph(set1, k, method=self.graph_method, device=self.device)
+            elif g.n != len(set1) or g.K < k or g.index is None:
+                raise ValueError("background_graph (%r, index %s) does not fit the background of %d rows "
+                                 "and k = %d" % (g, "kept" if g.index is not None else "missing", len(set1), k))
+            bg = completion.Background(set1, g.index, g.D, g.I, exact_index=g.method == "exact")
+        self.background_graph_ = g
+        nodes = len(x0) + (0 if set1 is None else len(set1))
+        D_nodes = np.empty((nodes, k), dtype=np.float32) if with_D else None
+        I_nodes, _, info = completion.complete_graph(x0, np.zeros((0, x0.shape[1]), np.float32), k, bg,
+                                                     D_out=D_nodes, backend=self._backend)
+        return I_nodes, D_nodes, info
 
     def _scores(self, X):
         """Diffused mass on the k neighbours of each new row, (n, n_classes) float32."""
@@ -430,7 +444,8 @@ class LabelDiffusion(ClassifierMixin, BaseEstimator):
         _zero_rows_warning(X, "X")
         with library_logging():
             g = self.background_graph_
-            I = completion.search_nodes(search.normalized(X, "X"), self._x0, self._k, g and g.index)
+            I = completion.search_nodes(search.normalized(X, "X"), self._x0, self._k, g and g.index,
+                                        backend=self._backend)
         T = graph_utils.csr_from_knn(I, self._L.shape[0])
         return graph_utils.spmm(T, self._L)
 

@@ -78,26 +78,46 @@ class OwnMemoryPeak:
 
 
 LOG = logging.getLogger("lowshot")
-# > 0 inside library_logging(): progress goes to the "lowshot" logger instead of stdout
+# > 0 inside library_logging(): progress goes to the loggers instead of stdout
 _TO_LOGGER = [0]
+
+
+def _emit(to, msg):
+    """One progress line, prefixed with elapsed seconds and resident memory: printed (flushed), or
+    inside :func:`library_logging` given to the logger ``to`` at INFO level."""
+    line = "[%8.2f s, RSS %6.2f GiB] %s" % (time.time() - _T0, rss_gib(), " ".join(str(m) for m in msg))
+    if _TO_LOGGER[0]:
+        to.info(line)
+    else:
+        print(line, flush=True)
 
 
 def log(*msg):
     """Print one progress line prefixed with elapsed seconds and resident memory; flushes.
 
     Inside :func:`library_logging` (the Python API) the line goes to the ``lowshot`` logger at INFO
-    level instead: silent unless the caller configures logging."""
-    line = "[%8.2f s, RSS %6.2f GiB] %s" % (time.time() - _T0, rss_gib(), " ".join(str(m) for m in msg))
-    if _TO_LOGGER[0]:
-        LOG.info(line)
-    else:
-        print(line, flush=True)
+    level instead: silent unless the caller configures logging. Library modules use their own
+    logger's (:func:`logger`)."""
+    _emit(LOG, msg)
+
+
+def logger(name):
+    """The :func:`log` of a library module: ``log = logger(__name__)``; the same lines, which inside
+    :func:`library_logging` go to ``logging.getLogger(name)`` (a child of ``lowshot``), so the API's
+    callers can tune one module (``logging.getLogger("lowshot.features").setLevel(...)``).
+    Configures nothing: no handler, no level."""
+    to = logging.getLogger(name)
+
+    def module_log(*msg):
+        _emit(to, msg)
+    return module_log
 
 
 @contextlib.contextmanager
 def library_logging():
-    """Within this block :func:`log` writes to ``logging.getLogger("lowshot")`` rather than stdout:
-    the scripts print their progress, the Python API's callers choose with :mod:`logging`."""
+    """Within this block :func:`log` writes to ``logging.getLogger("lowshot")`` (a module's
+    :func:`logger` to its own child of it) rather than stdout: the scripts print their progress,
+    the Python API's callers choose with :mod:`logging`."""
     _TO_LOGGER[0] += 1
     try:
         yield

@@ -26,6 +26,7 @@ cache, approximate: recall logged).
 Over 400 lines: the exact search, the cache of its run-independent part and the completion that
 merges them share the sets' numbering and the merge order, kept in one place.
 """
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -37,13 +38,14 @@ import faiss
 import numpy as np
 
 from lowshot import torch_backend
-from lowshot.graph import check_table_rows
-from lowshot.common import InputError, anon_rss_gib, fsync_path, log, mapped_output, temporary_path, write_json
-from lowshot.search import BF16_EXTRA, SEARCH_BS, _blocks, exact_knn, knn_search, normalized, to_gpus
+from lowshot.common import InputError, fsync_path, logger, mapped_output, temporary_path, write_json
+from lowshot.progress import Progress
+from lowshot.ivf_build import train_ivf
+from lowshot.search import SEARCH_BS, _blocks, exact_search, knn_search, normalized, recall_at, to_gpus
+from lowshot.stored_graph import check_table_rows
 
-# Candidate rows per call of KnnScan.add: 8192 x d bf16 (4 MB at d = 256) stay in the L3 cache
-# while a block of queries is scored against them
-DB_SLICE = 8192
+log = logger(__name__)
+
 # Neighbours kept in the cache: a run with k <= CACHE_K reads the first k (the order is exact
 # similarity then id, so the first k of the CACHE_K best are the k best)
 CACHE_K = 32
@@ -55,57 +57,6 @@ RECALL_PAIRS = 2 * 10**8
 
 def recall_sample_size(n, nq=None):
     return max(100, min(1000, RECALL_PAIRS // max(1, n))) if nq is None else nq
-
-
-def exact_search(xq, X, k, preproc=None, bs=SEARCH_BS, out=None, progress=None, floor=None):
-    """The k most similar rows of X for every row of xq (inner product), exactly.
-
-    Parameters
-    ----------
-    xq : array (nq, d), possibly a memmap of raw rows (then ``preproc`` normalises each block)
-    X : ndarray float32 (n, d), C-contiguous, normalised
-    out : (D, I) or None, (nq, k) float32 / int32 outputs (memmaps allowed)
-    progress : str or None, logs rows done, rate, ETA and memory every 10 s under this name
-    floor : array (nq,) or None: only rows of X with a similarity >= floor matter (the k-th of a
-        table the result will be merged with); the others may be left out (-inf / -1)
-
-    Returns
-    -------
-    D float32 (nq, k) decreasing (ties: lower id first), I int32 (nq, k) row ids of X (-inf / -1
-    past X's rows), uncertain (rows whose k-th neighbour is not guaranteed by the bfloat16 error
-    bound: more than k + BF16_EXTRA candidates within it; 0 with float32 products)
-    """
-    nq = xq.shape[0]
-    n = X.shape[0]
-    D, I = out if out is not None else (np.empty((nq, k), dtype=np.float32), np.empty((nq, k), dtype=np.int32))
-    if n == 0:
-        D[:] = -np.inf
-        I[:] = -1
-        return D, I, 0
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    bf16 = torch_backend.bf16_scan(X.shape[1])
-    ids = np.arange(n, dtype=np.int32)
-    # worst-case bf16 error of a score: 2^-8 |q| |x| (and float32 rounding), as in KnnScan
-    xmax = float(np.sqrt(np.einsum("ij,ij->i", X, X).max()))
-    uncertain = 0
-    t0 = tlast = time.time()
-    for i0, i1 in _blocks(nq, bs):
-        q = preproc(xq[i0:i1]) if preproc else np.ascontiguousarray(xq[i0:i1], dtype=np.float32)
-        fl = None
-        if floor is not None:
-            qn = np.sqrt(np.einsum("ij,ij->i", q, q))
-            fl = np.asarray(floor[i0:i1], dtype=np.float32) - ((2.0**-7 if bf16 else 2.0**-20) * qn * xmax + 1e-5)
-        scan = torch_backend.knn_scan(q, min(512, k + BF16_EXTRA) if bf16 else k, bf16=bf16, deferred=True, floor=fl)
-        rows = np.arange(i1 - i0)
-        for j0, j1 in _blocks(n, DB_SLICE):
-            scan.add(rows, X[j0:j1], ids[j0:j1])
-        D[i0:i1], I[i0:i1] = scan.finish(k, base=X if bf16 else None)
-        uncertain += scan.uncertain
-        if progress and time.time() - tlast > 10:
-            tlast = time.time()
-            log("  %s: %d / %d rows, %.0f rows/s, %.0f s left, own memory %.2f GiB" % (
-                progress, i1, nq, i1 / (tlast - t0), (tlast - t0) * (nq - i1) / i1, anon_rss_gib() or 0))
-    return D, I, uncertain
 
 
 def merge_into(D, I, D2, I2, offset):
@@ -187,7 +138,7 @@ def _open_cache(path, sig):
     return tables
 
 
-def _build_cache(path, sig, xB, xt, bg_x, kc):
+def _build_cache(path, sig, xB, xt, bg_x, kc, backend):
     """Compute the three searches into a temporary folder next to ``path`` and rename it."""
     tmp = temporary_path(path)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -205,7 +156,8 @@ def _build_cache(path, sig, xB, xt, bg_x, kc):
             out = tuple(mapped_output(os.path.join(tmp, "%s.%s" % (name, ext)), dt, (xq.shape[0], kc),
                                       name=os.path.join(path, "%s.%s" % (name, ext)))
                         for ext, dt in (("D", np.float32), ("I", np.int32)))
-            uncertain += exact_search(xq, xB, kc, preproc=pre, out=out, progress="cache " + name)[2]
+            progress = Progress("cache " + name, xq.shape[0], emit=log)
+            uncertain += exact_search(xq, xB, kc, preproc=pre, out=out, progress=progress, backend=backend)[2]
             for a in out:
                 a.flush()
                 fsync_path(a.filename)
@@ -224,19 +176,26 @@ def _build_cache(path, sig, xB, xt, bg_x, kc):
     log("completion cache written: %s (%.1f s)" % (path, time.time() - t0))
 
 
-def base_searches(root, xB, xt, bg_x, kc=CACHE_K):
+def base_searches(root, xB, xt, bg_x, kc=CACHE_K, backend=torch_backend.CPU):
     """The k nearest base-class images (exact) of the base-class, test and background vectors,
     from the cache under ``root`` or computed there first.
 
     Concurrent runs (Slurm array tasks) share it: one computes it under a lock while the others
     wait, then all read it; it is written to a temporary folder renamed into place, so a killed run
-    leaves nothing half-written (its temporary folder is removed by the next build).
+    leaves nothing half-written (its temporary folder is removed by the next build). Under a root
+    that cannot be written (a read-only data root) a complete cache is read as it is; without one
+    the run goes without it.
 
-    Returns ({"B": (D, I), "T": (D, I), "1": (D, I)} read-only memmaps of (rows, kc), info dict).
+    Returns ({"B": (D, I), "T": (D, I), "1": (D, I)} read-only memmaps of (rows, kc), info dict:
+    ``cache`` its folder, ``cache_built``), or (None, {}) without a cache.
     """
     path, sig = cache_dir(root, xB, xt, bg_x, kc)
     tables = _open_cache(path, sig)
     info = {"cache": path, "cache_built": False}
+    if tables is None and not _writable(path):
+        log("%s is not writable (a read-only data root?) and holds no complete completion cache for "
+            "these inputs: graph completion runs without it (a writable cache folder keeps it)" % root)
+        return None, {}
     if tables is None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path + ".lock", "a+") as lock:
@@ -252,7 +211,7 @@ def base_searches(root, xB, xt, bg_x, kc=CACHE_K):
                     if os.path.exists(path):       # incomplete or damaged: replaced
                         log("completion cache %s is incomplete: computed again" % path)
                         shutil.rmtree(path)
-                    _build_cache(path, sig, xB, xt, bg_x, kc)
+                    _build_cache(path, sig, xB, xt, bg_x, kc, backend)
                     info["cache_built"] = True
                     tables = _open_cache(path, sig)
             finally:
@@ -262,6 +221,15 @@ def base_searches(root, xB, xt, bg_x, kc=CACHE_K):
     else:
         log("completion cache: %s" % path)
     return tables, info
+
+
+def _writable(path):
+    """Whether the cache folder ``path`` can be made: its nearest existing ancestor is writable
+    (os.access is also False on a read-only mount, EROFS)."""
+    top = path
+    while not os.path.exists(top) and top != os.path.dirname(top):
+        top = os.path.dirname(top)
+    return os.access(top, os.W_OK)
 
 
 def _remove_dead_temporaries(path):
@@ -278,18 +246,15 @@ def _remove_dead_temporaries(path):
 ############################################################################################
 
 
-def make_node_index(x0, method, nprobe=16, hnsw_M=32, ef_search=64):
+def make_node_index(x0, method, nprobe=16, hnsw_M=32, ef_search=64, backend=torch_backend.CPU):
     """An approximate index over set 0 for the background -> set 0 search (``--node_index ivf`` or
     ``hnsw``; IVF: 4 sqrt(n0) lists). Returns (index, description)."""
     n0, d = x0.shape
     if method == "ivf":
         nlist = max(1, min(n0 // 39, int(4 * np.sqrt(n0))))
-        quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.own_fields = True
-        quantizer.this.disown()
-        index.cp.niter = 10
-        index.train(x0)
+        # faiss' k-means on every row of x0, an inner-product quantizer
+        index = train_ivf(x0, nlist, points_per_list=None, quantizer_metric=faiss.METRIC_INNER_PRODUCT,
+                          backend=backend)
         index.add(x0)
         index.nprobe = min(nprobe, nlist)
         desc = "IVF%d,Flat nprobe=%d" % (nlist, index.nprobe)
@@ -300,19 +265,12 @@ def make_node_index(x0, method, nprobe=16, hnsw_M=32, ef_search=64):
         desc = "HNSW%d efSearch=%d" % (hnsw_M, ef_search)
     else:
         raise InputError("unknown labelled-set index %r (expected exact, ivf or hnsw)" % method)
-    if method == "ivf" and torch_backend.faiss_gpus() > 0:
-        index = to_gpus(index, shard=False)
+    if method == "ivf" and backend.faiss_gpus > 0:
+        index = to_gpus(index, backend.faiss_gpus, shard=False)
     return index, desc
 
 
-def recall_at(Iapprox, Iexact, at=10):
-    """Mean over rows of |approximate top-at ∩ exact top-at| / at (-1 entries never count)."""
-    at = min(at, Iexact.shape[1])
-    hits = [np.intersect1d(a[a >= 0], g[g >= 0]).size for a, g in zip(Iapprox[:, :at], Iexact[:, :at])]
-    return float(np.mean(hits)) / at if hits else float("nan")
-
-
-def bg_index_recall(index, bg_x, xq, nq=None, seed=0):
+def bg_index_recall(index, bg_x, xq, nq=None, seed=0, backend=torch_backend.CPU):
     """recall@10 of the stored background index for queries from outside the background (a sample
     of the labelled and test vectors ``xq``) against exact search of the raw rows. nq: sampled
     queries (default :func:`recall_sample_size`: 200 at 1M, 100 from 2M)."""
@@ -321,12 +279,12 @@ def bg_index_recall(index, bg_x, xq, nq=None, seed=0):
     rs = np.random.RandomState(seed)
     sample = np.sort(rs.choice(xq.shape[0], min(nq, xq.shape[0]), replace=False))
     q = np.ascontiguousarray(xq[sample])
-    _, Igt = exact_knn(q, bg_x, 10)
-    _, Ia = knn_search(index, q, 10)
+    _, Igt, _ = exact_search(q, bg_x, 10, raw_base=True, backend=backend)
+    _, Ia = knn_search(index, q, 10, backend=backend)
     return recall_at(Ia, Igt), len(sample)
 
 
-def search_nodes(xq, x0, k, index1=None, bs=SEARCH_BS):
+def search_nodes(xq, x0, k, index1=None, bs=SEARCH_BS, backend=torch_backend.CPU):
     """The graph neighbours of new rows (the 2018 one-hop scoring of test images): exact search into
     set 0 and the background index, merged as :func:`complete_graph` merges its 2 -> 0 and 2 -> 1
     searches (a background candidate first on equal similarities).
@@ -341,9 +299,9 @@ def search_nodes(xq, x0, k, index1=None, bs=SEARCH_BS):
     -------
     I : ndarray int32 (nq, k), node ids (-1 where fewer than k nodes exist)
     """
-    D, I, _ = exact_search(xq, x0, k)
+    D, I, _ = exact_search(xq, x0, k, backend=backend)
     if index1 is not None:
-        D, I = _bg_first(*knn_search(index1, xq, k, bs), x0.shape[0], D, I)
+        D, I = _bg_first(*knn_search(index1, xq, k, bs, backend=backend), x0.shape[0], D, I)
     return I
 
 
@@ -352,8 +310,34 @@ def search_nodes(xq, x0, k, index1=None, bs=SEARCH_BS):
 ############################################################################################
 
 
+@dataclasses.dataclass
+class Background:
+    """Set 1 of the completion: the background's raw rows, its stored index and k-NN tables.
+
+    Attributes
+    ----------
+    x : array (nbg, d) float32, raw rows (a memmap)
+    index : faiss index of the normalised rows, or None once :meth:`take_index` gave it away
+    D, I : arrays (nbg, K >= k) float32 / int32 (int64 in a 2018 .npy table), the stored table
+    I_path : str, the name of the I table in messages
+    exact_index : bool, True when the index is exact (no recall to measure)
+    """
+    x: object
+    index: object
+    D: object
+    I: object
+    I_path: str = "I table"
+    exact_index: bool = False
+
+    def take_index(self):
+        """The index, no longer referenced here: :func:`complete_graph` frees its memory (nbg d
+        floats) before the background pass when the caller holds no other reference."""
+        index, self.index = self.index, None
+        return index
+
+
 def complete_graph(x0, xt, k, bg=None, node_index="exact", node_nprobe=16, nbase=0, cache_root=None,
-                   bs=SEARCH_BS, recall_nq=None, D_out=None):
+                   bs=SEARCH_BS, recall_nq=None, D_out=None, backend=torch_backend.CPU):
     """The k-NN graph over the nodes (set 0, then background) and the test images' graph neighbours.
 
     Parameters
@@ -362,19 +346,17 @@ def complete_graph(x0, xt, k, bg=None, node_index="exact", node_nprobe=16, nbase
         images first (the same for every run of a split), then the run's own rows
     xt : ndarray float32 (nt, d), normalised test vectors
     k : int
-    bg : dict or None
-        Background: ``x`` raw rows (nbg, d) memmap, ``index`` faiss index of the normalised rows,
-        ``D`` / ``I`` stored (nbg, K >= k) tables (memmaps); ``exact_index`` True when the index is
-        exact (no recall to measure). The index is popped from the dict once searched, so its
-        memory is freed before the background pass when the caller holds no other reference.
-        None: no background.
+    bg : Background or None
+        The background; its index is taken (:meth:`Background.take_index`) once searched. None: no
+        background.
     node_index : "exact" (default) or an approximate index over set 0 for the 1 -> 0 search
         ("ivf", "hnsw", :func:`make_node_index`)
     nbase, cache_root : with nbase > 0, cache_root and exact search, the searches into x0[:nbase]
-        come from :func:`base_searches`
+        come from :func:`base_searches` (when its cache exists or can be written)
     recall_nq : sampled queries for the recall of approximate searches (None: default, 0: skip)
     D_out : array float32 (n0 + nbg, k) or None
         Receives the similarities of ``I_nodes`` (edge weights other than binary need them).
+    backend : lowshot.torch_backend.Backend, where the exact scans run
 
     Returns
     -------
@@ -382,79 +364,23 @@ def complete_graph(x0, xt, k, bg=None, node_index="exact", node_nprobe=16, nbase
     I_test : ndarray int32 (nt, k), node ids
     info : dict, timings, the searches used, recalls of approximate ones, the cache used
     """
-    n0, d = x0.shape
-    nbg = 0 if bg is None else bg["x"].shape[0]
-    n = n0 + nbg
-    if k >= n:
-        raise InputError("k = %d but the graph has only %d nodes (%d labelled/in-domain + %d "
-                         "background): need k < number of nodes" % (k, n, n0, nbg))
-    if bg is not None and bg["I"].shape[1] < k:
-        raise InputError("background graph has K = %d < k = %d" % (bg["I"].shape[1], k))
-    if node_index == "auto":
-        node_index = "exact"
-    info = {"node_index": "exact" if node_index == "exact" else None}
+    n0, nbg = _check_sizes(x0, k, bg)
+    node_index = "exact" if node_index == "auto" else node_index
     t0 = time.time()
     use_cache = node_index == "exact" and cache_root is not None and nbase > 0 and k <= CACHE_K
-    if not use_cache:
-        nbase = 0
-    xB, xR = x0[:nbase], np.ascontiguousarray(x0[nbase:])
-    cached = None
-    if use_cache:
-        cached, cinfo = base_searches(cache_root, xB, xt, None if bg is None else bg["x"])
-        info.update(cinfo)
-    info["time_cache"] = time.time() - t0
-    uncertain = [0]
-
-    def into0(xq, name, i0=0, i1=None):
-        """k best of set 0 for rows i0:i1 of xq: cached B part merged with an exact search of R."""
-        i1 = xq.shape[0] if i1 is None else i1
-        D, I, u = exact_search(xq[i0:i1], xR, k)
-        uncertain[0] += u
-        if cached is not None:
-            DB, IB = cached_rows(name, i0, i1)
-            merge_into(DB, IB, D, I, nbase)
-            return DB, IB
-        return D, I
-
-    def cached_rows(name, i0, i1):
-        return (np.array(cached[name][0][i0:i1, :k], dtype=np.float32, order="C"),     # copies: merged
-                np.array(cached[name][1][i0:i1, :k], dtype=np.int32, order="C"))       # into in place
-
+    set0, cinfo = _SetZero.cached_or_not(x0, xt, k, bg, nbase if use_cache else 0, cache_root, backend)
+    info = dict({"node_index": "exact" if node_index == "exact" else None}, **cinfo, time_cache=time.time() - t0)
     t0 = time.time()
     log("searching 0->0 and 2->0 exactly (%d labelled%s, %d test; %s)" % (
-        n0, ", %d of them cached" % nbase if nbase else "", xt.shape[0], torch_backend.describe()))
-    D_00 = np.empty((n0, k), dtype=np.float32)
-    I_00 = np.empty((n0, k), dtype=np.int32)
-    if nbase:
-        D_00[:nbase], I_00[:nbase] = into0(x0, "B", i1=nbase)
-    DRR, IRR, u = exact_search(xR, xR, k)            # R's rows: R candidates (ids from nbase)
-    uncertain[0] += u
-    if nbase:                                          # and B candidates
-        DRB, IRB, u = exact_search(xR, xB, k)
-        uncertain[0] += u
-        merge_into(DRB, IRB, DRR, IRR, nbase)
-        DRR, IRR = DRB, IRB
-    else:
-        IRR[IRR >= 0] += nbase
-    D_00[nbase:], I_00[nbase:] = DRR, IRR
-    D_20, I_20 = into0(xt, "T")
+        n0, ", %d of them cached" % set0.nbase if set0.nbase else "", xt.shape[0], backend.describe()))
+    (D_00, I_00), (D_20, I_20) = set0.nodes(), set0.rows(xt, "T")
     info["time_search_0"] = time.time() - t0
-    I_nodes = np.empty((n, k), dtype=np.int32)
+    I_nodes = np.empty((n0 + nbg, k), dtype=np.int32)
     if bg is not None:
         t0 = time.time()
-        log("searching 0->1 and 2->1 in the background index")
-        index1 = bg.pop("index")
-        D_01, I_01 = knn_search(index1, x0, k, bs)
-        D_21, I_21 = knn_search(index1, xt, k, bs)
-        if not bg.get("exact_index") and recall_nq != 0:
-            r, nq = bg_index_recall(index1, bg["x"], np.vstack([x0, xt]), recall_nq)
-            info["bg_index_recall@10"] = round(r, 4)
-            log("background index recall@10 = %.4f (%d sampled labelled and test vectors, exact "
-                "search of the raw rows)" % (r, nq))
-        del index1    # its vectors (nbg * d floats) are not needed for the background pass
-        (D_00, I_00), (D_20, I_20) = (_bg_first(D_01, I_01, n0, D_00, I_00),
-                                      _bg_first(D_21, I_21, n0, D_20, I_20))
-        del D_01, I_01, D_21, I_21
+        (D_00, I_00), (D_20, I_20), recall = _searches_into_1(bg, x0, xt, k, (D_00, I_00), (D_20, I_20), bs,
+                                                              recall_nq, backend)
+        info.update(recall)
         info["time_search_01"] = time.time() - t0
     I_nodes[:n0] = I_00
     if D_out is not None:
@@ -462,46 +388,142 @@ def complete_graph(x0, xt, k, bg=None, node_index="exact", node_nprobe=16, nbase
     del D_00, I_00
     if bg is not None:
         t0 = time.time()
-        xb, Dbg, Ibg = bg["x"], bg["D"], bg["I"]
-        index0 = None
-        if node_index != "exact":
-            index0, info["node_index"] = make_node_index(x0, node_index, nprobe=node_nprobe)
-        log("searching 1->0 for %d background vectors (%s; %s), merging with the stored 1->1 table" % (
-            nbg, info["node_index"] + (", base-class part cached" if cached is not None else ""),
-            torch_backend.describe()))
-        tlast = time.time()
-        for i0, i1 in _blocks(nbg, bs):
-            D_11 = np.ascontiguousarray(Dbg[i0:i1, :k])
-            I_11 = np.asarray(Ibg[i0:i1, :k])          # int32, or int64 in a 2018 .npy table
-            check_table_rows(D_11, I_11, nbg, i0, getattr(Dbg, "filename", "D table"), bg.get("I_path", "I table"))
-            I_11 = np.ascontiguousarray(I_11, dtype=np.int32)
-            q = normalized(xb[i0:i1], "background")
-            if index0 is not None:
-                D_10, I_10 = _bg_first(D_11, I_11, n0, *knn_search(index0, q, k, bs))
-            else:
-                # the background table and the cached base-class part first: a row of R can only
-                # enter above their k-th similarity, so nearly all are rejected at one comparison
-                D_10, I_10 = _bg_first(D_11, I_11, n0, *(cached_rows("1", i0, i1) if cached is not None
-                                                         else (None, None)))
-                D_1R, I_1R, u = exact_search(q, xR, k, floor=D_10[:, k - 1])
-                uncertain[0] += u
-                merge_into(D_10, I_10, D_1R, I_1R, nbase)
-            I_nodes[n0 + i0:n0 + i1] = I_10
-            if D_out is not None:
-                D_out[n0 + i0:n0 + i1] = D_10
-            if time.time() - tlast > 10:
-                tlast = time.time()
-                log("  background rows %d / %d (%.0f rows/s, %.0f s left)" % (
-                    i1, nbg, i1 / (tlast - t0), (tlast - t0) * (nbg - i1) / i1))
-        if index0 is not None and recall_nq != 0:
-            nq = recall_sample_size(n0, recall_nq)
-            rows = np.sort(np.random.RandomState(0).choice(nbg, min(nq, nbg), replace=False))
-            q = normalized(xb[rows], "background")
-            _, Ia = knn_search(index0, q, 10)
-            _, Igt, _ = exact_search(q, x0, 10)
-            info["node_index_recall@10"] = round(recall_at(Ia, Igt), 4)
-            log("node index recall@10 = %.4f (%d sampled background vectors, exact search of set 0)" % (
-                info["node_index_recall@10"], len(rows)))
+        info.update(_background_rows(bg, x0, set0, k, node_index, node_nprobe, (I_nodes, D_out), bs,
+                                     recall_nq, backend))
         info["time_search_10"] = time.time() - t0
-    info["rows_beyond_bf16_bound"] = uncertain[0]
+    info["rows_beyond_bf16_bound"] = set0.uncertain
     return I_nodes, I_20, info
+
+
+def _check_sizes(x0, k, bg):
+    """(n0, nbg) of a completion with k < n0 + nbg neighbours, and K >= k in the background table."""
+    n0, nbg = x0.shape[0], 0 if bg is None else bg.x.shape[0]
+    if k >= n0 + nbg:
+        raise InputError("k = %d but the graph has only %d nodes (%d labelled/in-domain + %d "
+                         "background): need k < number of nodes" % (k, n0 + nbg, n0, nbg))
+    if bg is not None and bg.I.shape[1] < k:
+        raise InputError("background graph has K = %d < k = %d" % (bg.I.shape[1], k))
+    return n0, nbg
+
+
+class _SetZero:
+    """Exact searches into set 0: the cached part into its first ``nbase`` rows (base-class
+    images) merged with a search of the rest (R). ``uncertain`` counts the rows of all its searches
+    beyond the bfloat16 error bound."""
+
+    def __init__(self, x0, k, backend, nbase=0, cached=None):
+        self.x0, self.k, self.backend, self.nbase, self.cached = x0, k, backend, nbase, cached
+        self.xB, self.xR = x0[:nbase], np.ascontiguousarray(x0[nbase:])
+        self.uncertain = 0
+
+    @classmethod
+    def cached_or_not(cls, x0, xt, k, bg, nbase, cache_root, backend):
+        """With nbase > 0, the cached searches into x0[:nbase] (:func:`base_searches`) when a cache
+        exists or can be written, else searches of all of x0; and the cache's info."""
+        tables, info = None, {}
+        if nbase:
+            tables, info = base_searches(cache_root, x0[:nbase], xt, None if bg is None else bg.x, backend=backend)
+        if tables is None:
+            return cls(x0, k, backend), info
+        return cls(x0, k, backend, nbase, tables), info
+
+    def search(self, xq, X, floor=None):
+        D, I, u = exact_search(xq, X, self.k, floor=floor, backend=self.backend)
+        self.uncertain += u
+        return D, I
+
+    def cached_rows(self, name, i0, i1):
+        """Rows i0:i1 of the cached table ``name``, copies (merged into in place)."""
+        k = self.k
+        return (np.array(self.cached[name][0][i0:i1, :k], dtype=np.float32, order="C"),
+                np.array(self.cached[name][1][i0:i1, :k], dtype=np.int32, order="C"))
+
+    def rows(self, xq, name, i0=0, i1=None):
+        """k best of set 0 for rows i0:i1 of xq: the cached B part merged with a search of R."""
+        i1 = xq.shape[0] if i1 is None else i1
+        D, I = self.search(xq[i0:i1], self.xR)
+        if self.cached is None:
+            return D, I
+        DB, IB = self.cached_rows(name, i0, i1)
+        merge_into(DB, IB, D, I, self.nbase)
+        return DB, IB
+
+    def nodes(self):
+        """0 -> 0: (D, I) (n0, k)."""
+        nbase, n0 = self.nbase, self.x0.shape[0]
+        D = np.empty((n0, self.k), dtype=np.float32)
+        I = np.empty((n0, self.k), dtype=np.int32)
+        if nbase:
+            D[:nbase], I[:nbase] = self.rows(self.x0, "B", i1=nbase)
+        DRR, IRR = self.search(self.xR, self.xR)          # R's rows: R candidates (ids from nbase)
+        if nbase:                                          # and B candidates
+            DRB, IRB = self.search(self.xR, self.xB)
+            merge_into(DRB, IRB, DRR, IRR, nbase)
+            DRR, IRR = DRB, IRB
+        else:
+            IRR[IRR >= 0] += nbase
+        D[nbase:], I[nbase:] = DRR, IRR
+        return D, I
+
+
+def _searches_into_1(bg, x0, xt, k, DI_00, DI_20, bs, recall_nq, backend):
+    """0 -> 1 and 2 -> 1 in the background index, merged into the searches into set 0 (a
+    background candidate first on equal similarities). Returns the merged (D, I) of set 0 and of
+    the test rows, and the index's recall when measured."""
+    n0 = x0.shape[0]
+    log("searching 0->1 and 2->1 in the background index")
+    index1 = bg.take_index()
+    D_01, I_01 = knn_search(index1, x0, k, bs, backend=backend)
+    D_21, I_21 = knn_search(index1, xt, k, bs, backend=backend)
+    recall = {}
+    if not bg.exact_index and recall_nq != 0:
+        r, nq = bg_index_recall(index1, bg.x, np.vstack([x0, xt]), recall_nq, backend=backend)
+        recall["bg_index_recall@10"] = round(r, 4)
+        log("background index recall@10 = %.4f (%d sampled labelled and test vectors, exact "
+            "search of the raw rows)" % (r, nq))
+    del index1    # its vectors (nbg * d floats) are not needed for the background pass
+    return _bg_first(D_01, I_01, n0, *DI_00), _bg_first(D_21, I_21, n0, *DI_20), recall
+
+
+def _background_rows(bg, x0, set0, k, node_index, node_nprobe, out, bs, recall_nq, backend):
+    """1 -> 0 for every background row, merged with its stored 1 -> 1 row, into rows n0.. of
+    ``out`` = (I_nodes, D_out or None). Returns the info of the node index, when one is used."""
+    I_nodes, D_out = out
+    n0, nbg = x0.shape[0], bg.x.shape[0]
+    info = {"node_index": "exact"}
+    index0 = None
+    if node_index != "exact":
+        index0, info["node_index"] = make_node_index(x0, node_index, nprobe=node_nprobe, backend=backend)
+    log("searching 1->0 for %d background vectors (%s; %s), merging with the stored 1->1 table" % (
+        nbg, info["node_index"] + (", base-class part cached" if set0.cached is not None else ""),
+        backend.describe()))
+    progress = Progress("background rows", nbg, every=10.0, emit=log)
+    for i0, i1 in _blocks(nbg, bs):
+        D_11 = np.ascontiguousarray(bg.D[i0:i1, :k])
+        I_11 = np.asarray(bg.I[i0:i1, :k])          # int32, or int64 in a 2018 .npy table
+        check_table_rows(D_11, I_11, nbg, i0, getattr(bg.D, "filename", "D table"), bg.I_path)
+        I_11 = np.ascontiguousarray(I_11, dtype=np.int32)
+        q = normalized(bg.x[i0:i1], "background")
+        if index0 is not None:
+            D_10, I_10 = _bg_first(D_11, I_11, n0, *knn_search(index0, q, k, bs, backend=backend))
+        else:
+            # the background table and the cached base-class part first: a row of R can only
+            # enter above their k-th similarity, so nearly all are rejected at one comparison
+            D_10, I_10 = _bg_first(D_11, I_11, n0, *(set0.cached_rows("1", i0, i1) if set0.cached is not None
+                                                     else (None, None)))
+            D_1R, I_1R = set0.search(q, set0.xR, floor=D_10[:, k - 1])
+            merge_into(D_10, I_10, D_1R, I_1R, set0.nbase)
+        I_nodes[n0 + i0:n0 + i1] = I_10
+        if D_out is not None:
+            D_out[n0 + i0:n0 + i1] = D_10
+        progress.update(i1)
+    if index0 is not None and recall_nq != 0:
+        nq = recall_sample_size(n0, recall_nq)
+        rows = np.sort(np.random.RandomState(0).choice(nbg, min(nq, nbg), replace=False))
+        q = normalized(bg.x[rows], "background")
+        _, Ia = knn_search(index0, q, 10, backend=backend)
+        _, Igt, _ = exact_search(q, x0, 10, backend=backend)
+        info["node_index_recall@10"] = round(recall_at(Ia, Igt), 4)
+        log("node index recall@10 = %.4f (%d sampled background vectors, exact search of set 0)" % (
+            info["node_index_recall@10"], len(rows)))
+    return info

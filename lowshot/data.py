@@ -16,6 +16,8 @@ Files under ``$DDIR`` (names and layouts of the authors' published files):
 ``knngraph/ndis{nbg}_k{K}_D_11.float32``        raw (nbg, K) float32 similarities, decreasing
 =============================================  ====================================================
 
+The graph files are named, read and checked in :mod:`lowshot.stored_graph`.
+
 The split file (``data/label_idx.json`` form) holds 1-based class ids: ``base_classes_1`` +
 ``novel_classes_1`` is the validation split (``--mode val``), ``base_classes_2`` + ``novel_classes_2``
 the test split (``--mode test``). Inside the code classes are 0-based, and the classes of a split are
@@ -225,26 +227,6 @@ def feature_paths(ddir):
     pattern of the background blocks' features).
     """
     return {key: os.path.join(ddir, *rel.split("/")) for key, rel in FEATURE_FILES.items()}
-
-
-def graph_paths(ddir, nbg, K):
-    """Paths of the background k-NN graph files for the first ``nbg`` vectors and ``K`` neighbours.
-
-    Returns
-    -------
-    dict with keys ``index`` (``knngraph/ndis{nbg}.index``), ``I`` (``knngraph/ndis{nbg}_k{K}_I_11.int32``),
-    ``D`` (``knngraph/ndis{nbg}_k{K}_D_11.float32``), ``work`` (``knngraph/ndis{nbg}_k{K}.work``, the
-    resumable build's folder, see :mod:`lowshot.ivf_build`), ``record`` (``knngraph/ndis{nbg}_k{K}.json``:
-    how build_graph.py made the graph), ``lock`` (``knngraph/ndis{nbg}.lock``: held by the build_graph.py
-    run writing these files, whose index is the same for every K).
-    """
-    g = os.path.join(ddir, "knngraph")
-    return {"index": os.path.join(g, "ndis%d.index" % nbg),
-            "I": os.path.join(g, "ndis%d_k%d_I_11.int32" % (nbg, K)),
-            "D": os.path.join(g, "ndis%d_k%d_D_11.float32" % (nbg, K)),
-            "work": os.path.join(g, "ndis%d_k%d.work" % (nbg, K)),
-            "record": os.path.join(g, "ndis%d_k%d.json" % (nbg, K)),
-            "lock": os.path.join(g, "ndis%d.lock" % nbg)}
 
 
 def _open_h5(path):

@@ -37,7 +37,9 @@ import tarfile
 
 import numpy as np
 
-from lowshot.common import InputError, atomic_output, log, write_json
+from lowshot.common import InputError, atomic_output, logger, write_json
+
+log = logger(__name__)
 
 VENDORS = ("google", "twitter")
 NPM_VERSION = "16.0.0"

@@ -21,7 +21,9 @@ import numpy as np
 
 from lowshot import evaluate, torch_backend
 from lowshot import method as method_mod
-from lowshot.common import InputError, log
+from lowshot.common import InputError, logger
+
+log = logger(__name__)
 
 
 # Diffusion iterations validated by the 2018 code (run_diffusion.bash, stage 3) for k = 30: background
@@ -89,7 +91,7 @@ def auto_lslice(n, ncols):
 
 
 def diffuse(W, T, y_lab, nclass, niter, class_range=None, lslice=0, on_iter=None, lab_nodes=None,
-            sparse_start=True, info=None):
+            sparse_start=True, return_runs=False, backend=torch_backend.CPU):
     """Run the diffusion and score the test images after every iteration.
 
     Parameters
@@ -101,12 +103,9 @@ def diffuse(W, T, y_lab, nclass, niter, class_range=None, lslice=0, on_iter=None
         Binary test-to-node matrix (:func:`graph_utils.csr_from_knn`).
     y_lab : ndarray, int (nl,)
         Labels in 0..C-1 of the labelled nodes (nodes 0..nl-1 unless ``lab_nodes`` says otherwise).
-    nclass : int
-        C.
-    niter : int
-        Iterations (>= 0).
-    class_range : (c0, c1) or None
-        Diffuse only classes [c0, c1) (default: all).
+    nclass : int, C
+    niter : int, iterations (>= 0)
+    class_range : (c0, c1) or None, diffuse only classes [c0, c1) (default: all)
     lslice : int
         Columns of L handled at a time (0: the whole range at once). Peak memory is two (n, lslice)
         float32 matrices instead of two (n, c1-c0).
@@ -118,12 +117,14 @@ def diffuse(W, T, y_lab, nclass, niter, class_range=None, lslice=0, on_iter=None
     sparse_start : bool
         douze18: run the first iterations on a sparse L while it is sparse (:func:`sparse_iterations`):
         the same scores to float rounding, faster when few nodes are labelled.
-    info : dict or None
-        Receives ``iterations_run``: per class block, the iterations done before ``tol`` stopped it.
+    return_runs : bool, also return per class block the iterations done before ``tol`` stopped it
+    backend : lowshot.torch_backend.Backend, where the dense products run (torch or graph_utils)
 
     Returns
     -------
-    list of niter+1 ndarrays float32 (nt, c1-c0): test scores after 0, 1, ..., niter iterations.
+    scores : list of niter+1 ndarrays float32 (nt, c1-c0): test scores after 0, 1, ..., niter iterations
+    runs : list of int, or None when no dense block ran (all iterations sparse); with
+        ``return_runs`` only
     """
     op = W if isinstance(W, method_mod.Operator) else method_mod.Operator(W)
     n = op.shape[0]
@@ -136,47 +137,57 @@ def diffuse(W, T, y_lab, nclass, niter, class_range=None, lslice=0, on_iter=None
     lab_nodes = np.arange(len(y_lab)) if lab_nodes is None else np.asarray(lab_nodes, dtype=np.int64)
     nt = T.shape[0]
     scores = [np.empty((nt, c1 - c0), dtype=np.float32) for _ in range(niter + 1)]
-    tol = op.method.tol
-    t0, Ls = -1, None
-    if op.method.variant == "douze18" and tol is None:
+    t0, Ls, runs = -1, None, None
+    if op.method.variant == "douze18" and op.method.tol is None:
         # L0 and the first iterations on a sparse L, while it is sparse (all classes at once)
         t0, Ls = sparse_iterations(op.A, T, y_lab, lab_nodes, c0, c1, niter if sparse_start else 0, scores,
                                    on_iter=on_iter, lslice=lslice)
-        if t0 == niter:
-            return scores
-    if torch_backend.active():
-        ops = torch_backend.TorchDiffusionOps(op.A, T)
+    if t0 < niter:
+        ops = backend.diffusion_ops(op.A, T) if backend.device is not None else \
+            _GraphUtilsOps(op.A, T, min(lslice, c1 - c0))
+        runs = [_dense_block(op, ops, y_lab, lab_nodes, (c0, b0, min(c1, b0 + lslice)), Ls, t0, niter, scores,
+                             on_iter, lslice < c1 - c0)
+                for b0 in range(c0, c1, lslice)]
+        del ops
+    return (scores, runs) if return_runs else scores
+
+
+def _dense_block(op, ops, y_lab, lab_nodes, cols, Ls, t0, niter, scores, on_iter, sliced):
+    """The dense iterations of class block [b0, b1) (``cols`` = (c0, b0, b1), c0 the diffused
+    range's first class), from L0, or from the sparse iterations' ``Ls`` (after iteration t0).
+    Returns the iterations done."""
+    c0, b0, b1 = cols
+    if sliced:
+        log("classes %d:%d" % (b0, b1))
+    blk = method_mod.Block(op, ops, y_lab, lab_nodes, b0, b1)
+    if Ls is not None:
+        L = ops.start(_dense_columns(Ls, b0 - c0, b1 - c0, ops.label_buffer(b1 - b0)))
     else:
-        ops = _GraphUtilsOps(op.A, T, min(lslice, c1 - c0))
-    runs = []
-    for b0 in range(c0, c1, lslice):
-        b1 = min(c1, b0 + lslice)
-        if lslice < c1 - c0:
-            log("classes %d:%d" % (b0, b1))
-        blk = method_mod.Block(op, ops, y_lab, lab_nodes, b0, b1)
-        if Ls is not None:
-            L = ops.start(_dense_columns(Ls, b0 - c0, b1 - c0, ops.label_buffer(b1 - b0)))
-        else:
-            L = blk.start(ops.label_buffer(b1 - b0))
-        out, t, done = blk.out(L), t0 + 1, False
-        if Ls is None:
-            t = _record(0, b0, b1, c0, out, ops, scores, on_iter) + 1
-        while t <= niter:
-            if not done:
-                L_next = blk.step(L)
-                done = tol is not None and float(abs(L_next - L).sum()) < tol
-                L, out = L_next, blk.out(L_next)
-                if done:
-                    runs.append(t)
-            _record(t, b0, b1, c0, out, ops, scores, on_iter)
-            t += 1
+        L = blk.start(ops.label_buffer(b1 - b0))
+    return _iterate_block(blk, ops, L, t0, niter, cols, scores, on_iter)
+
+
+def _iterate_block(blk, ops, L, t0, niter, cols, scores, on_iter):
+    """Iterations t0 + 1..niter of one class block from its label matrix ``L`` (after iteration t0;
+    t0 = -1: L0, recorded first) into ``scores``; once ``tol`` stops the block, the later iterations
+    repeat its scores. ``cols``: (c0, b0, b1), the diffused range's first class and the block's.
+    Returns the iterations done."""
+    c0, b0, b1 = cols
+    tol = blk.op.method.tol
+    out, t, run = blk.out(L), t0 + 1, niter
+    if t0 < 0:
+        t = _record(0, b0, b1, c0, out, ops, scores, on_iter) + 1
+    done = False
+    while t <= niter:
         if not done:
-            runs.append(niter)
-        del L, out, blk
-    del ops
-    if info is not None:
-        info["iterations_run"] = runs
-    return scores
+            L_next = blk.step(L)
+            done = tol is not None and float(abs(L_next - L).sum()) < tol
+            L, out = L_next, blk.out(L_next)
+            if done:
+                run = t
+        _record(t, b0, b1, c0, out, ops, scores, on_iter)
+        t += 1
+    return run
 
 
 def _record(t, b0, b1, c0, out, ops, scores, on_iter):
@@ -191,7 +202,7 @@ REORDER_MIN_NODES = 200000
 
 
 def diffuse_knn(I_nodes, I_test, y_lab, nclass, niter, class_range=None, lslice=None, renumber="auto",
-                sparse_start=True, on_iter=None, keep_L=False, method=None, D_nodes=None):
+                sparse_start=True, on_iter=None, keep_L=False, method=None, D_nodes=None, backend=torch_backend.CPU):
     """The method from a k-NN table: W, the renumbering, the diffusion; what ``diffusion.py`` and
     :class:`lowshot.LabelDiffusion` both run.
 
@@ -215,6 +226,8 @@ def diffuse_knn(I_nodes, I_test, y_lab, nclass, niter, class_range=None, lslice=
         The variant (None: douze18, the paper's).
     D_nodes : ndarray float32 (n, k) or None
         Similarities of I_nodes (weights other than binary need them).
+    backend : lowshot.torch_backend.Backend
+        As :func:`diffuse`.
 
     Returns
     -------
@@ -223,26 +236,11 @@ def diffuse_knn(I_nodes, I_test, y_lab, nclass, niter, class_range=None, lslice=
     info : dict: ``nodes``, ``W_nnz``, ``lslice``, ``iterations_run``, times of ``make_W``, ``reorder``,
         ``diffusion``
     """
-    import graph_utils
     n = I_nodes.shape[0]
     c0, c1 = class_range or (0, nclass)
-    m = method or method_mod.DOUZE18
-    info = {"nodes": n, "times": {}}
-    t0 = time.time()
-    log("W = rownorm(W0 + W0^T) over %d nodes" % n if m == method_mod.DOUZE18 else
-        "operator of %s over %d nodes" % (m.record(), n))
-    W = method_mod.build_operator(I_nodes, n, m, D_nodes)
-    T = graph_utils.csr_from_knn(I_test, n)
-    info["W_nnz"] = int(W.nnz)
-    log("W: %d nnz (%.1f per row); T: %d x %d" % (W.nnz, W.nnz / max(1, n), T.shape[0], T.shape[1]))
-    info["times"]["make_W"] = time.time() - t0
-    lab_nodes = new_id = None
-    if renumber == "on" or (renumber == "auto" and n >= REORDER_MIN_NODES):
-        t0 = time.time()
-        log("renumbering the %d nodes breadth-first (locality of the products)" % n)
-        W, T, new_id = reorder(W, T)
-        lab_nodes = new_id[:len(y_lab)]
-        info["times"]["reorder"] = time.time() - t0
+    W, T, new_id, times = _operators(I_nodes, I_test, method or method_mod.DOUZE18, D_nodes, renumber)
+    info = {"nodes": n, "times": times, "W_nnz": int(W.nnz)}
+    lab_nodes = None if new_id is None else new_id[:len(y_lab)]
     L_last = np.zeros((n, c1 - c0), dtype=np.float32) if keep_L else None
 
     def node_order(t, b0, b1, L):
@@ -252,15 +250,39 @@ def diffuse_knn(I_nodes, I_test, y_lab, nclass, niter, class_range=None, lslice=
             on_iter(t, b0, b1, L if new_id is None else L[new_id])
 
     t0 = time.time()
-    lslice = auto_lslice(n, c1 - c0) if lslice is None else lslice
-    info["lslice"] = lslice
+    info["lslice"] = lslice = auto_lslice(n, c1 - c0) if lslice is None else lslice
     log("diffusion of classes %d:%d, %d iterations%s (%s)" % (
         c0, c1, niter, ", blocks of %d classes" % lslice if 0 < lslice < c1 - c0 else "",
-        "torch.sparse on %s" % torch_backend.active() if torch_backend.active() else "graph_utils' spmm"))
-    scores = diffuse(W, T, y_lab, nclass, niter, class_range=(c0, c1), lslice=lslice, lab_nodes=lab_nodes,
-                     on_iter=node_order if (on_iter or keep_L) else None, sparse_start=sparse_start, info=info)
-    info["times"]["diffusion"] = time.time() - t0
+        "torch.sparse on %s" % backend.device if backend.device else "graph_utils' spmm"))
+    scores, runs = diffuse(W, T, y_lab, nclass, niter, class_range=(c0, c1), lslice=lslice, lab_nodes=lab_nodes,
+                           on_iter=node_order if (on_iter or keep_L) else None, sparse_start=sparse_start,
+                           return_runs=True, backend=backend)
+    if runs is not None:
+        info["iterations_run"] = runs
+    times["diffusion"] = time.time() - t0
     return scores, L_last, info
+
+
+def _operators(I_nodes, I_test, m, D_nodes, renumber):
+    """W (the variant's operator) and T from the k-NN tables, renumbered breadth-first when asked.
+    Returns (W, T, new_id or None, times of ``make_W`` and ``reorder``)."""
+    import graph_utils
+    n = I_nodes.shape[0]
+    times = {}
+    t0 = time.time()
+    log("W = rownorm(W0 + W0^T) over %d nodes" % n if m == method_mod.DOUZE18 else
+        "operator of %s over %d nodes" % (m.record(), n))
+    W = method_mod.build_operator(I_nodes, n, m, D_nodes)
+    T = graph_utils.csr_from_knn(I_test, n)
+    log("W: %d nnz (%.1f per row); T: %d x %d" % (W.nnz, W.nnz / max(1, n), T.shape[0], T.shape[1]))
+    times["make_W"] = time.time() - t0
+    new_id = None
+    if renumber == "on" or (renumber == "auto" and n >= REORDER_MIN_NODES):
+        t0 = time.time()
+        log("renumbering the %d nodes breadth-first (locality of the products)" % n)
+        W, T, new_id = reorder(W, T)
+        times["reorder"] = time.time() - t0
+    return W, T, new_id, times
 
 
 # The first iterations run on a sparse L (graph_utils.spgemm) while L_t fills at most SPARSE_MAX_FILL of

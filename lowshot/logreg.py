@@ -73,7 +73,7 @@ def pick_device(device="auto"):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device %s: torch sees no GPU" % device)
+        raise InputError("device %s: torch sees no GPU" % device)
     return torch.device(device)
 
 
@@ -206,7 +206,7 @@ def run(ld, nlabeled, seed, mode, lr=None, wd=None, mom=None, batchsize=None, ma
         log("validated settings of n=%d for the flags not given: %s" % (n_from, hp))
     mom = DEFAULT_MOM if mom is None else mom
     if hp["maxiter"] < 1 or hp["batchsize"] < 1:
-        raise InputError("--maxiter and --batchsize must be >= 1")
+        raise InputError("maxiter and batchsize must be >= 1")
     evals = []
 
     def eval_fn(it, W, b):

@@ -36,8 +36,10 @@ import time
 
 import numpy as np
 
-from lowshot.common import InputError, log, write_json
+from lowshot.common import InputError, logger, write_json
 from lowshot.phase_config import read_mapping
+
+log = logger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -131,6 +133,70 @@ def _round_robin(lists):
     return [x[i] for i in range(max(map(len, lists), default=0)) for x in lists if i < len(x)]
 
 
+def _check_split_args(test_fraction, val_fraction, novel_fraction, group, min_novel_train, max_train_per_class,
+                      max_test_per_class):
+    """Check :func:`make_split`'s parameters; return ``group`` compiled (None without it)."""
+    for name, v in (("test_fraction", test_fraction), ("val_fraction", val_fraction),
+                    ("novel_fraction", novel_fraction)):
+        if not 0 < v < 1:
+            raise InputError("--%s %g: must be between 0 and 1" % (name, v))
+    for name, v in (("max_train_per_class", max_train_per_class), ("max_test_per_class", max_test_per_class)):
+        if v is not None and v < 1:
+            raise InputError("--%s %d: must be at least 1" % (name, v))
+    if max_train_per_class is not None and max_train_per_class < min_novel_train:
+        raise InputError("--max_train_per_class %d is below --min_novel_train %d: no class could be novel"
+                         % (max_train_per_class, min_novel_train))
+    if not group:
+        return None
+    try:
+        return re.compile(group)
+    except re.error as e:
+        raise InputError("--group %r is not a regular expression: %s" % (group, e))
+
+
+def _drop_reason(files, nbad, keys, key):
+    """Why a class with fewer than two groups is left out (``files``: its readable images)."""
+    if nbad and not files:
+        reason = "its %d images are all unreadable" % nbad
+    elif not files:
+        reason = "empty: no image (%s)" % ", ".join(IMAGE_EXTENSIONS) if not key else "empty: no row"
+    elif len(files) == 1:
+        reason = "1 image: a class needs two, one for training and one for test"
+    else:
+        reason = ("its %d images are one group, %r (%s): a class needs two groups, one for "
+                  "training and one for test" % (len(files), keys[0], "--groups" if key else "--group"))
+    return reason + (" (and %d unreadable)" % nbad if nbad and files else "")
+
+
+def _split_images(groups, rs, test_fraction, max_train_per_class, max_test_per_class):
+    """One class's groups ({group: images}) drawn into (training images, test images, test groups)."""
+    keys = sorted(groups)
+    keys = [keys[i] for i in rs.permutation(len(keys))]
+    ntest = min(len(keys) - 1, max(1, int(round(test_fraction * len(keys)))))
+    shuffled = [[groups[k][i] for i in rs.permutation(len(groups[k]))] for k in keys]
+    te = _round_robin(shuffled[:ntest])[:max_test_per_class]
+    tr = _round_robin(shuffled[ntest:])[:max_train_per_class]
+    return tr, te, ntest
+
+
+def _class_roles(kept, info, rs, val_fraction, novel_fraction, min_novel_train):
+    """The kept classes (0-based ids) drawn into the four parts of label_idx.json (1-based ids)."""
+    nval = min(len(kept) - 2, max(2, int(round(val_fraction * len(kept)))))
+    sizes = [nval, len(kept) - nval]
+    nnov = [min(m - 1, max(1, int(round(novel_fraction * m)))) for m in sizes]
+    ntrain = {c["id"] - 1: c["train"] for c in info}
+    big = [c for c in kept if ntrain[c] >= min_novel_train]
+    if len(big) < sum(nnov):
+        raise InputError("only %d classes have >= %d training images (--min_novel_train), %d novel classes "
+                         "are needed: lower it or --novel_fraction" % (len(big), min_novel_train, sum(nnov)))
+    novel = [big[i] for i in rs.permutation(len(big))[:sum(nnov)]]
+    rest = sorted(set(kept) - set(novel))
+    base = [rest[i] for i in rs.permutation(len(rest))]
+    parts = {"base_classes_1": base[:nval - nnov[0]], "novel_classes_1": novel[:nnov[0]],
+             "base_classes_2": base[nval - nnov[0]:], "novel_classes_2": novel[nnov[0]:]}
+    return {g: sorted(c + 1 for c in ids) for g, ids in parts.items()}
+
+
 def make_split(classes, seed=0, test_fraction=0.3, val_fraction=0.5, novel_fraction=0.5, group=None,
                key=None, min_novel_train=0, max_train_per_class=None, max_test_per_class=None, unreadable=None):
     """Draw the split of :func:`scan_classes`' classes (see the module docstring). ``classes`` may
@@ -148,22 +214,8 @@ def make_split(classes, seed=0, test_fraction=0.3, val_fraction=0.5, novel_fract
     side), ``dropped`` (per class left out: name and reason), ``warnings`` (also logged),
     ``unreadable``.
     """
-    for name, v in (("test_fraction", test_fraction), ("val_fraction", val_fraction),
-                    ("novel_fraction", novel_fraction)):
-        if not 0 < v < 1:
-            raise InputError("--%s %g: must be between 0 and 1" % (name, v))
-    for name, v in (("max_train_per_class", max_train_per_class), ("max_test_per_class", max_test_per_class)):
-        if v is not None and v < 1:
-            raise InputError("--%s %d: must be at least 1" % (name, v))
-    if max_train_per_class is not None and max_train_per_class < min_novel_train:
-        raise InputError("--max_train_per_class %d is below --min_novel_train %d: no class could be novel"
-                         % (max_train_per_class, min_novel_train))
-    pattern = None
-    if group:
-        try:
-            pattern = re.compile(group)
-        except re.error as e:
-            raise InputError("--group %r is not a regular expression: %s" % (group, e))
+    pattern = _check_split_args(test_fraction, val_fraction, novel_fraction, group, min_novel_train,
+                                max_train_per_class, max_test_per_class)
     rs = np.random.RandomState(seed)
     unreadable = unreadable or {}
     train, test, kept, dropped, info, warnings = [], [], [], [], [], []
@@ -173,30 +225,16 @@ def make_split(classes, seed=0, test_fraction=0.3, val_fraction=0.5, novel_fract
         groups = {}
         for f in files:
             groups.setdefault(key(f) if key else group_of(f, pattern), []).append(f)
-        keys = sorted(groups)
-        if len(keys) < 2:
-            if nbad and not files:
-                reason = "its %d images are all unreadable" % nbad
-            elif not files:
-                reason = "empty: no image (%s)" % ", ".join(IMAGE_EXTENSIONS) if not key else "empty: no row"
-            elif len(files) == 1:
-                reason = "1 image: a class needs two, one for training and one for test"
-            else:
-                reason = ("its %d images are one group, %r (%s): a class needs two groups, one for "
-                          "training and one for test" % (len(files), keys[0], "--groups" if key else "--group"))
-            dropped.append({"name": name, "reason": reason + (" (and %d unreadable)" % nbad if nbad and files else "")})
+        if len(groups) < 2:
+            dropped.append({"name": name, "reason": _drop_reason(files, nbad, sorted(groups), key)})
             log("WARNING: class %r left out: %s" % (name, dropped[-1]["reason"]))
             continue
         cid = len(kept)
-        keys = [keys[i] for i in rs.permutation(len(keys))]
-        ntest = min(len(keys) - 1, max(1, int(round(test_fraction * len(keys)))))
-        shuffled = [[groups[k][i] for i in rs.permutation(len(groups[k]))] for k in keys]
-        te = _round_robin(shuffled[:ntest])[:max_test_per_class]
-        tr = _round_robin(shuffled[ntest:])[:max_train_per_class]
+        tr, te, ntest = _split_images(groups, rs, test_fraction, max_train_per_class, max_test_per_class)
         train += [(f, cid) for f in sorted(tr)]
         test += [(f, cid) for f in sorted(te)]
         kept.append(cid)
-        info.append({"name": name, "id": cid + 1, "groups": len(keys), "test_groups": ntest,
+        info.append({"name": name, "id": cid + 1, "groups": len(groups), "test_groups": ntest,
                      "train": len(tr), "test": len(te)})
     if len(kept) < 4:
         raise InputError("%d classes have images in two groups or more (%s left out): the split needs 4 "
@@ -204,20 +242,7 @@ def make_split(classes, seed=0, test_fraction=0.3, val_fraction=0.5, novel_fract
                              len(kept), "; ".join("%s: %s" % (d["name"], d["reason"]) for d in dropped) or "none"))
     if pattern is not None:
         warnings.append(_group_warning(pattern, [f for _, files in classes for f in files if f not in unreadable]))
-    nval = min(len(kept) - 2, max(2, int(round(val_fraction * len(kept)))))
-    sizes = [nval, len(kept) - nval]
-    nnov = [min(m - 1, max(1, int(round(novel_fraction * m)))) for m in sizes]
-    ntrain = {c["id"] - 1: c["train"] for c in info}
-    big = [c for c in kept if ntrain[c] >= min_novel_train]
-    if len(big) < sum(nnov):
-        raise InputError("only %d classes have >= %d training images (--min_novel_train), %d novel classes "
-                         "are needed: lower it or --novel_fraction" % (len(big), min_novel_train, sum(nnov)))
-    novel = [big[i] for i in rs.permutation(len(big))[:sum(nnov)]]
-    rest = sorted(set(kept) - set(novel))
-    base = [rest[i] for i in rs.permutation(len(rest))]
-    parts = {"base_classes_1": base[:nval - nnov[0]], "novel_classes_1": novel[:nnov[0]],
-             "base_classes_2": base[nval - nnov[0]:], "novel_classes_2": novel[nnov[0]:]}
-    parts = {g: sorted(c + 1 for c in ids) for g, ids in parts.items()}
+    parts = _class_roles(kept, info, rs, val_fraction, novel_fraction, min_novel_train)
     role = {c: g for g, ids in parts.items() for c in ids}
     for c in info:
         c["group"] = role[c["id"]]

@@ -9,7 +9,8 @@ order, to one raw float32 file (``features/f100m/concatenated_PCAR256.raw``: row
 header). A reader thread loads the next chunk while faiss transforms the current one. The output is
 built in ``OUTFILE.partial`` with ``OUTFILE.partial.json`` recording the blocks and rows completed;
 a rerun truncates the partial file to the last complete block and continues, so rows are never
-duplicated or skipped; the final name appears when every block is done.
+duplicated or skipped; the final name appears when every block is done. The log has a line per
+block and, within a block, one every 30 s (rows done / total, rate, ETA).
 """
 import json
 import os
@@ -19,8 +20,11 @@ import time
 
 import faiss
 
-from lowshot.common import InputError, disk_errors, log
+from lowshot.common import InputError, disk_errors, logger
 from lowshot.data import feature_shape, read_row_range
+from lowshot.progress import Progress
+
+log = logger(__name__)
 
 
 def train_pca(infile, d_out=256, max_rows=None):
@@ -98,6 +102,67 @@ def _prefetch(gen, depth=2):
         stop.set()
 
 
+def _block_rows(vt, infiles):
+    """The rows of each input file; InputError for a dimension other than the PCA's input."""
+    rows = []
+    for p in infiles:
+        n, d = feature_shape(p)
+        if d != vt.d_in:
+            raise InputError("feature file %s has dimension %d, the PCA expects %d" % (p, d, vt.d_in))
+        rows.append(n)
+    return rows
+
+
+def _resume_point(partial, progress, meta, row_bytes):
+    """``(blocks, rows)`` completed by an earlier run on the same inputs (``(0, 0)``: none)."""
+    if not (os.path.exists(partial) and os.path.exists(progress)):
+        return 0, 0
+    with open(progress) as f:
+        state = json.load(f)
+    if state["meta"] != meta:
+        raise InputError("partial output %s was made from other inputs (see %s): delete both to "
+                         "start over" % (partial, progress))
+    done_blocks, done_rows = state["blocks_done"], state["rows_done"]
+    if os.path.getsize(partial) < done_rows * row_bytes:
+        raise InputError("partial output %s is shorter than the %d rows %s records: delete both "
+                         "to start over" % (partial, done_rows, progress))
+    log("resuming %s after block %d (%d rows)" % (partial, done_blocks, done_rows))
+    return done_blocks, done_rows
+
+
+def _save_progress(progress, meta, blocks, nrows):
+    """Record durably that ``blocks`` blocks (``nrows`` rows) are complete in the partial file."""
+    tmp = progress + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"meta": meta, "blocks_done": blocks, "rows_done": nrows}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, progress)
+
+
+def _write_rows(vt, infiles, rows, out, done_blocks, done_rows, chunk_rows, block_done):
+    """Append the transformed rows of the blocks from ``done_blocks`` to ``out``; ``block_done(b,
+    nrow)`` after block ``b`` is flushed. Logs each block and, in between, progress every 30 s.
+    Returns the rows in the file."""
+    total = sum(rows)
+    t0 = time.time()
+    nrow = done_rows
+    lines = Progress("applying PCA", total - done_rows, emit=log)
+    for b, i0, i1, x in _prefetch(_chunks(infiles, done_blocks, chunk_rows)):
+        if x is not None:
+            out.write(vt.apply(x).tobytes())
+            nrow += i1 - i0
+        if i1 == rows[b]:
+            out.flush()
+            os.fsync(out.fileno())
+            block_done(b, nrow)
+            rate = (nrow - done_rows) / max(time.time() - t0, 1e-9)
+            log("block %d/%d, %d/%d rows, %.0f rows/s" % (b + 1, len(infiles), nrow, total, rate))
+        else:
+            lines.update(nrow - done_rows)
+    return nrow
+
+
 def apply_pca(vt, infiles, outfile, chunk_rows=65536, after_block=None):
     """Transform every row of ``infiles`` (hdf5 ``all_feats``) in order into raw float32 ``outfile``.
 
@@ -120,45 +185,24 @@ def apply_pca(vt, infiles, outfile, chunk_rows=65536, after_block=None):
     dict
         ``rows``, ``d_in``, ``d_out``, ``nblock``, ``rows_this_run``, ``seconds``, ``rows_per_s``.
     """
-    rows = []
-    for p in infiles:
-        n, d = feature_shape(p)
-        if d != vt.d_in:
-            raise InputError("feature file %s has dimension %d, the PCA expects %d" % (p, d, vt.d_in))
-        rows.append(n)
+    rows = _block_rows(vt, infiles)
     partial, progress = outfile + ".partial", outfile + ".partial.json"
     meta = {"infiles": [os.path.abspath(p) for p in infiles], "rows": rows,
             "d_in": int(vt.d_in), "d_out": int(vt.d_out)}
-    done_blocks, done_rows = 0, 0
-    if os.path.exists(partial) and os.path.exists(progress):
-        with open(progress) as f:
-            state = json.load(f)
-        if state["meta"] != meta:
-            raise InputError("partial output %s was made from other inputs (see %s): delete both to "
-                             "start over" % (partial, progress))
-        done_blocks, done_rows = state["blocks_done"], state["rows_done"]
-        if os.path.getsize(partial) < done_rows * 4 * vt.d_out:
-            raise InputError("partial output %s is shorter than the %d rows %s records: delete both "
-                             "to start over" % (partial, done_rows, progress))
-        log("resuming %s after block %d (%d rows)" % (partial, done_blocks, done_rows))
     row_bytes = 4 * vt.d_out
+    done_blocks, done_rows = _resume_point(partial, progress, meta, row_bytes)
 
-    def save_progress(blocks, nrows):
-        tmp = progress + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"meta": meta, "blocks_done": blocks, "rows_done": nrows}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, progress)
+    def block_done(b, nrow):
+        _save_progress(progress, meta, b + 1, nrow)
+        if after_block is not None:
+            after_block(b + 1)
 
     os.makedirs(os.path.dirname(os.path.abspath(outfile)), exist_ok=True)
     mode = "r+b" if done_blocks > 0 else "wb"
     if mode == "wb":
-        save_progress(0, 0)
+        _save_progress(progress, meta, 0, 0)
     total = sum(rows)
     t0 = time.time()
-    tlog = t0
-    nrow = done_rows
     log("applying PCA %d -> %d to %d blocks (%d rows) from block %d"
         % (vt.d_in, vt.d_out, len(infiles), total, done_blocks))
     # a full disk: one line naming the output; the partial file keeps the complete blocks, a rerun resumes
@@ -166,22 +210,7 @@ def apply_pca(vt, infiles, outfile, chunk_rows=65536, after_block=None):
         # drop whatever an interrupted run wrote after its last complete block
         out.truncate(done_rows * row_bytes)
         out.seek(done_rows * row_bytes)
-        cur_block = done_blocks
-        for b, i0, i1, x in _prefetch(_chunks(infiles, done_blocks, chunk_rows)):
-            if x is not None:
-                out.write(vt.apply(x).tobytes())
-                nrow += i1 - i0
-            if i1 == rows[b]:
-                out.flush()
-                os.fsync(out.fileno())
-                cur_block = b + 1
-                save_progress(cur_block, nrow)
-                if after_block is not None:
-                    after_block(cur_block)
-            if time.time() - tlog > 10 or i1 == rows[b]:
-                tlog = time.time()
-                rate = (nrow - done_rows) / max(tlog - t0, 1e-9)
-                log("block %d/%d, %d/%d rows, %.0f rows/s" % (b + 1, len(infiles), nrow, total, rate))
+        nrow = _write_rows(vt, infiles, rows, out, done_blocks, done_rows, chunk_rows, block_done)
     if nrow != total or os.path.getsize(partial) != total * row_bytes:
         raise RuntimeError("internal error: %d rows written, expected %d" % (nrow, total))
     os.replace(partial, outfile)

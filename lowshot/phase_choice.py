@@ -9,8 +9,10 @@ import numpy as np
 import yaml
 
 from lowshot import evaluate
-from lowshot.common import InputError, atomic_output, log
+from lowshot.common import InputError, atomic_output, logger
 from lowshot.phase_config import METRICS, method_name, run_name, variant_name
+
+log = logger(__name__)
 
 
 class Choices:

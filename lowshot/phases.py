@@ -44,14 +44,17 @@ import sys
 from argparse import ArgumentTypeError
 
 from lowshot import data
-from lowshot.common import (ArgumentParser, HelpFormatter, InputError, atomic_output, get_ddir, log, positive_int,
+from lowshot.common import (ArgumentParser, HelpFormatter, InputError, atomic_output, get_ddir, logger, positive_int,
                             require_file, run_main, write_json)
-from lowshot.launch import available_cores, make_launcher
+from lowshot.cpus import available_cpus
+from lowshot.launch import make_launcher
 from lowshot.phase_choice import Choices
 from lowshot.phase_config import bg_label, load_config, run_name, variant_name
 from lowshot.phase_runs import RunGrid
 from lowshot.report import (format_choices, markdown_table, metric_phrase, plot_results, summarize, table_ks,
                             unrecorded_note)
+
+log = logger(__name__)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -333,46 +336,55 @@ class Phases(RunGrid, Choices):
                           ("merge class slices", lambda: runs[1])]
             return 0 if self.execute_stages(stages, label) in ("ok", "submitted") else 1
         if number == 2:
-            if experiment == "logreg":
-                chosen = self.choose_logreg()
-                how = "chosen by bash run_logreg.bash 2 from %s" % self.path("logreg", "val")
-            else:
-                chosen = self.choose_diffusion()
-                how = "chosen by bash run_diffusion.bash 2 from %s" % self.path("diffusion", "val")
-            for line in format_choices(chosen):
-                print(line)
-            self.write_chosen(experiment, chosen, how)
-            return 0 if all(n in chosen for n in self.cfg["nlabeled"]) else 1
+            return self.choose_phase(experiment)
         if number == 3:
-            hint = "run phase 2 first (bash run_%s.bash 2)" % experiment
-            chosen = self.read_chosen(experiment, hint)
-            if experiment == "logreg":
-                stages = [("test runs", lambda: self.logreg_test_runs(chosen))]
-                return 0 if self.execute_stages(stages, label) in ("ok", "submitted") else 1
-            runs = self.diffusion_test_runs(chosen)
-            stages = [("test runs", lambda: runs[0]), ("merge class slices", lambda: runs[1])]
-            if self.fusion_variants():
-                stages.append(("fusion on validation", lambda: self.fusion_runs("val")))
-            st = self.execute_stages(stages, label)
-            if st == "submitted" or not self.fusion_variants() or self.launcher is None:
-                return 0 if st in ("ok", "submitted") else 1
-            weights = self.choose_fusion()
-            for line in format_choices(weights or {}):
-                print(line)
-            if weights is None:
-                log("%s: fusion weights not chosen: validation fusion results are missing (they "
-                    "need bash run_logreg.bash 3)" % label)
-                return 1
-            self.write_chosen("fusion", weights, "fusion weights chosen by bash run_diffusion.bash "
-                              "3 from %s" % self.path("fusion", "val"))
-            st2 = self.execute_stages([("fusion on test", lambda: self.fusion_runs("test", weights))],
-                                      label)
-            return 0 if st == "ok" and st2 in ("ok", "submitted") else 1
+            return self.test_phase(experiment, label)
         if number == 4:
             self.results(experiment)
             return 0
         raise InputError("phase %r: phases are 1 (validation grid), 2 (choose), 3 (test runs), 4 "
                          "(results)" % number)
+
+    def choose_phase(self, experiment):
+        """Phase 2: choose each n's parameters on the validation results; 0 when every n has them."""
+        if experiment == "logreg":
+            chosen = self.choose_logreg()
+            how = "chosen by bash run_logreg.bash 2 from %s" % self.path("logreg", "val")
+        else:
+            chosen = self.choose_diffusion()
+            how = "chosen by bash run_diffusion.bash 2 from %s" % self.path("diffusion", "val")
+        for line in format_choices(chosen):
+            print(line)
+        self.write_chosen(experiment, chosen, how)
+        return 0 if all(n in chosen for n in self.cfg["nlabeled"]) else 1
+
+    def test_phase(self, experiment, label):
+        """Phase 3: the test runs with the chosen parameters, then (diffusion) the fusion weights
+        chosen on validation and the fusion on test; 0 when all are done or submitted."""
+        hint = "run phase 2 first (bash run_%s.bash 2)" % experiment
+        chosen = self.read_chosen(experiment, hint)
+        if experiment == "logreg":
+            stages = [("test runs", lambda: self.logreg_test_runs(chosen))]
+            return 0 if self.execute_stages(stages, label) in ("ok", "submitted") else 1
+        runs = self.diffusion_test_runs(chosen)
+        stages = [("test runs", lambda: runs[0]), ("merge class slices", lambda: runs[1])]
+        if self.fusion_variants():
+            stages.append(("fusion on validation", lambda: self.fusion_runs("val")))
+        st = self.execute_stages(stages, label)
+        if st == "submitted" or not self.fusion_variants() or self.launcher is None:
+            return 0 if st in ("ok", "submitted") else 1
+        weights = self.choose_fusion()
+        for line in format_choices(weights or {}):
+            print(line)
+        if weights is None:
+            log("%s: fusion weights not chosen: validation fusion results are missing (they "
+                "need bash run_logreg.bash 3)" % label)
+            return 1
+        self.write_chosen("fusion", weights, "fusion weights chosen by bash run_diffusion.bash "
+                          "3 from %s" % self.path("fusion", "val"))
+        st2 = self.execute_stages([("fusion on test", lambda: self.fusion_runs("test", weights))],
+                                  label)
+        return 0 if st == "ok" and st2 in ("ok", "submitted") else 1
 
 
 ############################################################################################
@@ -416,7 +428,7 @@ def main(argv=None):
         slurm_opts = dict(cfg["slurm"])
         ph.launcher = make_launcher(
             args.launcher, ROOT, slurm_dir=ph.path("slurm"), slurm_options=slurm_opts,
-            nproc=args.nproc or cfg["local"]["nproc"] or available_cores(),
+            nproc=args.nproc or cfg["local"]["nproc"] or available_cpus(),
             threads_per_run=cfg["local"]["threads_per_run"], wait=args.wait)
     log("%s phase %d: config %s, run directory %s, launcher %s" % (
         args.experiment, args.phase, args.config, ph.rundir,

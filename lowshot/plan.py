@@ -21,7 +21,7 @@ import argparse
 import json
 import sys
 
-from lowshot import diffuse, graph, ivf_build, search
+from lowshot import diffuse, ivf_build, search, stored_graph
 from lowshot.common import HelpFormatter
 
 GiB = 2.0**30
@@ -50,8 +50,8 @@ CORES_MEASURED = 2
 
 
 def ivf_shape(N, d=256, K=32):
-    nlist = graph.default_nlist(N, ngpu=0)
-    nprobe = graph.default_nprobe(N, nlist, ngpu=0)
+    nlist = ivf_build.default_nlist(N, ngpu=0)
+    nprobe = ivf_build.default_nprobe(N, nlist, ngpu=0)
     return {"N": N, "d": d, "K": K, "nlist": nlist, "nprobe": nprobe,
             "kp": K + search.BF16_EXTRA, "chunk_rows": ivf_build.default_chunk_rows(N)}
 
@@ -197,7 +197,7 @@ def main(argv=None):
         return 0
     if not args.N or args.N < 2 or args.shards < 1 or args.cores < 1:
         p.error("need N >= 2, --shards >= 1, --cores >= 1")
-    res = plan(args.N, args.shards, args.d, graph.graph_K(args.k), args.k, args.nclass, args.lslice, args.cores)
+    res = plan(args.N, args.shards, args.d, stored_graph.graph_K(args.k), args.k, args.nclass, args.lslice, args.cores)
     print(json.dumps(res, sort_keys=True) if args.json else format_plan(res))
     return 0
 

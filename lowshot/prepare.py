@@ -18,7 +18,7 @@ Files of the run directory: ``prepare/{features,pca,graph}/<run>.log``, ``slurm/
 """
 import os
 
-from lowshot import data, graph, ivf_build
+from lowshot import data, ivf_build, stored_graph
 from lowshot.common import InputError, get_ddir
 from lowshot.launch import Run
 
@@ -121,11 +121,11 @@ def graph_runs(ph, step):
     """Phase 3, one step of every background graph: "prepare" and "shards" (sharded sizes only),
     "merge" (every size: the merge, or the whole build when not sharded)."""
     ddir, p = _ddir(ph), ph.cfg["prepare"]
-    K = graph.graph_K(int(ph.cfg["diffusion"]["k"]))
+    K = stored_graph.graph_K(int(ph.cfg["diffusion"]["k"]))
     raw = data.feature_paths(ddir)["background"]
     runs = []
     for nbg in graph_sizes(ph):
-        paths = data.graph_paths(ddir, nbg, K)
+        paths = stored_graph.graph_paths(ddir, nbg, K)
         final = [paths["I"], paths["D"], paths["index"]]
         if all(os.path.isfile(f) for f in final):
             continue
@@ -147,7 +147,7 @@ def graph_runs(ph, step):
                         for j in ivf_build.shard_chunks(plan["nchunks"], i, S) for key in ("D", "I")]
                 runs.append(Run("%s.shard%dof%d" % (name, i, S), base + ["--shard", "%d/%d" % (i, S)], outs,
                                 _log(ph, "graph", "%s.shard%dof%d" % (name, i, S)), deps=[plan_file],
-                                resources=res))
+                                resources=res, resumes=True))
         elif step == "merge":
             deps = [raw]
             if S > 1:

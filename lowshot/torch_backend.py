@@ -1,7 +1,8 @@
 """The torch backend: k-NN scans and the diffusion's sparse products on a CUDA GPU through torch
 (no faiss-gpu needed), and the same code on torch CPU tensors, which is how CI tests it.
 
-Which code runs is chosen once per process by :func:`use` (the scripts' ``--device``):
+Which code runs is a :class:`Backend`, chosen by :func:`select` (the scripts' ``--device``) and
+passed down to the functions that scan or diffuse (:data:`CPU`, graph_utils, when none is given):
 
   auto       torch on CUDA when torch sees a GPU, else the CPU kernels of graph_utils; and faiss-gpu,
              when faiss sees a GPU, for faiss' own index searches (the GPU paths of graph.py)
@@ -16,6 +17,7 @@ the score, then the inverted id), so ties are broken as graph_utils does. Diffus
 (:class:`TorchDiffusionOps`): W and T as ``torch.sparse_csr_tensor`` (cuSPARSE on CUDA), the
 (n, lslice) label blocks on the device, column normalisation in torch.
 """
+import dataclasses
 import importlib.util
 import os
 import re
@@ -24,10 +26,11 @@ import warnings
 
 import numpy as np
 
-from lowshot.common import InputError, log
+from lowshot.common import InputError, logger
+
+log = logger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda", "torch-cpu")
-_STATE = {"device": None, "why": "graph_utils on the CPU (default)"}
 # memory of one block of TorchKnnScan.add: (rows x candidates) pairs x BYTES_PER_PAIR (scores, their
 # concatenation with the kept ones, ids, int64 keys) at most SCAN_BLOCK_BYTES
 SCAN_BLOCK_BYTES = {"cuda": 4 * 2**30, "cpu": 512 * 2**20}
@@ -58,24 +61,73 @@ def torch_sees_cuda():
     return _torch().cuda.is_available()
 
 
-def use(device="auto", faiss_gpus=None):
-    """Choose the backend of this process (``--device``); logs and returns a one-line description.
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """Which code does the scans and the diffusion's products (:func:`select`).
+
+    Attributes
+    ----------
+    device : str or None, the torch device ("cuda" or "cpu"), or None when graph_utils does the work
+    why : str, the one-line description logged and written to the results
+    faiss_gpus : int, GPUs for faiss' own index searches (the GPU paths of lowshot.graph)
+    """
+    device: str | None = None
+    why: str = "graph_utils on the CPU (default)"
+    faiss_gpus: int = 0
+
+    def describe(self):
+        return self.why
+
+    def knn_scan(self, Qf, kp, bf16=None, deferred=False, floor=None):
+        """A k-NN scan: graph_utils.KnnScan or :class:`TorchKnnScan` (same calls)."""
+        if self.device is None:
+            import graph_utils
+            return graph_utils.KnnScan(Qf, kp, bf16=bf16, deferred=deferred, floor=floor)
+        return TorchKnnScan(Qf, kp, floor=floor, device=self.device)
+
+    def bf16_scan(self, d):
+        """Whether scans of d-dimensional vectors use bfloat16 products: graph_utils on an
+        AVX512-BF16 CPU with d even; never on torch (float32 products, exact)."""
+        if self.device is not None:
+            return False
+        import graph_utils
+        return graph_utils.cpu_has_bf16() and d % 2 == 0
+
+    def exact_blocks(self, xb, K, bs, normalize):
+        """:func:`exact_blocks` on this backend's torch device (CPU tensors without one)."""
+        return exact_blocks(xb, K, bs, normalize, self.device or "cpu")
+
+    def diffusion_ops(self, W, T):
+        """:class:`TorchDiffusionOps` on this backend's torch device."""
+        return TorchDiffusionOps(W, T, self.device or "cpu")
+
+
+# graph_utils and faiss on the CPU: the backend of library calls given none
+CPU = Backend()
+
+
+def select(device="auto", faiss_gpus=None):
+    """The backend for ``--device`` (or the API's ``device``); logs its one-line description.
 
     ``faiss_gpus``: GPUs faiss sees (None: ask faiss). With ``auto``, faiss-gpu keeps the GPU work
     it already does (faiss' own index searches) and torch on CUDA, when torch sees a GPU, does the
     scans and products; an explicit ``cuda`` leaves faiss on the CPU. torch is only imported when
     its code is chosen or may be (:func:`torch_sees_cuda`).
+
+    Returns
+    -------
+    Backend
     """
     if device not in DEVICES:
-        raise InputError("--device %s: one of %s" % (device, ", ".join(DEVICES)))
+        raise InputError("device %s: one of %s" % (device, ", ".join(DEVICES)))
     dev, nfaiss = None, 0
     if device == "cuda":
         try:
             torch = _torch()
         except ImportError as e:
-            raise InputError("--device cuda: torch cannot be imported (%s)" % e)
+            raise InputError("device cuda: torch cannot be imported (%s)" % e)
         if not torch.cuda.is_available():
-            raise InputError("--device cuda: torch sees no CUDA device (torch %s, built for CUDA %s)"
+            raise InputError("device cuda: torch sees no CUDA device (torch %s, built for CUDA %s)"
                              % (torch.__version__, torch.version.cuda))
         dev = "cuda"
     elif device == "torch-cpu":
@@ -95,44 +147,8 @@ def use(device="auto", faiss_gpus=None):
         why = "torch on %s" % (torch.cuda.get_device_name(0) if dev == "cuda" else "CPU tensors")
     if nfaiss:
         why += ", faiss-gpu (%d GPUs) for faiss' index searches" % nfaiss
-    _STATE.update(device=dev, why=why, faiss_gpus=nfaiss)
     log("backend: %s (--device %s)" % (why, device))
-    return why
-
-
-def faiss_gpus():
-    """GPUs for faiss' own GPU paths: those faiss sees with --device auto, none otherwise (the
-    default, before :func:`use`: faiss.get_num_gpus())."""
-    if "faiss_gpus" in _STATE:
-        return _STATE["faiss_gpus"]
-    import faiss
-    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-
-
-def active():
-    """The torch device in use ("cuda" or "cpu"), or None when graph_utils does the work."""
-    return _STATE["device"]
-
-
-def describe():
-    return _STATE["why"]
-
-
-def knn_scan(Qf, kp, bf16=None, deferred=False, floor=None):
-    """A k-NN scan of the backend in use: graph_utils.KnnScan or :class:`TorchKnnScan` (same calls)."""
-    if _STATE["device"] is None:
-        import graph_utils
-        return graph_utils.KnnScan(Qf, kp, bf16=bf16, deferred=deferred, floor=floor)
-    return TorchKnnScan(Qf, kp, floor=floor, device=_STATE["device"])
-
-
-def bf16_scan(d):
-    """Whether scans of d-dimensional vectors use bfloat16 products: graph_utils on an AVX512-BF16
-    CPU with d even; never on torch (float32 products, exact)."""
-    if _STATE["device"] is not None:
-        return False
-    import graph_utils
-    return graph_utils.cpu_has_bf16() and d % 2 == 0
+    return Backend(dev, why, nfaiss)
 
 
 def _tensor(torch, a, dtype):
@@ -235,12 +251,13 @@ class TorchKnnScan:
         return D, I
 
 
-def exact_blocks(xb, K, bs, normalize):
-    """The exact K-NN table of the background by blocks of ``bs`` rows: (i0, i1, D, I) as the
-    faiss search of graph.py yields them. The normalised vectors are copied to the device once
-    (4 N d bytes: 1 GiB at 1M, d = 256), then each block of queries is scanned against all of them."""
+def exact_blocks(xb, K, bs, normalize, device):
+    """The exact K-NN table of the background by blocks of ``bs`` rows on the torch ``device``:
+    (i0, i1, D, I) as the faiss search of graph.py yields them. The normalised vectors are copied to
+    the device once (4 N d bytes: 1 GiB at 1M, d = 256), then each block of queries is scanned
+    against all of them."""
     torch = _torch()
-    dev = torch.device(_STATE["device"] or "cpu")
+    dev = torch.device(device)
     n, d = xb.shape
     X = torch.empty((n, d), dtype=torch.float32, device=dev)
     for i0 in range(0, n, bs):
@@ -259,9 +276,9 @@ def exact_blocks(xb, K, bs, normalize):
 class TorchDiffusionOps:
     """The diffusion's products on the torch device: W and T as CSR tensors, label blocks there."""
 
-    def __init__(self, W, T):
+    def __init__(self, W, T, device):
         torch = _torch()
-        self.torch, self.device = torch, torch.device(_STATE["device"] or "cpu")
+        self.torch, self.device = torch, torch.device(device)
         self.W, self.T = self._csr(W), self._csr(T)
         self.n = W.shape[0]
 

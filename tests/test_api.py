@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import diffusion
-from lowshot import KnnGraph, LabelDiffusion, api, data, knn_graph
+from lowshot import KnnGraph, LabelDiffusion, api, data, knn_graph, stored_graph
 from lowshot import diffuse as dif
 from test_diffusion import K_GRAPH, common_args, run_json, tiny_ddir  # noqa: F401 (fixture)
 
@@ -141,7 +141,7 @@ def test_knn_graph_ivf_path_with_recall(tmp_path):
     X, _ = clustered(6000, 16, 20, seed=6)
     g = knn_graph(X, k=8, method="ivf", device="cpu", path=str(tmp_path), recall_nq=200)
     assert g.method == "ivf" and isinstance(g.I, np.memmap) and 0.8 < g.recall <= 1.0
-    assert os.path.isfile(data.graph_paths(str(tmp_path), 6000, 8)["index"])
+    assert os.path.isfile(stored_graph.graph_paths(str(tmp_path), 6000, 8)["index"])
 
 
 def test_bad_inputs_one_line_errors():
@@ -273,23 +273,26 @@ def test_variants_equal_scikit_learn_through_the_estimator(variant):
     np.testing.assert_allclose(clf.predict_proba(Xq), ref.predict_proba(Xq), rtol=1e-3, atol=1e-5)
 
 
-def test_scripts_make_waiting_openmp_threads_sleep():
-    """Every stage script imports lowshot.omp_env before anything else (OMP_WAIT_POLICY=PASSIVE unless
-    the user set it: the runtimes read it when they load); importing the library alone does not."""
+def test_scripts_make_waiting_openmp_threads_sleep_soon():
+    """Every stage script imports lowshot.omp_env before anything else (GOMP_SPINCOUNT=1000 unless the
+    user set it or OMP_WAIT_POLICY: the runtimes read it when they load); importing the library alone
+    does not."""
     import ast
     for script in ("build_graph.py", "diffusion.py", "logreg.py", "save_features.py", "train_apply_pca.py",
                    "own_data.py", "fusion.py", "generate_ddir.py"):
         tree = ast.parse(open(os.path.join(ROOT, script)).read())
         first = next(n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom)))
         assert isinstance(first, ast.Import) and first.names[0].name == "lowshot.omp_env", script
-    code = "import os, lowshot.omp_env; print(os.environ['OMP_WAIT_POLICY'])"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert out.stdout.strip() == "PASSIVE"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=dict(env, OMP_WAIT_POLICY="active"))
-    assert out.stdout.strip() == "active"
+    code = "import os, lowshot.omp_env; print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+
+    def run(**extra):
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env=dict(env, **extra)).stdout.split()
+    assert run() == ["1000", "None"]
+    assert run(GOMP_SPINCOUNT="50") == ["50", "None"]
+    assert run(OMP_WAIT_POLICY="active") == ["None", "active"]
     out = subprocess.run([sys.executable, "-c", "import os, lowshot; from lowshot import api; "
-                          "print(os.environ.get('OMP_WAIT_POLICY'))"], capture_output=True, text=True, env=env,
+                          "print(os.environ.get('GOMP_SPINCOUNT'))"], capture_output=True, text=True, env=env,
                          check=True)
     assert out.stdout.strip() == "None"

@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from lowshot import data, evaluate
+from lowshot import data, evaluate, stored_graph
 from lowshot.common import InputError
 
 
@@ -288,7 +288,7 @@ def test_open_background(tmp_path):
 
 
 def test_paths():
-    p = data.graph_paths("/d", 1000000, 32)
+    p = stored_graph.graph_paths("/d", 1000000, 32)
     assert p["I"] == "/d/knngraph/ndis1000000_k32_I_11.int32"
     assert p["D"] == "/d/knngraph/ndis1000000_k32_D_11.float32"
     assert p["index"] == "/d/knngraph/ndis1000000.index"

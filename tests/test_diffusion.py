@@ -9,7 +9,7 @@ import pytest
 import build_graph
 import diffusion
 import fusion
-from lowshot import completion, data, evaluate
+from lowshot import completion, data, evaluate, stored_graph
 from lowshot import diffuse as dif
 from lowshot.common import InputError
 from lowshot.generate import generate_ddir
@@ -62,10 +62,10 @@ def test_complete_graph_brute_force():
     index.add(xbn)
     Dbg, Ibg = index.search(xbn, 8)
     for node_index in ("exact", "ivf"):
-        bg = {"x": xb, "index": index, "D": Dbg, "I": Ibg.astype(np.int32), "exact_index": True}
+        bg = completion.Background(xb, index, Dbg, Ibg.astype(np.int32), exact_index=True)
         I_nodes, I_test, info = completion.complete_graph(unit(x0), unit(xt), k, bg, node_index=node_index,
                                                           bs=64)
-        assert "index" not in bg   # released once searched
+        assert bg.index is None   # released once searched
         allx = np.vstack([unit(x0), xbn])
         np.testing.assert_array_equal(I_nodes, brute_union_knn(allx, allx, k))
         np.testing.assert_array_equal(I_test, brute_union_knn(unit(xt), allx, k))
@@ -86,7 +86,7 @@ def _bg_files(tmp_path, xb, K=8):
     index = faiss.IndexFlatIP(xb.shape[1])
     index.add(unit(xb))
     D, I = index.search(unit(xb), K)
-    return lambda: {"x": x, "index": index, "D": D, "I": I.astype(np.int32), "exact_index": True}
+    return lambda: completion.Background(x, index, D, I.astype(np.int32), exact_index=True)
 
 
 def test_completion_cache_equals_brute_force(tmp_path, capsys):
@@ -133,6 +133,38 @@ def test_completion_cache_equals_brute_force(tmp_path, capsys):
     capsys.readouterr()
     assert run(x0, xt)["cache_built"] and not os.path.exists(dead)
     assert "removed %s" % dead in capsys.readouterr().out
+
+
+def test_completion_cache_on_a_read_only_root(tmp_path, capsys, monkeypatch):
+    """A root that cannot be written (a read-only data root; simulated: tests run as root, where
+    permissions do not block writes): a complete cache there is read; without one the run goes
+    without it, says so, and writes nothing; the graph equals brute force either way."""
+    rs = np.random.RandomState(5)
+    d, nB, nR, nbg, nt, k = 16, 60, 10, 400, 20, 6
+    x0 = np.vstack([unit(rs.randn(nB, d)), unit(rs.randn(nR, d))])
+    xb, xt = rs.randn(nbg, d).astype(np.float32), unit(rs.randn(nt, d))
+    bg = _bg_files(tmp_path, xb)
+    root = str(tmp_path / "cache")
+    allx = np.vstack([x0, unit(xb)])
+
+    def run():
+        I_nodes, I_test, info = completion.complete_graph(x0, xt, k, bg(), nbase=nB, cache_root=root)
+        np.testing.assert_array_equal(I_nodes, brute_union_knn(allx, allx, k))
+        np.testing.assert_array_equal(I_test, brute_union_knn(xt, allx, k))
+        return info
+
+    monkeypatch.setattr(completion, "_writable", lambda path: False)
+    capsys.readouterr()
+    info = run()
+    assert "cache" not in info and not os.path.exists(root)
+    assert "is not writable" in capsys.readouterr().out
+    monkeypatch.undo()
+    built = run()                                       # a writable root: the cache is written
+    assert built["cache_built"]
+    monkeypatch.setattr(completion, "_writable", lambda path: False)
+    info = run()
+    assert info["cache"] == built["cache"] and not info["cache_built"]
+    assert "is not writable" not in capsys.readouterr().out
 
 
 def test_equal_similarities_keep_the_background_candidate(tmp_path):
@@ -381,7 +413,7 @@ def test_damaged_background_table(tiny_ddir, tmp_path):
     root = str(tmp_path / "ddir")
     shutil.copytree(tiny_ddir, root)
     from lowshot import data
-    p = data.graph_paths(root, 500, 32)        # build_graph.py's default K
+    p = stored_graph.graph_paths(root, 500, 32)        # build_graph.py's default K
     I = np.fromfile(p["I"], dtype=np.int32).reshape(500, 32)
     I[56, 3] = 123456843                       # a column the run reads (k = 6)
     I.tofile(p["I"])
@@ -471,7 +503,7 @@ def test_graph_files_named_as_the_2018_code(tiny_ddir, tmp_path, capsys):
     root = str(tmp_path / "ddir")
     shutil.copytree(tiny_ddir, root)
     shutil.rmtree(os.path.join(root, "cache"), ignore_errors=True)
-    p32, p = data.graph_paths(root, 500, 32), data.graph_paths(root, 500, 8)
+    p32, p = stored_graph.graph_paths(root, 500, 32), stored_graph.graph_paths(root, 500, 8)
     I = np.fromfile(p32["I"], dtype=np.int32).reshape(500, 32)[:, :8].copy()   # the 8 nearest
     D = np.fromfile(p32["D"], dtype=np.float32).reshape(500, 32)[:, :8].copy()
     os.remove(p32["I"])

@@ -1,11 +1,14 @@
 """Feature extraction: network layouts, checkpoints, datasets, hdf5 output, resuming, EfficientNet."""
+import functools
 import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 import zipfile
 
 import h5py
@@ -18,6 +21,9 @@ from PIL import Image
 import save_features
 from lowshot import features, networks
 from lowshot.common import InputError
+from lowshot.progress import Progress
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCALE, CROP = 36, 32      # tiny inputs keep the CPU tests fast
 
@@ -466,3 +472,80 @@ def test_efficientnet_lite0_normalisation_matches_its_batchnorm():
         err[name] = float(torch.log(y.var((0, 2, 3)) / bn0.running_var).median())
     assert abs(err["lite"]) < 0.5 < abs(err["imagenet"])
     assert model.mean == networks.LITE_MEAN
+
+
+# ----------------------------------------------------------------------------- progress and locking
+
+def test_progress_lines_in_a_log_file(yfcc, tmp_path, monkeypatch, capsys):
+    cfg = features.load_config(yfcc_config(tmp_path, yfcc["root"]))
+    # a line at every batch instead of every 30 s (stderr is not a terminal under pytest)
+    monkeypatch.setattr(features, "Progress", functools.partial(Progress, every=0.0))
+    features.extract_features(cfg, str(tmp_path / "o.hdf5"), "ResNet10", yfcc["ckpt"], i0=990, i1=1000)
+    got = re.findall(r"extracting rows 0\.\.10: (\d+) / 10 images \(.* images/s, ETA \d+ s\)",
+                     capsys.readouterr().out)
+    assert [int(g) for g in got] == [4, 8, 10]      # batches of 4
+
+
+def test_concurrent_runs_on_one_output_take_turns(yfcc, tmp_path):
+    """The second run waits for the first (which holds the lock until the test lets it go), then
+    finds its file: both exit 0, the file is the first one's, no lock or partial file is left."""
+    cfg = yfcc_config(tmp_path, yfcc["root"])
+    out = str(tmp_path / "block.hdf5")
+    go = str(tmp_path / "go")
+    argv = ["--cfg", cfg, "--model", "ResNet10", "--modelfile", yfcc["ckpt"], "--outfile", out,
+            "--i0", "990", "--i1", "1010"]
+    first_code = ("import os, sys, time\n"
+                  "import torch; torch.set_num_threads(1)\n"
+                  "import save_features\n"
+                  "from lowshot import features\n"
+                  "extract = features.extract_features\n"
+                  "def held(*a, **k):\n"
+                  "    def wait(rows):\n"
+                  "        while not os.path.exists(%r): time.sleep(0.05)\n"
+                  "    return extract(*a, after_block=wait, **k)\n"
+                  "features.extract_features = held\n"
+                  "save_features.run_main(save_features.main, sys.argv[1:])\n" % go)
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    first = subprocess.Popen([sys.executable, "-c", first_code] + argv, cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    second = None
+    try:
+        assert "extracting 20 images" in read_until(first, "extracting ")
+        second = subprocess.Popen([sys.executable, "save_features.py"] + argv, cwd=ROOT, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert "waiting for it to finish" in read_until(second, "another run holds")
+        open(go, "w").close()
+        out1, out2 = first.communicate(timeout=120)[0], second.communicate(timeout=120)[0]
+    finally:
+        for p in (first, second):
+            if p is not None and p.poll() is None:
+                p.kill()
+    assert first.returncode == 0 and second.returncode == 0, out1 + out2
+    assert json.loads(out1.splitlines()[-1])["rows_this_run"] == 20
+    assert json.loads(out2.splitlines()[-1])["reused"] is True
+    assert "was written by the run waited for: nothing to do" in out2
+    feats, bad = expected_rows(yfcc, 990, 1010)
+    d, _ = read_h5(out)
+    np.testing.assert_allclose(d["all_feats"], feats, rtol=1e-4, atol=1e-5)
+    assert sorted(os.listdir(tmp_path)) == ["block.hdf5", "block.hdf5.bad", "cfg.yaml", "go"]
+    # what the waiting run checks: the file's settings are its own, not another range's
+    loaded = features.load_config(cfg)
+    assert features.written(out, loaded, "ResNet10", yfcc["ckpt"], 990, 1010)
+    assert not features.written(out, loaded, "ResNet10", yfcc["ckpt"], 990, 1011)
+    assert not features.written(out, loaded, "ResNet18", yfcc["ckpt"], 990, 1010)
+
+
+def read_until(proc, text, timeout=120):
+    """The output of ``proc`` up to (at least) ``text``, or all of it if it ends first; read from
+    the descriptor (no buffer of its own: ``communicate`` later reads the rest)."""
+    import selectors
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    seen, deadline = b"", time.time() + timeout
+    while text.encode() not in seen and time.time() < deadline:
+        if sel.select(timeout=1):
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            seen += chunk
+    return seen.decode()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import build_graph
-from lowshot import data, graph, search
+from lowshot import data, graph, ivf_build, search, stored_graph, torch_backend
 from lowshot.common import InputError
 
 
@@ -35,23 +35,23 @@ def brute_knn(xq, xb, k):
 
 
 def read_tables(root, nbg, K):
-    p = data.graph_paths(str(root), nbg, K)
+    p = stored_graph.graph_paths(str(root), nbg, K)
     D = np.fromfile(p["D"], dtype=np.float32).reshape(nbg, K)
     I = np.fromfile(p["I"], dtype=np.int32).reshape(nbg, K)
     return D, I, p
 
 
 def test_graph_K():
-    assert [graph.graph_K(k) for k in (1, 2, 3, 30, 32, 33)] == [1, 2, 4, 32, 32, 64]
+    assert [stored_graph.graph_K(k) for k in (1, 2, 3, 30, 32, 33)] == [1, 2, 4, 32, 32, 64]
 
 
-def test_exact_knn_is_brute_force():
+def test_exact_search_of_raw_rows_is_brute_force():
     """The recall reference: raw rows streamed in blocks, equal to numpy in float64."""
     rs = np.random.RandomState(5)
     xb = rs.randn(5000, 32).astype(np.float32)
     xq = rs.randn(300, 32).astype(np.float32)
     xqn = xq / np.linalg.norm(xq, axis=1, keepdims=True)
-    D, I = search.exact_knn(xqn, xb, 12, bs=700)
+    D, I, _ = search.exact_search(xqn, xb, 12, bs=700, raw_base=True)
     Dref, Iref = brute_knn(xq, xb, 12)
     np.testing.assert_array_equal(I, Iref)
     np.testing.assert_allclose(D, Dref, atol=1e-5)
@@ -121,16 +121,17 @@ def test_build_approx_recall(tmp_path, method):
 
 def test_default_ivf_parameters():
     # CPU: 4 sqrt(N) lists, enough visited to scan ~IVF_SCAN vectors; GPUs: the 2018 original
-    assert [graph.default_nlist(n, ngpu=0) for n in (100, 10**5, 10**6)] == [40, 1265, 4000]
-    assert graph.default_nprobe(10**6, 4000, ngpu=0) == 64
-    assert graph.default_nprobe(10**5, 1265, ngpu=0) == 203
-    assert graph.default_nprobe(10**7, 12649, ngpu=0) == 30      # the scan grows as N^(1/6)
-    assert graph.default_nprobe(10**8, 40000, ngpu=0) == 14
-    assert graph.default_nprobe(3000, 110, ngpu=0) == 110          # small: every list
-    assert graph.default_nlist(10**6, ngpu=1) == 4000
-    assert graph.default_nprobe(10**6, 4000, ngpu=1) == 256
-    assert graph.default_method(10**5, ngpu=0) == "ivf"
-    assert graph.default_method(50000, ngpu=0) == "exact"
+    assert [ivf_build.default_nlist(n, ngpu=0) for n in (100, 10**5, 10**6)] == [40, 1265, 4000]
+    assert ivf_build.default_nprobe(10**6, 4000, ngpu=0) == 64
+    assert ivf_build.default_nprobe(10**5, 1265, ngpu=0) == 203
+    assert ivf_build.default_nprobe(10**7, 12649, ngpu=0) == 30      # the scan grows as N^(1/6)
+    assert ivf_build.default_nprobe(10**8, 40000, ngpu=0) == 14
+    assert ivf_build.default_nprobe(3000, 110, ngpu=0) == 110          # small: every list
+    assert ivf_build.default_nlist(10**6, ngpu=1) == 4000
+    assert ivf_build.default_nprobe(10**6, 4000, ngpu=1) == 256
+    assert graph.default_method(10**5) == "ivf"                        # the CPU backend
+    assert graph.default_method(50000) == "exact"
+    assert graph.default_method(10**6, torch_backend.Backend(faiss_gpus=1)) == "exact"
 
 
 @pytest.mark.parametrize("bf16", [False, True])
@@ -175,8 +176,8 @@ def test_reuse_larger_K(tmp_path, capsys):
     capsys.readouterr()
     build_graph.main([str(nbg), "--ddir", str(tmp_path), "--k", "32", "--recall_nq", "0"])
     assert '"reused": true' in capsys.readouterr().out.splitlines()[-1]
-    assert not os.path.exists(data.graph_paths(str(tmp_path), nbg, 32)["I"])
-    idx, D, I = graph.find_background_graph(str(tmp_path), nbg, 30)
+    assert not os.path.exists(stored_graph.graph_paths(str(tmp_path), nbg, 32)["I"])
+    idx, D, I = stored_graph.find_background_graph(str(tmp_path), nbg, 30)
     assert I.shape == (nbg, 64) and D.shape == (nbg, 64)
 
 
@@ -187,14 +188,14 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(InputError, match="K = 256 neighbours need more than N = 200"):
         build_graph.main(["200", "--ddir", str(tmp_path), "--k", "200"])
     with pytest.raises(InputError, match=r"python build_graph.py 200 --ddir"):
-        graph.find_background_graph(str(tmp_path), 200, 30)
+        stored_graph.find_background_graph(str(tmp_path), 200, 30)
     # a truncated table is refused, naming the file and the command that rebuilds it
     build_graph.main(["200", "--ddir", str(tmp_path), "--recall_nq", "0"])
-    p = data.graph_paths(str(tmp_path), 200, 32)
+    p = stored_graph.graph_paths(str(tmp_path), 200, 32)
     with open(p["D"], "r+b") as f:
         f.truncate(100)
     with pytest.raises(InputError, match="ndis200_k32_D_11.float32 has 100 bytes"):
-        graph.find_background_graph(str(tmp_path), 200, 30)
+        stored_graph.find_background_graph(str(tmp_path), 200, 30)
     # NaN rows in the background are reported, not propagated
     raw = data.feature_paths(str(tmp_path))["background"]
     x = np.fromfile(raw, dtype=np.float32)
@@ -211,7 +212,7 @@ def test_stored_graph_names_how_it_was_built(tmp_path, capsys):
     nbg = 2000
     make_bg_ddir(tmp_path, nbg, d=16, nclust=20)
     build_graph.main([str(nbg), "--ddir", str(tmp_path), "--method", "exact", "--recall_nq", "200"])
-    p = data.graph_paths(str(tmp_path), nbg, 32)
+    p = stored_graph.graph_paths(str(tmp_path), nbg, 32)
     rec = json.load(open(p["record"]))
     assert rec["method"] == "exact" and rec["recall@10"] == 1.0
     capsys.readouterr()
@@ -237,3 +238,28 @@ def test_stored_graph_names_how_it_was_built(tmp_path, capsys):
                       "--recall_nq", "0"])
     rec = json.load(open(p["record"]))
     assert rec["method"] == "ivf" and rec["nprobe"] == 4 and "recall@10" not in rec
+
+
+def test_record_lands_with_the_graph(tmp_path, monkeypatch):
+    """A run killed between the tables and its final record (the recall step) leaves the record
+    pending beside the graph: the rerun reuses the graph for the same explicit flags and writes
+    the record; a pending record of other tables (a build killed before they landed) is ignored."""
+    nbg = 2000
+    make_bg_ddir(tmp_path, nbg, d=16, nclust=20)
+    p = stored_graph.graph_paths(str(tmp_path), nbg, 32)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(graph, "graph_recall", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_graph.main([str(nbg), "--ddir", str(tmp_path), "--method", "hnsw", "--hnsw_M", "8"])
+    monkeypatch.undo()
+    assert os.path.isfile(p["I"]) and not os.path.exists(p["record"])
+    build_graph.main([str(nbg), "--ddir", str(tmp_path), "--method", "hnsw", "--hnsw_M", "8"])    # reused
+    rec = json.load(open(p["record"]))
+    assert rec["method"] == "hnsw" and rec["hnsw_M"] == 8 and not os.path.exists(p["record"] + ".pending")
+    # a pending record naming another I file than the one in place describes nothing
+    os.remove(p["record"])
+    stored_graph.write_pending_record(p, {"method": "exact"}, p["D"])
+    assert stored_graph.read_record(p) is None

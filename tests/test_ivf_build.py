@@ -12,7 +12,7 @@ import pytest
 
 import build_graph
 import graph_utils
-from lowshot import data, ivf_build, search
+from lowshot import data, ivf_build, search, stored_graph
 from lowshot.common import InputError
 from test_graph import make_bg_ddir, read_tables
 
@@ -197,7 +197,7 @@ def test_table_is_faiss_ivf_search_float32(tmp_path):
 def test_shards_and_resume_give_identical_bytes(tmp_path, capsys):
     nbg = 6000
     make_bg_ddir(tmp_path, nbg, d=16, nclust=40)
-    p = data.graph_paths(str(tmp_path), nbg, 32)
+    p = stored_graph.graph_paths(str(tmp_path), nbg, 32)
     with pytest.raises(InputError, match="is not prepared: run `build_graph.py 6000 --prepare`"):
         build(tmp_path, nbg, "--shard", "0/3", "--chunk_rows", "700")
     build(tmp_path, nbg, "--prepare", "--chunk_rows", "700")
@@ -240,7 +240,7 @@ def test_killed_build_resumes_to_identical_bytes(tmp_path):
     make_bg_ddir(tmp_path, nbg, d=64, nclust=60)
     cmd = [sys.executable, os.path.join(ROOT, "build_graph.py"), str(nbg), "--ddir", str(tmp_path),
            "--recall_nq", "0", "--method", "ivf", "--nlist", "50", "--nprobe", "50", "--chunk_rows", "800"]
-    p = data.graph_paths(str(tmp_path), nbg, 32)
+    p = stored_graph.graph_paths(str(tmp_path), nbg, 32)
     r = subprocess.run(cmd + ["--prepare"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     shutil.copytree(p["work"], str(tmp_path / "prepared"))
@@ -281,3 +281,63 @@ def test_killed_build_resumes_to_identical_bytes(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert [open(p[k], "rb").read() for k in ("I", "D")] == resumed
+
+
+def test_killed_prepare_reuses_kmeans_and_probes(tmp_path, monkeypatch):
+    """A prepare step killed after its probes: the rerun reuses the k-means centroids and the probes
+    (neither is computed again) and ends with the bytes of an uninterrupted build."""
+    nbg = 6000
+    make_bg_ddir(tmp_path, nbg, d=16, nclust=40)
+    p = stored_graph.graph_paths(str(tmp_path), nbg, 32)
+    build(tmp_path, nbg, "--chunk_rows", "700")
+    uninterrupted = [open(p[k], "rb").read() for k in ("I", "D", "index")]
+    os.remove(p["I"])
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ivf_build, "_write_lists", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build(tmp_path, nbg, "--chunk_rows", "700")
+    assert {"quantizer.index", "probes.int32"} <= set(os.listdir(p["work"]))
+    monkeypatch.undo()
+
+    def redone(*args, **kwargs):
+        raise AssertionError("k-means or the probes computed again")
+
+    monkeypatch.setattr(ivf_build, "kmeans", redone)
+    monkeypatch.setattr(ivf_build, "_write_probes", redone)
+    build(tmp_path, nbg, "--chunk_rows", "700")
+    assert [open(p[k], "rb").read() for k in ("I", "D", "index")] == uninterrupted
+
+
+def test_disk_error_in_prepare_leaves_no_work_folder(tmp_path, monkeypatch):
+    """A prepare step failing on the disk (full: a one-line error) before any chunk removes the work
+    folder it created: no empty ``.work`` is left behind."""
+    nbg = 3000
+    make_bg_ddir(tmp_path, nbg, d=16, nclust=40)
+    p = stored_graph.graph_paths(str(tmp_path), nbg, 32)
+
+    def full(*args, **kwargs):
+        raise InputError("%s: cannot write: no space left on the device" % p["work"])
+
+    monkeypatch.setattr(ivf_build, "_write_probes", full)
+    with pytest.raises(InputError, match="no space left"):
+        build(tmp_path, nbg)
+    assert not os.path.exists(p["work"])
+
+
+def test_table_and_merge_report_progress_within_chunks(tmp_path, monkeypatch, capsys):
+    """The table and the merge log done / total, rate and ETA as they go, not only per chunk: with
+    no minimum interval, a line for every list scanned and every block copied, up to the total."""
+    import re
+    from lowshot.progress import Progress
+    nbg = 3000
+    make_bg_ddir(tmp_path, nbg, d=16, nclust=40)
+    monkeypatch.setattr(ivf_build, "Progress", lambda *args, **kwargs: Progress(*args, **kwargs, every=0))
+    build(tmp_path, nbg, "--chunk_rows", "1000")
+    out = capsys.readouterr().out
+    table = [float(v) for v in re.findall(r"  table: (\d+) / 3000 rows \(\S+ rows/s, ETA \S+ s\)", out)]
+    assert len(table) > 3 * 40 and table == sorted(table) and table[-1] == nbg    # 3 chunks of 40 lists
+    merged = re.findall(r"  merge: (\d+) / (\d+) bytes", out)
+    assert merged and merged[-1][0] == merged[-1][1] == str(nbg * 32 * 8 + nbg * 16 * 4)

@@ -75,16 +75,15 @@ def dense_reference(I, D, m, y, lab, niter, C=None):
     return L
 
 
-def run(I, D, m, y, lab, niter, lslice=0, renumber="off", class_range=None):
+def run(I, D, m, y, lab, niter, lslice=0, renumber="off", class_range=None, backend=torch_backend.CPU):
     """lowshot's engine: the node matrix out(L_niter) (lab rows first in node order is not needed)."""
     n, C = len(I), y.max() + 1
     nodes = np.concatenate([lab, np.setdiff1d(np.arange(n), lab)])        # labelled nodes first
     pos = np.empty(n, dtype=np.int64)
     pos[nodes] = np.arange(n)
     In = np.where(I[nodes] >= 0, pos[I[nodes]], -1).astype(np.int32)
-    info = {}
     _, L, _ = dif.diffuse_knn(In, In[:5], y[lab], C, niter, class_range=class_range, lslice=lslice,
-                              renumber=renumber, keep_L=True, method=m, D_nodes=D[nodes])
+                              renumber=renumber, keep_L=True, method=m, D_nodes=D[nodes], backend=backend)
     out = np.empty_like(L)
     out[nodes] = L
     return out
@@ -159,15 +158,11 @@ def test_variants_on_torch_equal_graph_utils():
     x, y = unit_clusters(200, 8, 4, seed=8)
     I, D = knn_table(x, 6)
     lab = np.arange(0, 200, 9)
-    try:
-        for m in (method.Method("spreading", "similarity"), method.Method("propagation"),
-                  method.Method("poisson", "gaussian")):
-            torch_backend._STATE.update(device=None)
-            ref = run(I, D, m, y, lab, 5, lslice=3)
-            torch_backend._STATE.update(device="cpu")
-            np.testing.assert_allclose(run(I, D, m, y, lab, 5, lslice=3), ref, rtol=1e-4, atol=1e-6)
-    finally:
-        torch_backend._STATE.update(device=None)
+    torch_cpu = torch_backend.select("torch-cpu")
+    for m in (method.Method("spreading", "similarity"), method.Method("propagation"),
+              method.Method("poisson", "gaussian")):
+        ref = run(I, D, m, y, lab, 5, lslice=3)
+        np.testing.assert_allclose(run(I, D, m, y, lab, 5, lslice=3, backend=torch_cpu), ref, rtol=1e-4, atol=1e-6)
 
 
 def test_tol_stops_and_repeats_the_last_scores():
@@ -175,10 +170,9 @@ def test_tol_stops_and_repeats_the_last_scores():
     I, D = knn_table(x, 6)
     A = method.build_operator(I, 150, method.Method("propagation", tol=1e-3))
     T = graph_utils.csr_from_knn(I[:10], 150)
-    info = {}
-    S = dif.diffuse(A, T, y[:20], 3, 200, info=info)
-    assert 1 <= info["iterations_run"][0] < 200
-    t = info["iterations_run"][0]
+    S, runs = dif.diffuse(A, T, y[:20], 3, 200, return_runs=True)
+    assert 1 <= runs[0] < 200
+    t = runs[0]
     assert all(np.array_equal(S[t], S[u]) for u in range(t, 201))
 
 

@@ -1,5 +1,7 @@
 """PCA-R: training against numpy's eigendecomposition, streamed and resumed apply against faiss."""
+import functools
 import os
+import re
 
 import faiss
 import h5py
@@ -9,6 +11,7 @@ import pytest
 import train_apply_pca
 from lowshot import data, pca
 from lowshot.common import InputError
+from lowshot.progress import Progress
 
 D_IN, D_OUT = 48, 12
 
@@ -119,3 +122,20 @@ def test_dimension_mismatch(blocks, tmp_path):
         pca.apply_pca(vt, [data.feature_paths(str(ddir))["blocks"] % 0], str(tmp_path / "o"))
     with pytest.raises(InputError, match="must be in 1..48"):
         pca.train_pca(data.feature_paths(str(ddir))["blocks"] % 0, 64)
+
+
+def test_apply_logs_progress_within_blocks(blocks, monkeypatch, capsys):
+    ddir, xs = blocks
+    vt = pca.train_pca(data.feature_paths(str(ddir))["blocks"] % 0, D_OUT)
+    infiles = [data.feature_paths(str(ddir))["blocks"] % b for b in range(4)]
+    # a line at every chunk instead of every 30 s
+    monkeypatch.setattr(pca, "Progress", functools.partial(Progress, every=0.0))
+    pca.apply_pca(vt, infiles, str(ddir / "out.raw"), chunk_rows=1000)
+    out = capsys.readouterr().out
+    total = sum(len(x) for x in xs)
+    # chunks that end no block: rows done so far (the others end with a block line)
+    within = [1000, 2000, 4000, 5700, 6700]
+    got = [int(m) for m in re.findall(r"applying PCA: (\d+) / %d rows \(.* rows/s, ETA \d+ s\)" % total, out)]
+    assert got == within
+    ends = [int(m) for m in re.findall(r"block \d/4, (\d+)/%d rows, \d+ rows/s" % total, out)]
+    assert ends == [3000, 4700, 4700, total]

@@ -4,19 +4,23 @@ The launcher tests use a test-local stand-in command (a python one-liner that wr
 atomically, or crashes); the choice and table tests compare against numpy on hand-made result
 files; the end-to-end test runs the real scripts on a tiny generated $DDIR with (a reduced)
 configs/small.yaml, and checks that a diffusion run split into class slices gives the result of
-one process.
+one process, that a graph shard task run again keeps its finished chunks and merges to the graph of
+one process, and that a phase killed with SIGKILL leaves no run behind.
 """
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
+import psutil
 import pytest
 import yaml
 
-from lowshot import phase_choice, phase_config, phases
+from lowshot import ivf_build, phase_choice, phase_config, phases, prepare
 from lowshot.launch import LocalLauncher, Run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -568,3 +572,66 @@ def test_config_values_have_their_types(tmp_path):
     p.write_text("logreg:\n  wd: [0, 0.5]\nslurm: {mem: 16000, time: 60}\ndiffusion:\n  args: [--lslice, 64]\n")
     cfg = phase_config.load_config(str(p))
     assert cfg["logreg"]["wd"] == [0, 0.5] and cfg["slurm"]["mem"] == 16000
+
+
+def test_rerun_of_a_shard_keeps_its_finished_chunk(tiny_ddir, tmp_path):
+    """A graph shard task stopped after the first of its two chunks (say, scancel): run again, it
+    computes only the other one (the launcher leaves its work alone), and the merged graph is the
+    one process' graph."""
+    ddir, ref = str(tmp_path / "ddir"), str(tmp_path / "ref")
+    for d in (ddir, ref):
+        shutil.copytree(tiny_ddir, d, ignore=shutil.ignore_patterns("knngraph", "graph.done"))
+    config = tiny_config(tmp_path / "tiny.yaml", ddir, str(tmp_path / "runs"))
+    cfg = yaml.safe_load(open(config))
+    ivf = ["--method", "ivf", "--nlist", "4", "--chunk_rows", "250"]       # 4 chunks, 2 per shard
+    cfg["prepare"] = {"graph_shards": {NBG: 2}, "graph_args": ivf}
+    yaml.safe_dump(cfg, open(config, "w"))
+    ph = phases.Phases(phase_config.load_config(config))
+    launcher = LocalLauncher(ROOT, nproc=2)
+    assert launcher.execute(prepare.graph_runs(ph, "prepare"), "graph prepare") == []
+    assert launcher.execute(prepare.graph_runs(ph, "shards"), "graph shards") == []
+    work = os.path.join(ddir, "knngraph", "ndis%d_k16.work" % NBG)
+    first, second = [ivf_build.chunk_paths(work, j) for j in ivf_build.shard_chunks(4, 0, 2)]
+    for p in second.values():
+        os.remove(p)
+    kept = {p: os.stat(p) for p in first.values()}
+    todo = [r for r in prepare.graph_runs(ph, "shards") if not r.is_done()]
+    assert [r.name for r in todo] == ["graph.nbg%d.shard0of2" % NBG]
+    assert launcher.execute(todo, "graph shards") == []
+    assert {p: (os.stat(p).st_ino, os.stat(p).st_mtime_ns) for p in first.values()} == {
+        p: (s.st_ino, s.st_mtime_ns) for p, s in kept.items()}
+    assert json.loads(open(todo[0].log).read().strip().splitlines()[-1])["chunks_computed"] == 1
+    run_phase("run_prepare.bash", 3, config)                # the merge
+    subprocess.run([sys.executable, "build_graph.py", str(NBG), "--k", "16", "--ddir", ref] + ivf,
+                   cwd=ROOT, check=True, capture_output=True)
+    for name in ("ndis%d_k16_I_11.int32" % NBG, "ndis%d_k16_D_11.float32" % NBG):
+        assert open(os.path.join(ddir, "knngraph", name), "rb").read() == \
+            open(os.path.join(ref, "knngraph", name), "rb").read()
+
+
+def test_killed_phase_leaves_no_run_and_rerun_succeeds(tiny_ddir, tmp_path):
+    """SIGKILL of `bash run_logreg.bash 1` (the phase's python: bash execs it) while its logreg.py
+    runs: the runs die with it (no worker left to fight the rerun), and the rerun completes."""
+    config = tiny_config(tmp_path / "tiny.yaml", tiny_ddir, str(tmp_path / "runs"))
+    p = subprocess.Popen(["bash", "run_logreg.bash", "1"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL,
+                         env=dict(os.environ, CONFIG=config, LAUNCHER="local", NPROC="2", PYTHON=sys.executable))
+    t0 = time.time()
+    while True:
+        assert time.time() - t0 < 60 and p.poll() is None, "the phase started no logreg.py"
+        try:
+            kids = psutil.Process(p.pid).children(recursive=True)
+            if any("logreg.py" in " ".join(k.cmdline()) for k in kids):
+                break
+        except psutil.Error:          # a child that ended meanwhile
+            pass
+        time.sleep(0.02)
+    p.kill()
+    p.wait()
+    gone, alive = psutil.wait_procs(kids, timeout=30)
+    assert not alive, [k.cmdline() for k in alive]
+    out = run_phase("run_logreg.bash", 1, config)
+    assert "0 failed, 0 left" in out
+    ph = phases.Phases(phase_config.load_config(config))
+    assert all(r.is_done() for r in ph.logreg_val_runs())
+    assert not [f for f in os.listdir(ph.path("logreg", "val")) if f.endswith(".lock")]

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from lowshot import data, phase_config, phases, prepare
+from lowshot import data, phase_config, phases, prepare, stored_graph
 from test_phases import ROOT, run_phase
 
 NBG_IMAGES = 45
@@ -73,7 +73,7 @@ def check_prepared(ddir):
     raw = np.fromfile(fp["background"], dtype=np.float32).reshape(-1, 8)
     np.testing.assert_allclose(raw, vt.apply(feats), rtol=1e-4, atol=1e-4)
     # the graph: every list probed (4 lists, nprobe = all), so the exact k-NN up to float ties
-    p = data.graph_paths(ddir, NBG_IMAGES, 16)
+    p = stored_graph.graph_paths(ddir, NBG_IMAGES, 16)
     I = np.fromfile(p["I"], dtype=np.int32).reshape(NBG_IMAGES, 16)
     x = raw / np.linalg.norm(raw, axis=1, keepdims=True)
     S = x @ x.T

@@ -27,7 +27,7 @@ import logreg as logreg_script
 import own_data
 import save_features
 import train_apply_pca
-from lowshot import data, phases
+from lowshot import data, phases, stored_graph
 from lowshot.common import run_main
 from lowshot.generate import generate_ddir
 from lowshot.owndata import write_features
@@ -225,7 +225,7 @@ def copy_root(ctx, tmp_path):
 ])
 def test_damaged_knn_table(ctx, copy_root, capsys, damage, pattern):
     """A k-NN table holding NaN, inf, unsorted rows or random bytes: one line naming the file."""
-    p = data.graph_paths(copy_root, NBG, 32)
+    p = stored_graph.graph_paths(copy_root, NBG, 32)
     D = np.fromfile(p["D"], dtype=np.float32).reshape(NBG, 32)
     if damage == "nan":
         D[7, 2] = np.nan
@@ -248,7 +248,7 @@ def test_damaged_work_folder_is_redone(copy_root, capsys):
     work folder is damaged, redoes what it must and ends with the graph of an undamaged build."""
     base = [str(NBG), "--ddir", copy_root, "--method", "ivf", "--recall_nq", "0", "--force"]
     build_graph.main(base)
-    p = data.graph_paths(copy_root, NBG, 32)
+    p = stored_graph.graph_paths(copy_root, NBG, 32)
     ref = open(p["I"], "rb").read()
     for damage in ("plan", "lists"):
         build_graph.main(base + ["--prepare"])
@@ -303,7 +303,7 @@ def test_two_graph_builds_take_turns(tmp_path):
     outs = finish([start(cmd), start(cmd)])
     results = [json.loads(o.strip().splitlines()[-1]) for o in outs]
     assert sorted(r["reused"] for r in results) == [False, True]
-    p = data.graph_paths(root, 20000, 32)
+    p = stored_graph.graph_paths(root, 20000, 32)
     assert not os.path.exists(p["work"]) and not os.path.exists(p["lock"])
     ref = open(p["I"], "rb").read()
     assert finish([start(cmd + ["--force"])]) and open(p["I"], "rb").read() == ref
@@ -366,7 +366,7 @@ def test_killed_own_data_leaves_no_child(ctx, tmp_path):
     r = run_script(cmd)
     assert r.returncode == 0, r.stderr[-2000:]
     assert os.path.isfile(os.path.join(ddir, "phases.yaml"))
-    assert os.path.isfile(data.graph_paths(ddir, 3000, 32)["I"])
+    assert os.path.isfile(stored_graph.graph_paths(ddir, 3000, 32)["I"])
 
 
 def test_killed_launcher_leaves_no_run(tmp_path):
@@ -444,7 +444,7 @@ def test_full_disk_graph_and_cache(ctx, small_fs, capsys):
     assert re.search(r"^error: .*/knngraph/ndis500_k32.work/\S+: cannot write: no space left", line), line
     line = one_line_error(capsys, build_graph.main, graph_args({"R": root}, "--method", "exact"))
     assert re.search(r"^error: .*/knngraph/ndis500_k32_[ID]_11.\w+: cannot write: no space left", line), line
-    assert not temporaries(root) and not os.path.exists(data.graph_paths(root, NBG, 32)["I"])
+    assert not temporaries(root) and not os.path.exists(stored_graph.graph_paths(root, NBG, 32)["I"])
     os.remove(os.path.join(small_fs, "filler"))
     build_graph.main(graph_args({"R": root}, "--method", "exact"))
     fill(small_fs)
@@ -454,17 +454,18 @@ def test_full_disk_graph_and_cache(ctx, small_fs, capsys):
 
 
 def test_read_only_data_root(ctx, tmp_path, capsys):
-    """A data root on a read-only volume: diffusion runs without its completion cache and says so
-    (or keeps it where --completion_cache says); build_graph reuses the graph; an output into a
-    read-only folder is one line."""
-    ro = str(tmp_path / "ro")
-    mount(["--bind", "-o", "ro", ctx["R"]], ro)
+    """A data root on a read-only volume: diffusion runs without a completion cache and says so when
+    it holds none (or keeps it where --completion_cache says), and reads the complete one it holds;
+    build_graph reuses the graph; an output into a read-only folder is one line."""
+    ro = str(tmp_path / "ro")           # a copy without a cache, then mounted read-only over itself
+    shutil.copytree(ctx["R"], ro, ignore=shutil.ignore_patterns("cache"))
+    mount(["--bind", "-o", "ro", ro], ro)
+    args = diff_args({"R": ro, "split": os.path.join(ro, "label_idx.json")})
     try:
-        args = diff_args({"R": ro, "split": os.path.join(ro, "label_idx.json")})
         capsys.readouterr()
         diffusion.main(args)
         out = capsys.readouterr().out
-        assert "is not writable" in out and "runs without its cache" in out
+        assert "is not writable" in out and "runs without it" in out
         assert "cache" not in json.loads(out.strip().splitlines()[-1])["graph"]
         diffusion.main(args + ["--completion_cache", str(tmp_path / "mycache")])
         res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -475,5 +476,16 @@ def test_read_only_data_root(ctx, tmp_path, capsys):
         assert re.search(r"^error: .*/ro/r.json: cannot write: read-only file system$", line), line
         line = one_line_error(capsys, build_graph.main, graph_args({"R": ro}, "--force"))
         assert "read-only file system" in line, line
+    finally:
+        umount(ro)
+    diffusion.main(args)                # writable again: the cache is written there
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["graph"]["cache_built"]
+    mount(["--bind", "-o", "ro", ro], ro)
+    try:
+        diffusion.main(args)
+        out = capsys.readouterr().out
+        res = json.loads(out.strip().splitlines()[-1])
+        assert "is not writable" not in out and not res["graph"]["cache_built"]
+        assert res["graph"]["cache"].startswith(os.path.join(ro, "cache"))
     finally:
         umount(ro)

@@ -4,6 +4,8 @@ localhost, configured and started by a session fixture, stopped at the end.
 Install the packages with ``bash ci/install_slurm.bash`` (CI does); without them these tests skip.
 The cluster lives in a temporary directory (its own munge key and socket, slurm.conf, state and
 spool directories, free TCP ports), so it does not touch a Slurm or munge already on the machine.
+It keeps no accounting (no slurmdbd): the tests of what ``sacct`` reports, and of what a resubmission
+keeps, use stand-in commands on the PATH and need no cluster.
 """
 import json
 import os
@@ -22,7 +24,7 @@ import yaml
 
 from lowshot import phase_config, phases
 from lowshot.common import pid_alive
-from lowshot.launch import SlurmLauncher
+from lowshot.launch import Run, SlurmLauncher
 from test_phases import ROOT, run_phase, standin_runs, tiny_config, tiny_ddir, NBG  # noqa: F401
 
 DAEMONS = ("sbatch", "squeue", "scancel", "scontrol", "sinfo", "slurmctld", "slurmd", "munged")
@@ -312,3 +314,56 @@ def test_slurm_prepare_phases(slurm_cluster, tmp_path):
     slurm_dir = tmp_path / "runs" / "slurm"
     # one array per step: features, PCA train, PCA apply, graph prepare, graph shards, graph merge
     assert len([f for f in os.listdir(slurm_dir) if f.endswith(".tasks")]) == 6
+
+
+# ---------------------------------------------------------------- without a cluster: stand-in commands
+
+def _fake_commands(folder, **scripts):
+    """Executables ``folder/name`` running the given bash bodies (stand-ins for sbatch, sacct, ...)."""
+    os.makedirs(folder, exist_ok=True)
+    for name, body in scripts.items():
+        path = os.path.join(folder, name)
+        with open(path, "w") as f:
+            f.write("#!/bin/bash\n" + body + "\n")
+        os.chmod(path, 0o755)
+    return folder
+
+
+@pytest.mark.parametrize("sacct", ["printf '42_0|CANCELLED by 1000|0:15\\n42_1|OUT_OF_MEMORY|0:125\\n'",
+                                   "echo 'sacct: error: Slurm accounting storage is disabled' >&2; exit 1"])
+def test_failed_line_gives_the_slurm_state(tmp_path, monkeypatch, capsys, sacct):
+    """A task that left the queue without its outputs: the FAILED line says how it ended (sacct's
+    state and exit code); without accounting, the log's last line alone, as before."""
+    bin_dir = _fake_commands(str(tmp_path / "bin"), sbatch="echo 42", squeue="true", sacct=sacct)
+    monkeypatch.setenv("PATH", bin_dir + os.pathsep + os.environ["PATH"])
+    runs = standin_runs(str(tmp_path / "runs"), 2)
+    for r in runs:
+        os.makedirs(os.path.dirname(r.log), exist_ok=True)
+        with open(r.log, "w") as f:
+            f.write("table: chunk 1 of 2 done\n")
+    launcher = SlurmLauncher(ROOT, str(tmp_path / "slurm"), {"poll_s": 0.01})
+    assert launcher.execute(runs, "test") == runs
+    out = capsys.readouterr().out
+    if sacct.startswith("printf"):
+        assert "test: FAILED r0 (task 42_0: CANCELLED by 1000, exit code 0:15): table: chunk 1 of 2 done" in out
+        assert "test: FAILED r1 (task 42_1: OUT_OF_MEMORY, exit code 0:125): table" in out
+    else:
+        assert "test: FAILED r0 (task 42_0): table: chunk 1 of 2 done  [log: %s]" % runs[0].log in out
+
+
+def test_resubmission_keeps_the_finished_chunks_of_a_shard(tmp_path, monkeypatch):
+    """Submitted again, a run that resumes (a graph shard task) keeps what its earlier attempt
+    finished; any other run's stale outputs are removed."""
+    bin_dir = _fake_commands(str(tmp_path / "bin"), sbatch="echo 42")
+    monkeypatch.setenv("PATH", bin_dir + os.pathsep + os.environ["PATH"])
+    d = tmp_path / "work"
+    d.mkdir()
+    outs = [str(d / n) for n in ("chunk0.I", "chunk0.D", "chunk2.I", "chunk2.D")]
+    for p in outs[:2]:
+        open(p, "w").write("finished")
+    shard = Run("shard0of2", ["true"], outs, str(d / "shard.log"), resumes=True)
+    other = Run("other", ["true"], [str(d / "other.json")], str(d / "other.log"))
+    open(other.outputs[0], "w").write("stale")
+    SlurmLauncher(ROOT, str(tmp_path / "slurm"), {}).submit([shard, other], "test")
+    assert [open(p).read() for p in outs[:2]] == ["finished", "finished"]
+    assert not os.path.exists(other.outputs[0])

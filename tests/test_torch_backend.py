@@ -21,11 +21,8 @@ DEVICE = os.environ.get("LOWSHOT_TORCH_DEVICE", "torch-cpu")
 
 @pytest.fixture
 def torch_device():
-    saved = dict(torch_backend._STATE)
-    torch_backend.use(DEVICE)
-    yield
-    torch_backend._STATE.clear()
-    torch_backend._STATE.update(saved)
+    """The backend under test."""
+    return torch_backend.select(DEVICE)
 
 
 def brute_knn(Q, X, k, floor=None):
@@ -48,7 +45,7 @@ def test_scan_equals_brute_force_with_ties_floor_and_row_subsets(torch_device):
     Q = rs.randint(-2, 3, size=(40, 8)).astype(np.float32)
     X = rs.randint(-2, 3, size=(300, 8)).astype(np.float32)
     k = 7
-    scan = torch_backend.knn_scan(Q, 9)
+    scan = torch_device.knn_scan(Q, 9)
     assert isinstance(scan, torch_backend.TorchKnnScan)
     order = rs.permutation(300)          # candidates arrive in any order, in blocks of any size
     for j in range(0, 300, 37):
@@ -64,7 +61,7 @@ def test_scan_equals_brute_force_with_ties_floor_and_row_subsets(torch_device):
     np.testing.assert_array_equal(ref.finish(k)[1], I)
     # a floor per query; candidates offered to some rows only
     floor = Dr[:, 2].copy()
-    scan = torch_backend.knn_scan(Q, k, floor=floor)
+    scan = torch_device.knn_scan(Q, k, floor=floor)
     rows = np.arange(0, 40, 3)
     scan.add(rows, X, np.arange(300, dtype=np.int32))
     D, I = scan.finish(k)
@@ -81,7 +78,7 @@ def test_exact_blocks_equal_faiss_flat_search(torch_device):
     index = faiss.IndexFlatIP(16)
     index.add(norm(xb))
     Dr, Ir = index.search(norm(xb), 8)
-    for i0, i1, D, I in torch_backend.exact_blocks(xb, 8, 300, norm):
+    for i0, i1, D, I in torch_device.exact_blocks(xb, 8, 300, norm):
         np.testing.assert_array_equal(I, Ir[i0:i1])
         np.testing.assert_allclose(D, Dr[i0:i1], rtol=0, atol=2e-6)
 
@@ -95,8 +92,8 @@ def test_diffusion_products_equal_graph_utils(torch_device):
     W = graph_utils.knn_to_graph(I_nodes, n)
     T = graph_utils.csr_from_knn(I_test, n)
     seen = []
-    got = dif.diffuse(W, T, y_lab, C, niter, lslice=4, on_iter=lambda t, b0, b1, L: seen.append(L.sum(0)))
-    torch_backend._STATE.update(device=None)
+    got = dif.diffuse(W, T, y_lab, C, niter, lslice=4, on_iter=lambda t, b0, b1, L: seen.append(L.sum(0)),
+                      backend=torch_device)
     ref = dif.diffuse(W, T, y_lab, C, niter, lslice=4)
     for a, b in zip(got, ref):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-8)
@@ -110,21 +107,17 @@ def test_device_choice_without_gpu():
     import torch
     if torch.cuda.is_available():
         pytest.skip("torch sees a GPU here")
-    saved = dict(torch_backend._STATE)
-    try:
-        with pytest.raises(InputError, match="--device cuda: torch sees no CUDA device"):
-            torch_backend.use("cuda")
-        with pytest.raises(InputError, match="--device gpu: one of auto, cpu, cuda, torch-cpu"):
-            torch_backend.use("gpu")
-        # auto: faiss-gpu keeps faiss' index searches; cpu turns them off
-        why = torch_backend.use("auto", faiss_gpus=2)
-        assert why == "graph_utils on the CPU, faiss-gpu (2 GPUs) for faiss' index searches"
-        assert torch_backend.faiss_gpus() == 2 and torch_backend.active() is None
-        torch_backend.use("cpu")
-        assert torch_backend.faiss_gpus() == 0
-    finally:
-        torch_backend._STATE.clear()
-        torch_backend._STATE.update(saved)
+    with pytest.raises(InputError, match="device cuda: torch sees no CUDA device"):
+        torch_backend.select("cuda")
+    with pytest.raises(InputError, match="device gpu: one of auto, cpu, cuda, torch-cpu"):
+        torch_backend.select("gpu")
+    # auto: faiss-gpu keeps faiss' index searches; cpu turns them off
+    b = torch_backend.select("auto", faiss_gpus=2)
+    assert b.describe() == "graph_utils on the CPU, faiss-gpu (2 GPUs) for faiss' index searches"
+    assert b.faiss_gpus == 2 and b.device is None
+    assert torch_backend.select("cpu").faiss_gpus == 0
+    # the library's default: graph_utils and faiss on the CPU
+    assert torch_backend.CPU.device is None and torch_backend.CPU.faiss_gpus == 0
 
 
 @pytest.fixture(scope="module")
@@ -142,28 +135,24 @@ def _run(main, argv, capsys):
 @pytest.mark.parametrize("method", ["exact", "ivf"])
 def test_build_graph_and_diffusion_on_torch_equal_the_cpu(small_ddir, tmp_path, capsys, method):
     """build_graph.py and diffusion.py with --device torch-cpu against --device cpu (float32)."""
-    saved = dict(torch_backend._STATE)
     root = small_ddir
-    try:
-        tables = {}
-        for dev in ("cpu", DEVICE):
-            res = _run(build_graph.main, ["600", "--ddir", root, "--method", method, "--device", dev, "--force",
-                                          "--precision", "float32", "--recall_nq", "0"], capsys)
-            assert res["backend"].startswith("graph_utils on the CPU" if dev == "cpu" else "torch on ")
-            idx, D, I = build_graph.graph.find_background_graph(root, 600, 32)
-            tables[dev] = (np.array(D), np.array(I))
-        np.testing.assert_array_equal(tables["cpu"][1], tables[DEVICE][1])
-        np.testing.assert_allclose(tables["cpu"][0], tables[DEVICE][0], atol=2e-6, rtol=0)
-        runs = {}
-        for dev in ("cpu", DEVICE):
-            runs[dev] = _run(diffusion.main, ["--ddir", root, "--split", root + "/label_idx.json", "--mode", "test",
-                                              "--nlabeled", "2", "--seed", "3", "--k", "10", "--nbg", "600",
-                                              "--niter", "3", "--device", dev,
-                                              "--storeL", str(tmp_path / ("L_%s.npy" % dev))], capsys)
-        assert runs[DEVICE]["backend"].startswith("torch on ")
-        assert runs["cpu"]["top5"] == runs[DEVICE]["top5"]
-        np.testing.assert_allclose(np.load(tmp_path / "L_cpu.npy"), np.load(tmp_path / ("L_%s.npy" % DEVICE)),
-                                   rtol=1e-4, atol=1e-9)
-    finally:
-        torch_backend._STATE.clear()
-        torch_backend._STATE.update(saved)
+    tables = {}
+    for dev in ("cpu", DEVICE):
+        res = _run(build_graph.main, ["600", "--ddir", root, "--method", method, "--device", dev, "--force",
+                                      "--precision", "float32", "--recall_nq", "0"], capsys)
+        assert res["backend"].startswith("graph_utils on the CPU" if dev == "cpu" else "torch on ")
+        idx, D, I = build_graph.stored_graph.find_background_graph(root, 600, 32)
+        tables[dev] = (np.array(D), np.array(I))
+    np.testing.assert_array_equal(tables["cpu"][1], tables[DEVICE][1])
+    np.testing.assert_allclose(tables["cpu"][0], tables[DEVICE][0], atol=2e-6, rtol=0)
+    runs = {}
+    for dev in ("cpu", DEVICE):
+        runs[dev] = _run(diffusion.main, ["--ddir", root, "--split", root + "/label_idx.json", "--mode", "test",
+                                          "--nlabeled", "2", "--seed", "3", "--k", "10", "--nbg", "600",
+                                          "--niter", "3", "--device", dev,
+                                          "--storeL", str(tmp_path / ("L_%s.npy" % dev))], capsys)
+    assert runs[DEVICE]["backend"].startswith("torch on ")
+    assert runs["cpu"]["top5"] == runs[DEVICE]["top5"]
+    np.testing.assert_allclose(np.load(tmp_path / "L_cpu.npy"), np.load(tmp_path / ("L_%s.npy" % DEVICE)),
+                               rtol=1e-4, atol=1e-9)
+
