@@ -1,6 +1,11 @@
 """Helpers every stage shares: logging with time and memory, the data root, atomic outputs, errors.
 
 Nothing here reads the environment or touches files at import time.
+
+Over 400 lines: the small pieces every script and library module calls (the log line, InputError and
+run_main's one-line errors, the argparse types, atomic and locked outputs, disk-error messages). Each
+is a few lines; the seam would be "files" against "command line", but most callers need both, so one
+module keeps one import line per caller.
 """
 import argparse
 import contextlib

@@ -14,6 +14,10 @@ blocks (``lslice``) and job-array slices (``class_range``) give the result of on
 L0 has one entry per labelled node, and L_t spreads t hops from them: while few nodes are labelled,
 the first iterations run on a sparse L (all classes at once, :func:`sparse_iterations`), then on dense
 (n, lslice) blocks.
+
+Over 400 lines: the diffusion itself (sparse first iterations, dense class blocks), the scoring of
+the test images and the renumbering of the nodes share the W/T/L layout above; the late fusion and
+the merge of class slices read the scores this module writes.
 """
 import time
 

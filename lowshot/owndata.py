@@ -28,6 +28,10 @@ The split, with one ``np.random.RandomState(seed)``:
 What would make the numbers mislead is logged as a ``WARNING:`` line and kept in own_data.json's
 ``warnings``: a ``group`` expression that matches no file name or few of them, a split with at most 5
 classes (top-5 is then 100%), a class holding most of a split's test images.
+
+Over 400 lines: the split, the files it writes, and the phases config made for the split (its n
+values and metric follow from the split's classes); own_data.py is the one caller of all three. The
+phases config (phases_config, set_metric, phases_from_template) is the seam if it grows.
 """
 import json
 import os

@@ -36,7 +36,8 @@ The config (schema, defaults, reader) is in lowshot/phase_config.py, the tables 
 lowshot/report.py (shared with the demo), the data-preparation phases in lowshot/prepare.py.
 The Phases class gets the run grid of each experiment from lowshot/phase_runs.py and the choices
 of phase 2 from lowshot/phase_choice.py; here are its paths, the execution, the collection of the
-results and the phases themselves.
+results and the phases themselves. Over 400 lines: one class, whose four phases share its paths and
+its result collection; the run grids, choices, config and tables already live in the modules above.
 """
 import json
 import os
