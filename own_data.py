@@ -39,17 +39,15 @@ import lowshot.omp_env  # noqa: F401  (first: OpenMP threads sleep when they wai
 import json
 import os
 import shlex
-import signal
-import subprocess
 import sys
 
 import numpy as np
 import yaml
 
 from lowshot import data, owndata, phase_config
-from lowshot.common import (ArgumentParser, HelpFormatter, InputError, atomic_output, die_with_parent, file_lock,
-                            get_ddir, log, nonnegative_int, positive_int, print_args, require_file, run_main,
-                            seed_int)
+from lowshot.common import (ArgumentParser, HelpFormatter, InputError, atomic_output, file_lock, get_ddir, log,
+                            nonnegative_int, positive_int, print_args, require_file, run_main, seed_int,
+                            start_child)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -117,16 +115,10 @@ def parse_args(argv):
 
 def run(cmd):
     log("running: %s" % " ".join(cmd))
-    # the step dies with this process (even SIGKILLed): no orphan keeps writing the data root
-    die = die_with_parent()
-
-    def preexec():
-        # Ctrl-C stops this process alone, which stops the step with SIGTERM (it exits through its
-        # finally blocks, keeping what it completed): one line on the terminal, not one per process
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if die is not None:
-            die()
-    p = subprocess.Popen([sys.executable] + cmd, cwd=ROOT, preexec_fn=preexec)
+    # the step dies with this process (even SIGKILLed): no orphan keeps writing the data root.
+    # Ctrl-C stops this process alone, which stops the step with SIGTERM (it exits through its
+    # finally blocks, keeping what it completed): one line on the terminal, not one per process
+    p = start_child([sys.executable] + cmd, ignore_sigint=True, cwd=ROOT)
     try:
         returncode = p.wait()
     except BaseException:

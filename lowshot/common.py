@@ -18,6 +18,7 @@ import re
 import resource
 import signal
 import socket
+import subprocess
 import sys
 import time
 
@@ -329,6 +330,37 @@ def die_with_parent(sig=signal.SIGTERM):
         if os.getppid() != parent:        # the parent died before the prctl
             os.kill(os.getpid(), sig)
     return preexec
+
+
+def start_child(cmd, ignore_sigint=False, **popen_kw):
+    """``subprocess.Popen(cmd, **popen_kw)`` for a worker that dies with this process
+    (:func:`die_with_parent`); ``ignore_sigint``: Ctrl-C at the terminal reaches this process alone.
+
+    SIGINT is blocked while the child is forked: CPython runs its at-fork hooks there and drops any
+    exception they raise, so a Ctrl-C landing in that window would be lost and the run go on. Held
+    back, it is raised on return from here, after the child is terminated (it never outlives a
+    launcher that was interrupted while starting it)."""
+    die = die_with_parent()
+
+    def preexec():
+        if ignore_sigint:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        if die is not None:
+            die()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        p = subprocess.Popen(cmd, preexec_fn=preexec, **popen_kw)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        raise
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)    # a Ctrl-C held back is raised here
+    except BaseException:
+        p.terminate()
+        p.wait()
+        raise
+    return p
 
 
 def pid_alive(pid):

@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import time
 
-from lowshot.common import InputError, die_with_parent, logger, write_json
+from lowshot.common import InputError, logger, start_child, write_json
 from lowshot.cpus import available_cpus
 
 log = logger(__name__)
@@ -244,9 +244,8 @@ class _LocalExecution:
         with open(run.log, "w") as logf:
             # a launcher killed outright (SIGKILL) takes its runs with it: none is left
             # running to fight the rerun for its outputs
-            p = subprocess.Popen(run.cmd, cwd=self.cwd, env=self.env, stdout=logf,
-                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 pass_fds=(lock,), preexec_fn=die_with_parent())
+            p = start_child(run.cmd, cwd=self.cwd, env=self.env, stdout=logf, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, pass_fds=(lock,))
         self.running[p] = (run, lock)
 
     def reap(self):
