@@ -207,7 +207,7 @@ def check_score_record(path, mode):
     except (OSError, ValueError):
         return
     if isinstance(rec, dict) and rec.get("mode") not in (None, mode):
-        raise InputError("score file %s holds --mode %s scores (%s.json, written by %s.py), not --mode %s" % (
+        raise InputError("score file %s holds the %s split's scores (%s.json, written by %s.py), not the %s split's" % (
             path, rec["mode"], path, rec.get("script"), mode))
 
 
@@ -414,7 +414,7 @@ def select_labelled(y, split, nlabeled, seed, source="training set"):
     """
     y = np.asarray(y)
     if nlabeled < 1:
-        raise InputError("--nlabeled %d: need at least 1 labelled image per novel class" % nlabeled)
+        raise InputError("nlabeled %d: need at least 1 labelled image per novel class" % nlabeled)
     if y.size and (y.min() < 0 or y.max() >= split.nclass):
         raise InputError("%s: label %d outside the split's %d classes" % (
             source, y.min() if y.min() < 0 else y.max(), split.nclass))
@@ -429,7 +429,7 @@ def select_labelled(y, split, nlabeled, seed, source="training set"):
             base.append(imnos)
             continue
         if imnos.size < nlabeled:
-            raise InputError("%s: novel class %d (1-based) has %d images, fewer than --nlabeled %d" % (
+            raise InputError("%s: novel class %d (1-based) has %d images, fewer than nlabeled = %d" % (
                 source, split.classes[c] + 1, imnos.size, nlabeled))
         imnos = imnos.copy()
         rs.shuffle(imnos)
@@ -579,9 +579,9 @@ def open_background(ddir_or_path, nbg=None, d=None):
     if nbg is None:
         nbg = nrow
     if nbg < 1:
-        raise InputError("--nbg %d: the background set needs at least 1 row (%s)" % (nbg, path))
+        raise InputError("nbg %d: the background set needs at least 1 row (%s)" % (nbg, path))
     if nbg > nrow:
-        raise InputError("background file %s has %d rows of d = %d, fewer than --nbg %d" % (
+        raise InputError("background file %s has %d rows of d = %d, fewer than nbg = %d" % (
             path, nrow, d, nbg))
     return np.memmap(path, dtype=np.float32, mode="r", shape=(int(nbg), d))
 

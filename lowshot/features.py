@@ -89,7 +89,7 @@ def expand_path(path, ddir=None):
     if "$DDIR" in path or "${DDIR}" in path:
         ddir = ddir or os.environ.get("DDIR")
         if not ddir:
-            raise InputError("config path %s uses $DDIR: set $DDIR or pass --ddir" % path)
+            raise InputError("config path %s uses $DDIR: set $DDIR or give the data root (ddir)" % path)
         path = path.replace("${DDIR}", ddir).replace("$DDIR", ddir)
     return os.path.expanduser(path)
 
@@ -125,7 +125,7 @@ def load_config(path=None, ddir=None, overrides=None):
         raise InputError("%s: dataset.type %r is not yfcc100m, image_list or image_folder"
                          % (where, ds["type"]))
     if not ds["path"]:
-        raise InputError("%s: dataset.path is not set (or pass --data)" % where)
+        raise InputError("%s: dataset.path is not set (nor given as data)" % where)
     ds["path"] = expand_path(ds["path"], ddir)
     ds["root"] = expand_path(ds["root"], ddir)
     tr = cfg["transform"]
@@ -324,7 +324,7 @@ class ImageListDataset(ImageDataset):
         self.root = root if root is not None else os.path.dirname(os.path.abspath(list_file))
         i1 = len(self.names) if i1 is None else i1
         if i1 > len(self.names):
-            raise InputError("image list %s has %d images, --i1 %d is beyond"
+            raise InputError("image list %s has %d images, i1 = %d (the end of the range) is beyond"
                              % (list_file, len(self.names), i1))
         super().__init__(i0, i1, transform)
         first = [os.path.join(self.root, nm) for nm in self.names[i0:min(i1, i0 + 20)]]
@@ -359,7 +359,7 @@ class ImageFolderDataset(ImageDataset):
             raise InputError("image folder %s has no images in class subdirectories" % root)
         i1 = len(self.files) if i1 is None else i1
         if i1 > len(self.files):
-            raise InputError("image folder %s has %d images, --i1 %d is beyond"
+            raise InputError("image folder %s has %d images, i1 = %d (the end of the range) is beyond"
                              % (root, len(self.files), i1))
         super().__init__(i0, i1, transform)
 
@@ -377,7 +377,7 @@ def make_dataset(dcfg, i0=0, i1=None, transform=None):
     """The dataset of a config's ``dataset`` section, restricted to images ``[i0, i1)``."""
     if dcfg["type"] == "yfcc100m":
         if i1 is None:
-            raise InputError("yfcc100m dataset: --i1 (end of the image range) is required")
+            raise InputError("yfcc100m dataset: i1 (the end of the image range) is required")
         return YFCC100MDataset(dcfg["path"], i0, i1, transform)
     if dcfg["type"] == "image_list":
         return ImageListDataset(dcfg["path"], dcfg["root"], i0, i1, transform)
@@ -465,7 +465,7 @@ def _setup_torch(cfg, device):
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: torch sees no CUDA device")
+        raise InputError("device cuda: torch sees no CUDA device")
     if cfg["loader"]["threads"] > 0:
         torch.set_num_threads(cfg["loader"]["threads"])
     if device == "cuda":

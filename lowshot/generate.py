@@ -134,7 +134,7 @@ def make_split(nclass, rng):
     sizes = [max(1, int(round(f * nclass))) for _, f in _SPLIT_FRACTIONS]
     sizes[-1] = nclass - sum(sizes[:-1])
     if min(sizes) < 1:
-        raise InputError("--nclass %d is too small for a split with 4 non-empty class sets" % nclass)
+        raise InputError("nclass %d is too small for a split with 4 non-empty class sets" % nclass)
     d, i = {}, 0
     for (k, _), s in zip(_SPLIT_FRACTIONS, sizes):
         d[k] = sorted(int(c) for c in perm[i:i + s])
@@ -176,19 +176,19 @@ def check_params(p):
     """Raise InputError on parameters that cannot make a valid directory."""
     for k in ("nclass", "ntrain", "ntest", "D", "d", "nbg", "block"):
         if p[k] < 1:
-            raise InputError("--%s %d: must be >= 1" % (k, p[k]))
+            raise InputError("%s %d: must be >= 1" % (k, p[k]))
     if p["nclass"] < 4:
-        raise InputError("--nclass %d: need at least 4 classes (2 base and 2 novel sets)" % p["nclass"])
+        raise InputError("nclass %d: need at least 4 classes (2 base and 2 novel sets)" % p["nclass"])
     if p["d"] > p["D"]:
-        raise InputError("--d %d is larger than --D %d" % (p["d"], p["D"]))
+        raise InputError("d %d is larger than D %d" % (p["d"], p["D"]))
     if p["r"] < 1 or p["r"] > p["d"]:
-        raise InputError("--r %d: the signal dimension must be in 1..d = %d" % (p["r"], p["d"]))
+        raise InputError("r %d: the signal dimension must be in 1..d = %d" % (p["r"], p["d"]))
     if not (0 <= p["bg_class_frac"] and 0 <= p["bg_clutter_frac"]
             and p["bg_class_frac"] + p["bg_clutter_frac"] <= 1):
         raise InputError("background fractions %g + %g must be in [0, 1]" % (
             p["bg_class_frac"], p["bg_clutter_frac"]))
     if p["nclutter"] < 0 or p["pad"] < 0:
-        raise InputError("--nclutter and --pad must be >= 0")
+        raise InputError("nclutter %d and pad %d must be >= 0" % (p["nclutter"], p["pad"]))
 
 
 def _train_pca(model, p, ntrain, rng):

@@ -166,8 +166,8 @@ def _repair(work, e, shard, nbg):
     """After :class:`DamagedWork` ``e``: remove the prepared files (and the chunks when the plan
     itself is unreadable), so that the prepare step runs again. Returns the old plan (or None)."""
     if shard is not None:
-        raise InputError("%s: run `build_graph.py %d --prepare` (one task) again before the --shard tasks"
-                         % (e, nbg))
+        raise InputError("%s: run the prepare step (`build_graph.py %d --prepare`, one task) again before the "
+                         "shard tasks" % (e, nbg))
     log("%s: the prepare step is done again%s" % (e, "" if e.plan else ", and the chunks computed again"))
     if e.plan is None:
         shutil.rmtree(work)
@@ -523,8 +523,8 @@ def _open_work(xb, work, force, shard):
     and the repair of a damaged folder; and the plan it had before a repair (or None)."""
     if force and os.path.isdir(work):
         if shard is not None:
-            raise InputError("--force with --shard would delete the chunks of the other shards: "
-                             "remove %s by hand, or rerun without --shard" % work)
+            raise InputError("force with a shard would delete the chunks of the other shards: "
+                             "remove %s by hand, or rerun the whole build" % work)
         log("--force: removing %s" % work)
         shutil.rmtree(work)
     if os.path.isdir(work):
@@ -548,8 +548,8 @@ def _resolve(xb, nlist, nprobe, bf16, chunk_rows, old_plan, backend):
     if bf16 is None:
         bf16 = backend.bf16_scan(d)
     elif bf16 and not (backend.bf16_scan(d)):
-        raise InputError("--precision bf16 needs graph_utils on a CPU with AVX512-BF16 (not --device cuda or "
-                         "torch-cpu) and an even d (d = %d)" % d)
+        raise InputError("precision bf16 needs graph_utils on a CPU with AVX512-BF16 (not the cuda or torch-cpu "
+                         "backend) and an even d (d = %d)" % d)
     return nlist, nprobe, bf16, chunk_rows or default_chunk_rows(nbg)
 
 
@@ -557,8 +557,8 @@ def _prepare_once(xb, K, work, params, old_plan, shard, backend):
     """The prepare step of a build whose work folder has no plan; a disk error before any chunk
     removes the work folder this run created (nothing of it is worth keeping)."""
     if shard is not None:
-        raise InputError("%s is not prepared: run `build_graph.py %d --prepare` (one task) before the "
-                         "--shard tasks" % (work, xb.shape[0]))
+        raise InputError("%s is not prepared: run the prepare step (`build_graph.py %d --prepare`, one task) before "
+                         "the shard tasks" % (work, xb.shape[0]))
     created = not os.path.isdir(work)
     try:
         plan = prepare(xb, K, work, *params, backend=backend)

@@ -180,7 +180,7 @@ class EfficientNetLite0(nn.Module):
         try:
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError as e:
-            raise InputError("--model EfficientNetLite0 needs the wheel efficientnet-lite-pytorch "
+            raise InputError("model EfficientNetLite0 needs the wheel efficientnet-lite-pytorch "
                              "(see requirements.txt): %s" % e)
         self.net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
         self.feature_dim = 1280

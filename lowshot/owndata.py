@@ -126,7 +126,7 @@ def _group_warning(pattern, names):
         hint = " (it matches %r with its extension: leave the extension out of the expression)" % example
     how = "matches no file name" if len(missed) == len(names) else "matches only %d of the %d file names" % (
         len(names) - len(missed), len(names))
-    return ("--group %r %s: it is searched (re.search) in the name without its extension, e.g. %r for %s, "
+    return ("group %r %s: it is searched (re.search) in the name without its extension, e.g. %r for %s, "
             "which it does not match%s; an image whose name it does not match is its own group, so "
             "near-duplicates can land on both sides of the training/test split" % (
                 pattern.pattern, how, _stem(missed[0]), example, hint))
@@ -143,19 +143,19 @@ def _check_split_args(test_fraction, val_fraction, novel_fraction, group, min_no
     for name, v in (("test_fraction", test_fraction), ("val_fraction", val_fraction),
                     ("novel_fraction", novel_fraction)):
         if not 0 < v < 1:
-            raise InputError("--%s %g: must be between 0 and 1" % (name, v))
+            raise InputError("%s %g: must be between 0 and 1" % (name, v))
     for name, v in (("max_train_per_class", max_train_per_class), ("max_test_per_class", max_test_per_class)):
         if v is not None and v < 1:
-            raise InputError("--%s %d: must be at least 1" % (name, v))
+            raise InputError("%s %d: must be at least 1" % (name, v))
     if max_train_per_class is not None and max_train_per_class < min_novel_train:
-        raise InputError("--max_train_per_class %d is below --min_novel_train %d: no class could be novel"
+        raise InputError("max_train_per_class %d is below min_novel_train %d: no class could be novel"
                          % (max_train_per_class, min_novel_train))
     if not group:
         return None
     try:
         return re.compile(group)
     except re.error as e:
-        raise InputError("--group %r is not a regular expression: %s" % (group, e))
+        raise InputError("group %r is not a regular expression: %s" % (group, e))
 
 
 def _drop_reason(files, nbad, keys, key):
@@ -168,7 +168,7 @@ def _drop_reason(files, nbad, keys, key):
         reason = "1 image: a class needs two, one for training and one for test"
     else:
         reason = ("its %d images are one group, %r (%s): a class needs two groups, one for "
-                  "training and one for test" % (len(files), keys[0], "--groups" if key else "--group"))
+                  "training and one for test" % (len(files), keys[0], "groups" if key else "group"))
     return reason + (" (and %d unreadable)" % nbad if nbad and files else "")
 
 
@@ -191,8 +191,8 @@ def _class_roles(kept, info, rs, val_fraction, novel_fraction, min_novel_train):
     ntrain = {c["id"] - 1: c["train"] for c in info}
     big = [c for c in kept if ntrain[c] >= min_novel_train]
     if len(big) < sum(nnov):
-        raise InputError("only %d classes have >= %d training images (--min_novel_train), %d novel classes "
-                         "are needed: lower it or --novel_fraction" % (len(big), min_novel_train, sum(nnov)))
+        raise InputError("only %d classes have >= %d training images (min_novel_train), %d novel classes "
+                         "are needed: lower it or novel_fraction" % (len(big), min_novel_train, sum(nnov)))
     novel = [big[i] for i in rs.permutation(len(big))[:sum(nnov)]]
     rest = sorted(set(kept) - set(novel))
     base = [rest[i] for i in rs.permutation(len(rest))]
@@ -414,7 +414,7 @@ def phases_from_template(ddir, nbg, template):
     """A phases config from a template (your grids): ``ddir``, ``split`` and ``rundir`` pointing into
     ``ddir``, and the background size ``all`` in ``diffusion.nbg``/``fusion.nbg`` replaced by ``nbg``
     (the template's other keys are kept; the caller checks the result with phase_config.load_config)."""
-    cfg = read_mapping(template, "--phases_template")
+    cfg = read_mapping(template, "phases template")
     ddir = os.path.abspath(ddir)
     cfg.update(ddir=ddir, split=os.path.join(ddir, "label_idx.json"), rundir=os.path.join(ddir, "runs"))
 
@@ -422,10 +422,10 @@ def phases_from_template(ddir, nbg, template):
         if values is None:
             return None
         if not isinstance(values, list):
-            raise InputError("--phases_template %s: %s must be a list of sizes or 'all'" % (template, key))
+            raise InputError("phases template %s: %s must be a list of sizes or 'all'" % (template, key))
         out = [nbg if v == "all" else v for v in values]
         if any(not isinstance(v, int) or not 0 <= v <= nbg for v in out):
-            raise InputError("--phases_template %s: %s %s: sizes must be 'all' or 0..%d (the unlabelled images)"
+            raise InputError("phases template %s: %s %s: sizes must be 'all' or 0..%d (the unlabelled images)"
                              % (template, key, values, nbg))
         return list(dict.fromkeys(out))       # [0, all] without unlabelled images: one size, not two
 
@@ -434,7 +434,7 @@ def phases_from_template(ddir, nbg, template):
             if cfg.get(sec) is None:
                 cfg[sec] = {}
             if not isinstance(cfg[sec], dict):
-                raise InputError("--phases_template %s: %s must be a mapping of its keys" % (template, sec))
+                raise InputError("phases template %s: %s must be a mapping of its keys" % (template, sec))
             cfg[sec]["nbg"] = fill(cfg[sec].get("nbg", ["all"] if sec == "diffusion" else None), sec + ".nbg")
     return cfg
 

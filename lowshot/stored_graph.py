@@ -267,7 +267,8 @@ def check_reuse(record, explicit, N):
     if not explicit:
         return
     if record is None or any(record.get(k) != v for k, v in explicit.items()):
-        raise InputError("a background graph for N = %d exists, %s; %s was asked: `--force` rebuilds it" % (
+        raise InputError("a background graph for N = %d exists, %s; %s was asked: force (build_graph.py "
+                         "--force) rebuilds it" % (
             N, describe(record), ", ".join("%s %s" % kv for kv in sorted(explicit.items()))))
 
 

@@ -150,7 +150,7 @@ def test_select_labelled_vs_reference_loop(tmp_path, nl, seed):
 
 def test_select_labelled_too_few(tmp_path):
     s = data.load_split(write_split(tmp_path / "s.json", [1], [2]), "val")
-    with pytest.raises(InputError, match="novel class 2 .* 3 images, fewer than --nlabeled 5"):
+    with pytest.raises(InputError, match="novel class 2 .* 3 images, fewer than nlabeled = 5"):
         data.select_labelled(np.array([0, 1, 1, 1, 0]), s, 5, 1, source="feature file x.hdf5")
     with pytest.raises(InputError, match="outside"):
         data.select_labelled(np.array([0, 2]), s, 1, 1)
@@ -273,7 +273,7 @@ def test_open_background(tmp_path):
     assert not m.flags.writeable
     assert data.open_background(str(raw)).shape == (50, 8)       # d from the .vt one folder up
     assert data.open_background(str(raw), d=4).shape == (100, 4)
-    with pytest.raises(InputError, match="fewer than --nbg 51") as e:
+    with pytest.raises(InputError, match="fewer than nbg = 51") as e:
         data.open_background(str(ddir), 51)
     assert str(raw) in str(e.value)
     with open(raw, "ab") as f:

@@ -390,7 +390,7 @@ def test_diffusion_bad_inputs(tiny_ddir, tmp_path):
     args = common_args(root)
     with pytest.raises(InputError, match=r"k = 60 but the graph has only 54 nodes"):
         diffusion.main(args + ["--k", "60", "--nbg", "0"])
-    with pytest.raises(InputError, match=r"fewer than --nbg 600"):
+    with pytest.raises(InputError, match=r"fewer than nbg = 600"):
         diffusion.main(args + ["--nbg", "600"])
     with pytest.raises(InputError, match=r"ndis400_k8_I_11.int32.*python build_graph.py 400 --ddir"):
         diffusion.main(args + ["--nbg", "400"])

@@ -419,7 +419,7 @@ def test_bad_inputs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         save_features.run_main(save_features.main,
                                ["--cfg", cfg, "--model", "ResNet10", "--outfile", str(tmp_path / "o")])
-    assert "error: yfcc100m dataset: --i1" in capsys.readouterr().err
+    assert "error: yfcc100m dataset: i1 (the end of the image range) is required" in capsys.readouterr().err
     # a wrong root would silently give black-image features: refused
     with pytest.raises(InputError, match=r"none of the zips of images \[5000, 7000\) exists .*"
                                          r"00/005.zip ... 00/006.zip"):

@@ -100,7 +100,7 @@ def test_deterministic_and_no_leftovers(gen, tmp_path):
 def test_bad_parameters(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "generate_ddir.py"), str(tmp_path / "x"),
                         "--D", "16", "--d", "32"], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2 and r.stderr.strip() == "error: --d 32 is larger than --D 16"
+    assert r.returncode == 2 and r.stderr.strip() == "error: d 32 is larger than D 16"
     assert not os.path.exists(tmp_path / "x" / "features" / "train.hdf5")
 
 

@@ -183,7 +183,7 @@ def test_reuse_larger_K(tmp_path, capsys):
 
 def test_bad_inputs(tmp_path):
     make_bg_ddir(tmp_path, 200)
-    with pytest.raises(InputError, match="fewer than --nbg 500"):
+    with pytest.raises(InputError, match="fewer than nbg = 500"):
         build_graph.main(["500", "--ddir", str(tmp_path)])
     with pytest.raises(InputError, match="K = 256 neighbours need more than N = 200"):
         build_graph.main(["200", "--ddir", str(tmp_path), "--k", "200"])
@@ -222,7 +222,7 @@ def test_stored_graph_names_how_it_was_built(tmp_path, capsys):
     assert json.loads(out.strip().splitlines()[-1])["built_with"]["method"] == "exact"
     build_graph.main([str(nbg), "--ddir", str(tmp_path), "--method", "exact"])     # the same: reused
     with pytest.raises(InputError, match=r"exists, built with method exact, recall@10 1.000; method hnsw was "
-                                         r"asked: `--force` rebuilds it"):
+                                         r"asked: force \(build_graph.py --force\) rebuilds it"):
         build_graph.main([str(nbg), "--ddir", str(tmp_path), "--method", "hnsw"])
     # the --flag=value form is the same request; an abbreviated flag is refused by every script's
     # parser (allow_abbrev=False), so no request can slip past the check

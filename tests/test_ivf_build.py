@@ -198,12 +198,14 @@ def test_shards_and_resume_give_identical_bytes(tmp_path, capsys):
     nbg = 6000
     make_bg_ddir(tmp_path, nbg, d=16, nclust=40)
     p = stored_graph.graph_paths(str(tmp_path), nbg, 32)
-    with pytest.raises(InputError, match="is not prepared: run `build_graph.py 6000 --prepare`"):
+    with pytest.raises(InputError, match=r"is not prepared: run the prepare step \(`build_graph.py 6000 --prepare`"):
         build(tmp_path, nbg, "--shard", "0/3", "--chunk_rows", "700")
     build(tmp_path, nbg, "--prepare", "--chunk_rows", "700")
     plan = ivf_build.read_plan(p["work"])
     assert plan["nchunks"] == 9
     prepared = {f: open(os.path.join(p["work"], f), "rb").read() for f in os.listdir(p["work"])}
+    with pytest.raises(InputError, match="force with a shard would delete the chunks of the other shards"):
+        build(tmp_path, nbg, "--shard", "1/3", "--force")
     for i in (2, 0):               # shards in any order; shard 1 left out: the plain run does it
         build(tmp_path, nbg, "--shard", "%d/3" % i)
         assert not os.path.exists(p["I"])

@@ -141,7 +141,7 @@ def test_bad_inputs(toy, tmp_path):
     ddir, split = toy
     r = subprocess.run([sys.executable, os.path.join(ROOT, "logreg.py"), "--ddir", ddir, "--split", split,
                         "--nlabeled", "50", "--maxiter", "1"], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2 and "fewer than --nlabeled 50" in r.stderr and "train.hdf5" in r.stderr
+    assert r.returncode == 2 and "fewer than nlabeled = 50" in r.stderr and "train.hdf5" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     with pytest.raises(SystemExit) as e:
         from lowshot.common import run_main

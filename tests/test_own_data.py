@@ -82,7 +82,7 @@ def test_split_keeps_groups_together_and_covers_the_classes(tmp_path):
     assert sorted(sum(ids, [])) == list(range(1, 7)) and all(ids)            # four disjoint, non-empty
     assert li["label_names"] == sorted(SHAPES)
     assert split == owndata.make_split(classes, seed=3, group=r"^(.*)_v\d+$")  # deterministic
-    with pytest.raises(InputError, match="--test_fraction 1: must be between 0 and 1"):
+    with pytest.raises(InputError, match="test_fraction 1: must be between 0 and 1"):
         owndata.make_split(classes, test_fraction=1)
     with pytest.raises(InputError, match="the split needs 4"):
         owndata.make_split(classes[:3])
@@ -116,7 +116,7 @@ def test_split_caps_and_novel_classes_with_enough_training_images():
     assert big < 6      # 12 classes: 6 novel needed
     with pytest.raises(InputError, match="only %d classes have >= 45 training images" % big):
         owndata.make_split(classes, seed=5, group=r"^(g\d+)_", min_novel_train=45)
-    with pytest.raises(InputError, match="--max_test_per_class 0"):
+    with pytest.raises(InputError, match="max_test_per_class 0: must be at least 1"):
         owndata.make_split(classes, max_test_per_class=0)
 
 
@@ -233,9 +233,9 @@ def test_bad_split_is_loud(tmp_path):
     out = r.stdout
     meta = json.load(open(os.path.join(ddir, "own_data.json")))
     # the --group expression: searched in the name without its extension, so it matches none
-    assert ("WARNING: --group %r matches no file name: it is searched (re.search) in the name without its "
+    assert ("WARNING: group %r matches no file name: it is searched (re.search) in the name without its "
             "extension" % group) in out and "leave the extension out" in out
-    assert any(w.startswith("--group %r matches no file name" % group) for w in meta["warnings"])
+    assert any(w.startswith("group %r matches no file name" % group) for w in meta["warnings"])
     # the classes left out, each with its reason, and out of label_names
     assert "WARNING: class 'empty' left out: empty: no image" in out
     assert "WARNING: class 'single' left out: 1 image" in out
@@ -445,10 +445,10 @@ def test_phases_template_relative_paths_and_errors(tmp_path):
     cfg = yaml.safe_load((tmp_path / "dd" / "phases.yaml").read_text())
     assert cfg["diffusion"]["nbg"] == [0, 50] and cfg["fusion"]["nbg"] == [50] and cfg["seeds"] == [1, 2]
     assert cfg["ddir"] == str(tmp_path / "dd") and cfg["split"] == str(tmp_path / "dd" / "label_idx.json")
-    for template, msg in (("none.yaml", "--phases_template %s: No such file or directory"),
-                          ("broken.yaml", "--phases_template %s is not valid yaml"),
+    for template, msg in (("none.yaml", "phases template %s: No such file or directory"),
+                          ("broken.yaml", "phases template %s is not valid yaml"),
                           ("key.yaml", "%s: unknown key 'nbgs' in diffusion"),
-                          ("big.yaml", "--phases_template %s: diffusion.nbg [51]: sizes must be 'all' or 0..50")):
+                          ("big.yaml", "phases template %s: diffusion.nbg [51]: sizes must be 'all' or 0..50")):
         r = own("dd_" + template, template)
         assert r.returncode == 2 and (msg % (tmp_path / template)) in r.stderr, r.stderr[-2000:]
         assert "Traceback" not in r.stderr
@@ -467,7 +467,7 @@ def test_phases_from_template_edge_cases(tmp_path):
     with pytest.raises(InputError, match="diffusion must be a mapping"):
         owndata.phases_from_template(str(tmp_path), 7, str(t))
     classes = [("c%d" % c, ["/x/c%d/%d.png" % (c, i) for i in range(10)]) for c in range(6)]
-    with pytest.raises(InputError, match="--max_train_per_class 3 is below --min_novel_train 5"):
+    with pytest.raises(InputError, match="max_train_per_class 3 is below min_novel_train 5"):
         owndata.make_split(classes, max_train_per_class=3, min_novel_train=5)
 
 
