@@ -4,9 +4,8 @@ Nothing here reads the environment or touches files at import time.
 
 Over 400 lines: the small pieces every script and library module calls (the log line, InputError and
 run_main's one-line errors, the argparse types, atomic and locked outputs, disk-error messages, the
-workers' start). Each
-is a few lines; the seam would be "files" against "command line", but most callers need both, so one
-module keeps one import line per caller.
+workers' start). Each is a few lines; the seam would be "files" against "command line", but most
+callers need both, so one module keeps one import line per caller.
 """
 import argparse
 import contextlib
